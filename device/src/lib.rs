@@ -1,0 +1,18 @@
+//! A vfio-user server that emulates VMware's paravirtual RDMA NIC (PVRDMA).
+//!
+//! The crate is layered so that the device model never sees the wire protocol:
+//!
+//! * [`pci`] — sans-IO PCI function state: identity constants and the
+//!   configuration space. No sockets, no file descriptors.
+//! * [`vfio`] — glue to the `vfio_user` crate: the region and IRQ tables it
+//!   advertises, the `ServerBackend` that routes client requests to the PCI
+//!   function, the DMA-window and MSI-X eventfd tables, and the accept loop.
+//!
+//! The PVRDMA register file (BAR1), the device shared region, the command
+//! channel and the data path will be added as further modules next to `pci`
+//! and plugged into [`vfio::PciFunctionBackend`].
+
+#![forbid(unsafe_code)]
+
+pub mod pci;
+pub mod vfio;

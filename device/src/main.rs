@@ -1,0 +1,164 @@
+//! `vfio-user-pvrdma`: serves one emulated PVRDMA function per socket.
+//!
+//! Threads: one per socket runs the vfio-user loop for its function; the main
+//! thread only waits for SIGINT/SIGTERM, which every other thread has blocked,
+//! so the signal is always taken here and shutdown never races a handler.
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashSet;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::thread;
+
+use clap::Parser;
+use log::{info, warn};
+use nix::sys::signal::{SigSet, Signal};
+use thiserror::Error;
+use vfio_user_pvrdma::vfio::PciFunctionBackend;
+use vfio_user_pvrdma::vfio::listener::{self, ListenError};
+
+/// vfio-user server emulating a VMware paravirtual RDMA NIC (PVRDMA, PCI 15ad:0820).
+///
+/// Attach it to QEMU with
+/// -device '{"driver":"vfio-user-pci","socket":{"path":"PATH","type":"unix"}}'.
+/// Logging is controlled by RUST_LOG (default: info). SIGINT or SIGTERM
+/// removes the socket files and exits with status 0.
+#[derive(Debug, Parser)]
+#[command(name = "vfio-user-pvrdma", version)]
+struct Cli {
+    /// UNIX socket to listen on for a vfio-user client (QEMU's vfio-user-pci).
+    /// Each socket is an independent PVRDMA function. Repeat the option to
+    /// serve several functions. The path must not exist yet (see --force);
+    /// the file is created at startup and removed at exit.
+    #[arg(long = "socket", value_name = "PATH", required = true)]
+    sockets: Vec<PathBuf>,
+
+    /// Remove a stale socket file left at a --socket PATH by an earlier run
+    /// before listening. Regular files, and sockets a live server still
+    /// accepts on, are never removed.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Fatal startup errors, printed on stderr before exiting non-zero.
+#[derive(Debug, Error)]
+enum StartupError {
+    #[error("--socket {path} is given more than once", path = .0.display())]
+    DuplicateSocket(PathBuf),
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("cannot block SIGINT/SIGTERM")]
+    Signals(#[source] nix::Error),
+    #[error("cannot start the thread for {path}", path = .path.display())]
+    Thread {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("waiting for SIGINT/SIGTERM failed")]
+    SignalWait(#[source] nix::Error),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(&cli) {
+        Ok(signal) => {
+            info!("received {signal}, exiting");
+            remove_sockets(&cli.sockets);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            // Printed directly so the reason is visible whatever RUST_LOG says.
+            eprintln!("vfio-user-pvrdma: error: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Starts every server and returns the termination signal once it arrives.
+fn run(cli: &Cli) -> Result<Signal, StartupError> {
+    let mut seen = HashSet::new();
+    if let Some(dup) = cli.sockets.iter().find(|path| !seen.insert(*path)) {
+        return Err(StartupError::DuplicateSocket(dup.clone()));
+    }
+
+    // Block before any thread exists: threads inherit the mask, so only
+    // `signals.wait()` below ever sees these signals.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().map_err(StartupError::Signals)?;
+
+    // Bind every socket before serving any, so a bad path fails the whole
+    // start; servers already bound remove their files when dropped.
+    let servers = cli
+        .sockets
+        .iter()
+        .map(|path| Ok((path.clone(), listener::listen(path, cli.force)?)))
+        .collect::<Result<Vec<_>, StartupError>>()?;
+
+    let mut serving = Vec::new();
+    for (path, server) in servers {
+        info!("listening on {}", path.display());
+        let spawned = thread::Builder::new()
+            .name(path.display().to_string())
+            .spawn(move || {
+                let mut backend = PciFunctionBackend::new();
+                listener::serve(&server, &mut backend)
+            });
+        // A failed spawn drops its server (removing that socket); the threads
+        // already running never will, so remove their sockets here.
+        if let Err(source) = spawned {
+            remove_sockets(&serving);
+            return Err(StartupError::Thread { path, source });
+        }
+        serving.push(path);
+    }
+
+    signals.wait().map_err(StartupError::SignalWait)
+}
+
+/// Removes the socket files. The serving threads still own their servers,
+/// whose destructors never run because the process exits.
+fn remove_sockets(paths: &[PathBuf]) {
+    for path in paths {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => warn!("cannot remove {}: {e}", path.display()),
+        }
+    }
+}
+
+/// `RUST_LOG`-controlled logging on stderr, tagged with the thread name
+/// (the socket path) so several functions' logs can be told apart.
+fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|buf, record| {
+            let thread = thread::current();
+            writeln!(
+                buf,
+                "[{} {:5} {}] {}",
+                buf.timestamp_millis(),
+                record.level(),
+                thread.name().unwrap_or("?"),
+                record.args()
+            )
+        })
+        .init();
+}
+
+/// An error and its sources as one line: "a: b: c".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,156 @@
+//! The region and IRQ tables the server advertises (vfio-user.md §1.5, §1.6).
+//!
+//! Region indices follow the vfio PCI convention: BAR0-5 = 0-5, ROM = 6,
+//! CONFIG = 7, VGA = 8. IRQ indices: INTX = 0, MSI = 1, MSIX = 2, ERR = 3,
+//! REQ = 4. The crate answers `GET_REGION_INFO`/`GET_IRQ_INFO` by position,
+//! so entry `i` must describe index `i`.
+
+use std::mem::size_of;
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_PCI_ROM_REGION_INDEX, VFIO_PCI_VGA_REGION_INDEX,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, vfio_region_info,
+};
+use vfio_user::{IrqInfo, ServerRegion};
+
+use crate::pci::ids;
+
+/// A region index decoded into what it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Region {
+    /// A base address register, 0..6.
+    Bar(usize),
+    /// The expansion ROM (absent).
+    Rom,
+    /// PCI configuration space.
+    Config,
+    /// Legacy VGA ranges (absent).
+    Vga,
+}
+
+impl Region {
+    /// Decodes a client-supplied region index; `None` if out of range.
+    pub fn from_index(index: u32) -> Option<Self> {
+        match index {
+            VFIO_PCI_ROM_REGION_INDEX => Some(Self::Rom),
+            VFIO_PCI_CONFIG_REGION_INDEX => Some(Self::Config),
+            VFIO_PCI_VGA_REGION_INDEX => Some(Self::Vga),
+            bar => usize::try_from(bar)
+                .ok()
+                .filter(|&bar| bar < ids::NUM_BARS)
+                .map(Self::Bar),
+        }
+    }
+
+    /// Size in bytes; 0 for regions the function does not implement.
+    pub fn size(self) -> u64 {
+        match self {
+            Self::Bar(i) => ids::BAR_SIZES.get(i).copied().unwrap_or(0),
+            Self::Config => ids::CONFIG_SPACE_SIZE as u64,
+            Self::Rom | Self::Vga => 0,
+        }
+    }
+}
+
+// BAR indices must sit below the named regions for the decoding above.
+const _: () = assert!(ids::NUM_BARS as u32 == VFIO_PCI_ROM_REGION_INDEX);
+
+/// The region table: one entry per vfio PCI region index.
+pub fn server_regions() -> Vec<ServerRegion> {
+    (0..VFIO_PCI_NUM_REGIONS)
+        .map(|index| {
+            let size = Region::from_index(index).map_or(0, Region::size);
+            let flags = if size == 0 {
+                0
+            } else {
+                VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE
+            };
+            ServerRegion {
+                region_info: vfio_region_info {
+                    argsz: size_of::<vfio_region_info>() as u32,
+                    flags,
+                    index,
+                    cap_offset: 0,
+                    size,
+                    offset: 0,
+                },
+                // Everything is trapped for now: no fd, no sparse mmap.
+                sparse_areas: Vec::new(),
+                mmap_fd: None,
+            }
+        })
+        .collect()
+}
+
+/// The IRQ table: MSI-X with [`ids::MSIX_VECTORS`] vectors, nothing else.
+///
+/// MSI-X is advertised without `NORESIZE` so QEMU wires vectors one at a time
+/// as the guest unmasks them. INTx has count 0 (the interrupt pin is 0 too),
+/// and ERR/REQ have count 0, which QEMU accepts with a harmless warning.
+pub fn server_irqs() -> Vec<IrqInfo> {
+    (0..VFIO_PCI_NUM_IRQS)
+        .map(|index| {
+            if index == VFIO_PCI_MSIX_IRQ_INDEX {
+                IrqInfo {
+                    index,
+                    flags: VFIO_IRQ_INFO_EVENTFD,
+                    count: u32::from(ids::MSIX_VECTORS),
+                }
+            } else {
+                IrqInfo {
+                    index,
+                    flags: 0,
+                    count: 0,
+                }
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_table_layout() {
+        let regions = server_regions();
+        assert_eq!(regions.len(), 9);
+        let expected_sizes = [16 * 1024, 4096, 2 * 1024 * 1024, 0, 0, 0, 0, 256, 0];
+        for (i, (region, size)) in regions.iter().zip(expected_sizes).enumerate() {
+            let info = region.region_info;
+            assert_eq!(info.index as usize, i);
+            assert_eq!(info.argsz, 32);
+            assert_eq!(info.size, size, "region {i}");
+            let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+            assert_eq!(info.flags, if size == 0 { 0 } else { rw }, "region {i}");
+            assert!(region.sparse_areas.is_empty());
+            assert!(region.mmap_fd.is_none());
+        }
+    }
+
+    #[test]
+    fn irq_table_layout() {
+        let irqs = server_irqs();
+        assert_eq!(irqs.len(), 5);
+        for (i, irq) in irqs.iter().enumerate() {
+            assert_eq!(irq.index as usize, i);
+        }
+        assert_eq!(irqs[2].count, 3);
+        assert_eq!(irqs[2].flags, VFIO_IRQ_INFO_EVENTFD);
+        for i in [0, 1, 3, 4] {
+            assert_eq!(irqs[i].count, 0);
+        }
+    }
+
+    #[test]
+    fn region_decoding() {
+        assert_eq!(Region::from_index(0), Some(Region::Bar(0)));
+        assert_eq!(Region::from_index(5), Some(Region::Bar(5)));
+        assert_eq!(Region::from_index(6), Some(Region::Rom));
+        assert_eq!(Region::from_index(7), Some(Region::Config));
+        assert_eq!(Region::from_index(8), Some(Region::Vga));
+        assert_eq!(Region::from_index(9), None);
+        assert_eq!(Region::from_index(u32::MAX), None);
+    }
+}
