@@ -1,0 +1,222 @@
+//! The lab fixture: start N guests, each with its own PVRDMA device socket on one server
+//! process, joined by a private Ethernet segment; run commands in them; always clean up.
+//!
+//! ```no_run
+//! # use guest_tests::lab::{Lab, LabConfig};
+//! let mut lab = Lab::start(LabConfig::new("example", 2, env!("CARGO_BIN_EXE_pvrdma-guest-agent"))).unwrap();
+//! let lspci = lab.guest(0).check("lspci -n").unwrap();
+//! lab.shut_down().unwrap();
+//! ```
+//!
+//! Cleanup is unconditional: dropping a `Lab` (also while a test panics) kills every QEMU, stops
+//! the server, closes the segment and removes the sockets. Children are also tied to the test
+//! thread with PR_SET_PDEATHSIG, so even a killed test process leaves nothing running. Logs
+//! are kept (and their folder printed) when the test fails, or always with PVRDMA_KEEP_RUN=1.
+
+mod child;
+mod cpio;
+mod env;
+mod error;
+mod guest;
+mod hub;
+mod server;
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub use env::{LabEnv, cache_dir, server_binary};
+pub use error::{LabError, Result};
+pub use guest::{DEFAULT_COMMAND_TIMEOUT, Guest, Output};
+pub use server::ServerProcess;
+
+use guest::GuestSpec;
+use hub::Hub;
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    /// Names the run folder; use the test's name.
+    pub name: String,
+    pub guests: usize,
+    /// The agent binary to put into the guests (`env!("CARGO_BIN_EXE_pvrdma-guest-agent")`).
+    pub agent: PathBuf,
+    pub memory_mib: u32,
+    pub boot_timeout: Duration,
+}
+
+impl LabConfig {
+    pub fn new(name: &str, guests: usize, agent: impl Into<PathBuf>) -> LabConfig {
+        LabConfig {
+            name: name.into(),
+            guests,
+            agent: agent.into(),
+            memory_mib: 1024,
+            boot_timeout: Duration::from_secs(180),
+        }
+    }
+}
+
+pub struct Lab {
+    run_dir: PathBuf,
+    guests: Vec<Guest>,
+    server: Option<ServerProcess>,
+    hub: Option<Hub>,
+    boot_time: Duration,
+}
+
+static RUN_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl Lab {
+    /// Starts the server, the segment and every guest (booting in parallel), and waits until
+    /// each guest's agent is ready. Call it from the test's own thread (see the module docs).
+    pub fn start(config: LabConfig) -> Result<Lab> {
+        let started = Instant::now();
+        let env = LabEnv::load()?;
+        let server_binary = server_binary()?;
+        let run_dir = std::env::temp_dir().join(format!(
+            "pvrdma-lab-{}-{}-{}",
+            config.name,
+            std::process::id(),
+            RUN_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&run_dir)
+            .map_err(LabError::io(format!("creating {}", run_dir.display())))?;
+        let mut lab = Lab {
+            run_dir,
+            guests: Vec::new(),
+            server: None,
+            hub: None,
+            boot_time: Duration::ZERO,
+        };
+        let initrd = lab.run_dir.join("initrd.img");
+        with_agent(&env.initrd, &config.agent, &initrd)?;
+
+        let names: Vec<String> = (0..config.guests).map(|i| format!("guest{i}")).collect();
+        let ports: Vec<PathBuf> = names
+            .iter()
+            .map(|n| lab.run_dir.join(format!("{n}.net")))
+            .collect();
+        let segment = lab.run_dir.join("segment.sock");
+        lab.hub = Some(Hub::start(&segment, ports.clone())?);
+        let sockets = names
+            .iter()
+            .map(|n| lab.run_dir.join(format!("{n}.pvrdma.sock")))
+            .collect();
+        lab.server = Some(ServerProcess::start(
+            &server_binary,
+            sockets,
+            lab.run_dir.join("server.log"),
+        )?);
+
+        let mut listeners = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let spec = GuestSpec {
+                name: name.clone(),
+                ip: format!("10.99.0.{}/24", i + 1),
+                mac: format!("52:54:00:5e:00:{:02x}", i + 1),
+                pvrdma_socket: lab.run_dir.join(format!("{name}.pvrdma.sock")),
+                segment: segment.clone(),
+                port: ports[i].clone(),
+                memory_mib: config.memory_mib,
+            };
+            let (guest, listener) = Guest::launch(&env.launcher, &lab.run_dir, &initrd, &spec)?;
+            lab.guests.push(guest);
+            listeners.push(listener);
+        }
+        // The guests boot concurrently; waiting for them one by one costs nothing extra.
+        let deadline = Instant::now() + config.boot_timeout;
+        for (guest, listener) in lab.guests.iter_mut().zip(&listeners) {
+            guest.wait_ready(listener, deadline.saturating_duration_since(Instant::now()))?;
+        }
+        lab.boot_time = started.elapsed();
+        Ok(lab)
+    }
+
+    pub fn guest(&mut self, index: usize) -> &mut Guest {
+        &mut self.guests[index]
+    }
+
+    pub fn guests(&mut self) -> &mut [Guest] {
+        &mut self.guests
+    }
+
+    pub fn server(&mut self) -> &mut ServerProcess {
+        self.server
+            .as_mut()
+            .expect("the lab's server runs until shut_down")
+    }
+
+    /// Wall time from `start` until every agent was ready.
+    pub fn boot_time(&self) -> Duration {
+        self.boot_time
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Powers every guest off, then stops the server and checks that it shut down cleanly.
+    pub fn shut_down(mut self) -> Result<()> {
+        for guest in &mut self.guests {
+            guest.power_off(Duration::from_secs(30))?;
+        }
+        match self.server.take() {
+            Some(server) => server.shut_down(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for guest in &mut self.guests {
+            guest.kill();
+        }
+        drop(self.server.take());
+        drop(self.hub.take());
+        remove_sockets(&self.run_dir);
+        let _ = std::fs::remove_file(self.run_dir.join("initrd.img"));
+        if std::thread::panicking() || std::env::var_os("PVRDMA_KEEP_RUN").is_some() {
+            eprintln!("lab logs kept in {}", self.run_dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.run_dir);
+        }
+    }
+}
+
+fn remove_sockets(dir: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_socket()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Writes `base` followed by a cpio archive holding the agent to `out`.
+fn with_agent(base: &Path, agent: &Path, out: &Path) -> Result<()> {
+    std::fs::copy(base, out).map_err(LabError::io(format!("copying {}", base.display())))?;
+    let binary = std::fs::read(agent).map_err(LabError::io(format!(
+        "reading the agent {}",
+        agent.display()
+    )))?;
+    let mut file: File = OpenOptions::new()
+        .append(true)
+        .open(out)
+        .map_err(LabError::io(format!("opening {}", out.display())))?;
+    cpio::write_archive(
+        &mut file,
+        &[("usr/local/sbin/pvrdma-guest-agent", 0o100_755, &binary)],
+    )
+    .and_then(|()| file.flush())
+    .map_err(LabError::io(format!(
+        "appending the agent to {}",
+        out.display()
+    )))
+}
