@@ -14,5 +14,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod abi;
 pub mod pci;
 pub mod vfio;
