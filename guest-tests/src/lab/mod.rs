@@ -3,7 +3,9 @@
 //!
 //! ```no_run
 //! # use guest_tests::lab::{Lab, LabConfig};
-//! let mut lab = Lab::start(LabConfig::new("example", 2, env!("CARGO_BIN_EXE_pvrdma-guest-agent"))).unwrap();
+//! // In an integration test of this crate: env!("CARGO_BIN_EXE_pvrdma-guest-agent").
+//! let agent = "target/debug/pvrdma-guest-agent";
+//! let mut lab = Lab::start(LabConfig::new("example", 2, agent)).unwrap();
 //! let lspci = lab.guest(0).check("lspci -n").unwrap();
 //! lab.shut_down().unwrap();
 //! ```
