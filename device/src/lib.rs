@@ -16,4 +16,5 @@
 
 pub mod abi;
 pub mod pci;
+pub mod pvrdma;
 pub mod vfio;

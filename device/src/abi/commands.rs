@@ -43,9 +43,27 @@ impl Command {
     pub fn from_u32(value: u32) -> Option<Command> {
         use Command::*;
         const ALL: [Command; 21] = [
-            QueryPort, QueryPkey, CreatePd, DestroyPd, CreateMr, DestroyMr, CreateCq, ResizeCq,
-            DestroyCq, CreateQp, ModifyQp, QueryQp, DestroyQp, CreateUc, DestroyUc, CreateBind,
-            DestroyBind, CreateSrq, ModifySrq, QuerySrq, DestroySrq,
+            QueryPort,
+            QueryPkey,
+            CreatePd,
+            DestroyPd,
+            CreateMr,
+            DestroyMr,
+            CreateCq,
+            ResizeCq,
+            DestroyCq,
+            CreateQp,
+            ModifyQp,
+            QueryQp,
+            DestroyQp,
+            CreateUc,
+            DestroyUc,
+            CreateBind,
+            DestroyBind,
+            CreateSrq,
+            ModifySrq,
+            QuerySrq,
+            DestroySrq,
         ];
         ALL.get(usize::try_from(value).ok()?).copied()
     }
@@ -246,7 +264,9 @@ pub struct CreateQpResponseV2 {
 }
 
 /// `struct pvrdma_global_route` (24 bytes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct GlobalRoute {
     pub dgid: [u8; 16],
@@ -258,7 +278,9 @@ pub struct GlobalRoute {
 }
 
 /// `struct pvrdma_ah_attr` (40 bytes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct AhAttr {
     pub grh: GlobalRoute,
@@ -274,7 +296,9 @@ pub struct AhAttr {
 }
 
 /// `struct pvrdma_qp_cap` (24 bytes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct QpCap {
     pub max_send_wr: u32,
@@ -286,7 +310,9 @@ pub struct QpCap {
 }
 
 /// `struct pvrdma_qp_attr` (160 bytes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct QpAttr {
     pub qp_state: u32,
@@ -355,7 +381,9 @@ pub struct DestroyBindRequest {
 }
 
 /// `struct pvrdma_srq_attr` (16 bytes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct SrqAttr {
     pub max_wr: u32,

@@ -32,11 +32,19 @@ pub struct SendWqeHeader {
 
 impl SendWqeHeader {
     fn wr_u32(&self, offset: usize) -> u32 {
-        u32::from_le_bytes(self.wr[offset - 32..offset - 28].try_into().unwrap_or_default())
+        u32::from_le_bytes(
+            self.wr[offset - 32..offset - 28]
+                .try_into()
+                .unwrap_or_default(),
+        )
     }
 
     fn wr_u64(&self, offset: usize) -> u64 {
-        u64::from_le_bytes(self.wr[offset - 32..offset - 24].try_into().unwrap_or_default())
+        u64::from_le_bytes(
+            self.wr[offset - 32..offset - 24]
+                .try_into()
+                .unwrap_or_default(),
+        )
     }
 
     /// RDMA and atomic WRs: `remote_addr` at WQE offset 32.
@@ -111,7 +119,9 @@ pub struct RecvWqeHeader {
 }
 
 /// `struct pvrdma_sge` (16 bytes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct Sge {
     pub addr: u64,
@@ -120,7 +130,9 @@ pub struct Sge {
 }
 
 /// `struct pvrdma_cqe` (64 bytes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct Cqe {
     pub wr_id: u64,
@@ -144,7 +156,9 @@ pub struct Cqe {
 }
 
 /// `struct pvrdma_av` (40 bytes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct AddressVector {
     pub port_pd: u32,
@@ -159,7 +173,9 @@ pub struct AddressVector {
 }
 
 /// `struct pvrdma_eqe` (8 bytes): an async event.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct Eqe {
     pub event_type: u32,
@@ -167,7 +183,9 @@ pub struct Eqe {
 }
 
 /// `struct pvrdma_cqne` (4 bytes): a CQ notification.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct Cqne {
     pub info: u32,

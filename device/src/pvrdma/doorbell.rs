@@ -1,0 +1,100 @@
+//! UAR doorbells (§7): decode the page and word, check that the object belongs to the
+//! context that owns the page, and act.
+
+use log::debug;
+
+use super::memory::GuestRam;
+use super::objects::{Arm, KERNEL_CONTEXT};
+use super::{Interrupts, PvrdmaDevice};
+use crate::abi::{PAGE_SHIFT, qp_state, uar};
+
+pub(super) fn ring(
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    irq: &mut dyn Interrupts,
+    offset: u64,
+    value: u32,
+) {
+    let page = u32::try_from(offset >> PAGE_SHIFT).unwrap_or(u32::MAX);
+    let Some(page_ctx) = page_context(device, page) else {
+        debug!("doorbell on unowned UAR page {page}");
+        return;
+    };
+    let handle = value & uar::HANDLE_MASK;
+    match offset & 0xfff {
+        uar::QP_OFFSET => {
+            let objects = &device.objects;
+            let Some(qp) = objects
+                .qps
+                .get(handle)
+                .filter(|qp| objects.pd_context(qp.pd) == Some(page_ctx))
+            else {
+                debug!("QP doorbell {value:#x} for a QP not owned by UAR page {page}");
+                return;
+            };
+            // Work posted to a QP in the error state completes at once, flushed (§9.1).
+            if qp.attr.qp_state == qp_state::ERR {
+                super::completion::flush_qp(device, mem, irq, handle);
+                return;
+            }
+            // Send and receive queues are drained by the data path, which comes with the
+            // fabric; until then posted work stays queued in guest memory.
+            debug!(
+                "QP {handle} doorbell{}{}",
+                if value & uar::QP_SEND != 0 {
+                    " send"
+                } else {
+                    ""
+                },
+                if value & uar::QP_RECV != 0 {
+                    " recv"
+                } else {
+                    ""
+                }
+            );
+        }
+        uar::CQ_OFFSET => {
+            let Some(cq) = device
+                .objects
+                .cqs
+                .get_mut(handle)
+                .filter(|cq| cq.ctx == page_ctx)
+            else {
+                debug!("CQ doorbell {value:#x} for a CQ not owned by UAR page {page}");
+                return;
+            };
+            if value & uar::CQ_ARM != 0 {
+                cq.arm = Arm::NextCompletion;
+            } else if value & uar::CQ_ARM_SOL != 0 && cq.arm != Arm::NextCompletion {
+                cq.arm = Arm::Solicited;
+            }
+            // POLL asks for completions the device still holds; this device writes every
+            // CQE synchronously, so there is never anything to flush.
+        }
+        uar::SRQ_OFFSET => {
+            let objects = &device.objects;
+            let owned = objects
+                .srqs
+                .get(handle)
+                .is_some_and(|srq| objects.pd_context(srq.pd) == Some(page_ctx));
+            if !owned {
+                debug!("SRQ doorbell {value:#x} for an SRQ not owned by UAR page {page}");
+            }
+        }
+        word => debug!("write {value:#x} to unused UAR word {word:#x} ignored"),
+    }
+}
+
+/// The context that owns UAR `page`: page 0 is the kernel's, the others belong to the user
+/// context created with that page.
+fn page_context(device: &PvrdmaDevice, page: u32) -> Option<u32> {
+    if page == 0 {
+        return Some(KERNEL_CONTEXT);
+    }
+    device
+        .objects
+        .contexts
+        .iter()
+        .find(|(_, ctx)| ctx.uar_index == page)
+        .map(|(handle, _)| handle)
+}

@@ -1,0 +1,264 @@
+//! The PVRDMA device model: registers (BAR1), the Device Shared Region, the command channel,
+//! the device rings and the UAR doorbells (BAR2).
+//!
+//! It is sans-IO: every call gets the guest memory it may touch and a sink for interrupts,
+//! and runs to completion. No sockets, no threads, no file descriptors, so every path a guest
+//! can reach is exercised by in-process tests and fuzzing.
+
+pub mod caps;
+mod commands;
+mod completion;
+mod doorbell;
+mod dsr;
+pub mod memory;
+mod objects;
+mod pdir;
+mod ring;
+mod table;
+
+use log::{debug, warn};
+
+pub use caps::Limits;
+pub use memory::GuestRam;
+
+use crate::abi::{self, regs};
+use dsr::SharedRegion;
+use objects::Objects;
+
+/// Where the device's interrupts go (MSI-X vectors, already filtered by IMR).
+pub trait Interrupts {
+    fn raise(&mut self, vector: u16);
+}
+
+/// Errors the device reports in the ERR register (positive errno values; the driver only
+/// checks for non-zero).
+pub mod errno {
+    pub const EPERM: u32 = 1;
+    pub const ENOENT: u32 = 2;
+    pub const EIO: u32 = 5;
+    pub const ENOMEM: u32 = 12;
+    pub const EFAULT: u32 = 14;
+    pub const EBUSY: u32 = 16;
+    pub const EINVAL: u32 = 22;
+    pub const ENOSPC: u32 = 28;
+    pub const EOPNOTSUPP: u32 = 95;
+}
+
+/// `ERR` before any successful DSR load, as QEMU's device had it.
+const ERR_UNINITIALISED: u32 = 0xffff;
+
+/// Static configuration of one device.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceConfig {
+    pub limits: Limits,
+    pub node_guid: [u8; 8],
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig {
+            limits: Limits::default(),
+            node_guid: caps::eui64([0x52, 0x54, 0x00, 0x00, 0x00, 0x01]),
+        }
+    }
+}
+
+pub struct PvrdmaDevice {
+    config: DeviceConfig,
+    dsr_low: u32,
+    dsr_high: u32,
+    shared: Option<SharedRegion>,
+    active: bool,
+    err: u32,
+    icr: u32,
+    imr: u32,
+    mac: [u32; 2],
+    objects: Objects,
+}
+
+impl PvrdmaDevice {
+    pub fn new(config: DeviceConfig) -> PvrdmaDevice {
+        PvrdmaDevice {
+            objects: Objects::new(&config.limits),
+            config,
+            dsr_low: 0,
+            dsr_high: 0,
+            shared: None,
+            active: false,
+            err: ERR_UNINITIALISED,
+            icr: 0,
+            imr: u32::MAX,
+            mac: [0; 2],
+        }
+    }
+
+    /// Power-on state: every object destroyed, every guest address forgotten.
+    pub fn reset(&mut self) {
+        *self = PvrdmaDevice::new(self.config);
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+
+    /// Objects the guest has created and not destroyed (contexts, PDs, MRs, CQs, QPs, SRQs).
+    pub fn object_count(&self) -> usize {
+        let o = &self.objects;
+        o.contexts.len() + o.pds.len() + o.mrs.len() + o.cqs.len() + o.qps.len() + o.srqs.len()
+    }
+
+    /// Whether the driver has activated the device.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// A 32-bit read of BAR1 at `offset`. Unknown offsets read 0.
+    pub fn read_register(&mut self, offset: u64) -> u32 {
+        match offset {
+            regs::VERSION => caps::DEVICE_VERSION,
+            regs::ERR => self.err,
+            // Read-to-clear, so the single-vector fallback sees each cause once.
+            regs::ICR => std::mem::take(&mut self.icr),
+            regs::IMR => self.imr,
+            regs::MAC_LOW => self.mac[0],
+            regs::MAC_HIGH => self.mac[1],
+            regs::DSR_LOW => self.dsr_low,
+            regs::DSR_HIGH => self.dsr_high,
+            _ => 0,
+        }
+    }
+
+    /// A 32-bit write of BAR1. Everything the write triggers is finished when it returns:
+    /// the driver reads the result (caps, ERR) right after, with only a barrier between.
+    pub fn write_register(
+        &mut self,
+        mem: &GuestRam,
+        irq: &mut dyn Interrupts,
+        offset: u64,
+        value: u32,
+    ) {
+        match offset {
+            regs::DSR_LOW => self.dsr_low = value,
+            regs::DSR_HIGH => {
+                self.dsr_high = value;
+                self.load_dsr(mem);
+            }
+            regs::CTL => self.control(value),
+            regs::REQUEST => self.request(mem, irq, value),
+            regs::IMR => self.imr = value,
+            regs::MAC_LOW => self.mac[0] = value,
+            regs::MAC_HIGH => self.mac[1] = value & 0xffff,
+            _ => debug!("ignored register write {value:#x} at {offset:#x}"),
+        }
+    }
+
+    /// A 32-bit write of BAR2 (a UAR doorbell).
+    pub fn write_doorbell(
+        &mut self,
+        mem: &GuestRam,
+        irq: &mut dyn Interrupts,
+        offset: u64,
+        value: u32,
+    ) {
+        if !self.active {
+            debug!("doorbell {value:#x} at {offset:#x} before activation ignored");
+            return;
+        }
+        doorbell::ring(self, mem, irq, offset, value);
+    }
+
+    fn load_dsr(&mut self, mem: &GuestRam) {
+        // A new DSR replaces the old one and whatever the device knew about the guest.
+        self.objects.clear();
+        self.active = false;
+        let addr = u64::from(self.dsr_high) << 32 | u64::from(self.dsr_low);
+        match SharedRegion::load(mem, addr, &self.config) {
+            Ok(shared) => {
+                self.shared = Some(shared);
+                self.err = 0;
+            }
+            Err(e) => {
+                warn!("rejected the device shared region at {addr:#x}: {e}");
+                self.shared = None;
+                self.err = errno::EINVAL;
+            }
+        }
+    }
+
+    fn control(&mut self, value: u32) {
+        self.err = match value {
+            regs::CTL_ACTIVATE if self.shared.is_some() => {
+                self.active = true;
+                0
+            }
+            regs::CTL_ACTIVATE => errno::EPERM,
+            regs::CTL_UNQUIESCE if self.active => 0,
+            regs::CTL_UNQUIESCE => errno::EPERM,
+            regs::CTL_RESET => {
+                self.reset();
+                0
+            }
+            other => {
+                warn!("unknown CTL value {other:#x}");
+                errno::EINVAL
+            }
+        };
+    }
+
+    fn request(&mut self, mem: &GuestRam, irq: &mut dyn Interrupts, value: u32) {
+        if value != 0 {
+            debug!("REQUEST write of {value:#x} ignored (only 0 executes)");
+            return;
+        }
+        let mut flush = Vec::new();
+        self.err = match commands::execute(self, mem, &mut flush) {
+            Ok(()) => 0,
+            Err(errno) => errno,
+        };
+        // Every command completes with vector 0, failed or not, as QEMU's device did.
+        self.raise(irq, abi::vector::COMMAND);
+        for qp in flush {
+            completion::flush_qp(self, mem, irq, qp);
+        }
+    }
+
+    /// Raises `vector` unless IMR masks it; the cause is latched in ICR either way.
+    fn raise(&mut self, irq: &mut dyn Interrupts, vector: u16) {
+        let bit = 1u32 << vector;
+        self.icr |= bit;
+        if self.imr & bit == 0 {
+            irq.raise(vector);
+        }
+    }
+
+    /// Appends an async event and raises vector 1. Dropped (with a warning) when the ring
+    /// is full or broken: the driver then misses one event, but never a corrupt ring.
+    fn post_event(&mut self, mem: &GuestRam, irq: &mut dyn Interrupts, event_type: u32, info: u32) {
+        let Some(shared) = self.shared.as_mut() else {
+            return;
+        };
+        let eqe = abi::Eqe { event_type, info };
+        match shared
+            .async_ring
+            .push(mem, zerocopy::IntoBytes::as_bytes(&eqe))
+        {
+            Ok(()) => self.raise(irq, abi::vector::ASYNC_EVENT),
+            Err(e) => warn!("async event {event_type} for {info} dropped: {e}"),
+        }
+    }
+
+    /// Tells the driver that `cq` has a new completion: one CQ notification per arm.
+    fn notify_cq(&mut self, mem: &GuestRam, irq: &mut dyn Interrupts, cq: u32) {
+        let Some(shared) = self.shared.as_mut() else {
+            return;
+        };
+        let cqne = abi::Cqne { info: cq };
+        match shared
+            .cq_notify_ring
+            .push(mem, zerocopy::IntoBytes::as_bytes(&cqne))
+        {
+            Ok(()) => self.raise(irq, abi::vector::CQ_NOTIFY),
+            Err(e) => warn!("CQ notification for CQ {cq} dropped: {e}"),
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! The objects a guest creates through commands, and the tables that hold them.
+
+use super::caps::Limits;
+use super::ring::Ring;
+use super::table::HandleTable;
+use crate::abi::{QpAttr, SrqAttr};
+
+/// A user context (CREATE_UC): owns one UAR page.
+#[derive(Debug)]
+pub struct Context {
+    pub uar_index: u32,
+}
+
+/// Context handle of kernel objects.
+pub const KERNEL_CONTEXT: u32 = 0;
+
+#[derive(Debug)]
+pub struct Pd {
+    pub ctx: u32,
+}
+
+#[expect(dead_code, reason = "the data path (the fabric) reads these fields")]
+#[derive(Debug)]
+pub enum MrKind {
+    /// SGE addresses are guest DMA addresses (the kernel's DMA MR).
+    Dma,
+    /// A user buffer: `start` is the user virtual address the SGEs use.
+    User {
+        start: u64,
+        length: u64,
+        pages: Vec<u64>,
+    },
+    /// A fast-register MR: pages and access arrive later in a work request.
+    FastReg { max_pages: u32 },
+}
+
+#[expect(dead_code, reason = "the data path (the fabric) reads these fields")]
+#[derive(Debug)]
+pub struct Mr {
+    pub pd: u32,
+    pub access: u32,
+    pub lkey: u32,
+    pub rkey: u32,
+    pub kind: MrKind,
+}
+
+/// Notification requested by the last arm doorbell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arm {
+    Disarmed,
+    NextCompletion,
+    Solicited,
+}
+
+#[derive(Debug)]
+pub struct Cq {
+    pub ctx: u32,
+    pub ring: Ring,
+    pub arm: Arm,
+    /// The ring overflowed or its indices were corrupt: no more CQEs until destroyed.
+    pub broken: bool,
+}
+
+#[expect(dead_code, reason = "the data path (the fabric) reads these fields")]
+#[derive(Debug)]
+pub struct Srq {
+    pub pd: u32,
+    pub ring: Ring,
+    pub attrs: SrqAttr,
+    pub stride: u64,
+}
+
+#[expect(dead_code, reason = "the data path (the fabric) reads these fields")]
+#[derive(Debug)]
+pub struct Qp {
+    pub pd: u32,
+    pub qp_type: u8,
+    pub send_cq: u32,
+    pub recv_cq: u32,
+    pub srq: Option<u32>,
+    pub sq: Ring,
+    pub rq: Option<Ring>,
+    pub sq_stride: u64,
+    pub rq_stride: u64,
+    pub sq_sig_all: bool,
+    pub max_send_sge: u32,
+    pub max_recv_sge: u32,
+    /// Current attributes as QUERY_QP reports them.
+    pub attr: QpAttr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gid {
+    pub raw: [u8; 16],
+    pub gid_type: u8,
+}
+
+/// Every object of one device.
+#[derive(Debug)]
+pub struct Objects {
+    pub contexts: HandleTable<Context>,
+    pub pds: HandleTable<Pd>,
+    pub mrs: HandleTable<Mr>,
+    pub cqs: HandleTable<Cq>,
+    pub qps: HandleTable<Qp>,
+    pub srqs: HandleTable<Srq>,
+    pub gids: Vec<Option<Gid>>,
+    /// Low byte of the next MR key, so that a recreated MR never answers to a stale key.
+    pub next_key_tag: u8,
+}
+
+/// The QP handle and QPN of the GSI QP (QP1): the kernel MAD layer expects QPN 1, and
+/// every QP's QPN equals its handle.
+pub const GSI_QP_HANDLE: u32 = 1;
+/// First handle for other QPs.
+pub const FIRST_QP_HANDLE: u32 = 2;
+
+impl Objects {
+    pub fn new(limits: &Limits) -> Objects {
+        Objects {
+            contexts: HandleTable::new(1, limits.max_contexts),
+            pds: HandleTable::new(1, limits.max_pd),
+            mrs: HandleTable::new(1, limits.max_mr),
+            cqs: HandleTable::new(1, limits.max_cq),
+            qps: HandleTable::new(FIRST_QP_HANDLE, limits.max_qp),
+            srqs: HandleTable::new(1, limits.max_srq),
+            gids: vec![None; limits.gid_tbl_len as usize],
+            next_key_tag: 0,
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.contexts.clear();
+        self.pds.clear();
+        self.mrs.clear();
+        self.cqs.clear();
+        self.qps.clear();
+        self.srqs.clear();
+        self.gids.iter_mut().for_each(|gid| *gid = None);
+    }
+
+    /// The context that owns `pd` (kernel PDs belong to context 0).
+    pub fn pd_context(&self, pd: u32) -> Option<u32> {
+        self.pds.get(pd).map(|pd| pd.ctx)
+    }
+
+    /// Whether anything still refers to the given object: destroying it must wait.
+    pub fn context_in_use(&self, ctx: u32) -> bool {
+        self.pds.iter().any(|(_, pd)| pd.ctx == ctx) || self.cqs.iter().any(|(_, cq)| cq.ctx == ctx)
+    }
+
+    pub fn pd_in_use(&self, pd: u32) -> bool {
+        self.mrs.iter().any(|(_, mr)| mr.pd == pd)
+            || self.qps.iter().any(|(_, qp)| qp.pd == pd)
+            || self.srqs.iter().any(|(_, srq)| srq.pd == pd)
+    }
+
+    pub fn cq_in_use(&self, cq: u32) -> bool {
+        self.qps
+            .iter()
+            .any(|(_, qp)| qp.send_cq == cq || qp.recv_cq == cq)
+    }
+
+    pub fn srq_in_use(&self, srq: u32) -> bool {
+        self.qps.iter().any(|(_, qp)| qp.srq == Some(srq))
+    }
+}
