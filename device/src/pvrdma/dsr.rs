@@ -42,13 +42,13 @@ impl SharedRegion {
         addr: u64,
         config: &DeviceConfig,
     ) -> Result<SharedRegion, DsrError> {
-        if addr % PAGE_SIZE != 0 {
+        if !addr.is_multiple_of(PAGE_SIZE) {
             return Err(DsrError::Misaligned);
         }
         let dsr: Dsr = memory::read(mem, addr)?;
         let slot = |name, slot: u64| -> Result<u64, DsrError> {
             let mut page = [0u8; PAGE_SIZE as usize];
-            if slot % PAGE_SIZE != 0 || memory::read_bytes(mem, slot, &mut page).is_err() {
+            if !slot.is_multiple_of(PAGE_SIZE) || memory::read_bytes(mem, slot, &mut page).is_err() {
                 return Err(DsrError::BadSlot(name, slot));
             }
             Ok(slot)

@@ -45,7 +45,7 @@ pub fn resolve(mem: &GuestRam, pdir_dma: u64, count: u64) -> Result<Vec<u64>, Pd
 
 /// A page-aligned address whose whole page is guest RAM.
 fn check_page(mem: &GuestRam, addr: u64) -> Result<(), ()> {
-    if addr % PAGE_SIZE != 0 {
+    if !addr.is_multiple_of(PAGE_SIZE) {
         return Err(());
     }
     let mut probe = [0u8; 1];
