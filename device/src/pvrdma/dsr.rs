@@ -48,7 +48,8 @@ impl SharedRegion {
         let dsr: Dsr = memory::read(mem, addr)?;
         let slot = |name, slot: u64| -> Result<u64, DsrError> {
             let mut page = [0u8; PAGE_SIZE as usize];
-            if !slot.is_multiple_of(PAGE_SIZE) || memory::read_bytes(mem, slot, &mut page).is_err() {
+            if !slot.is_multiple_of(PAGE_SIZE) || memory::read_bytes(mem, slot, &mut page).is_err()
+            {
                 return Err(DsrError::BadSlot(name, slot));
             }
             Ok(slot)
