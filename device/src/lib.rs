@@ -4,15 +4,18 @@
 //!
 //! * [`pci`] — sans-IO PCI function state: identity constants and the
 //!   configuration space. No sockets, no file descriptors.
-//! * [`vfio`] — glue to the `vfio_user` crate: the region and IRQ tables it
-//!   advertises, the `ServerBackend` that routes client requests to the PCI
-//!   function, the DMA-window and MSI-X eventfd tables, and the accept loop.
+//! * [`vfio`] — the vfio-user side: our protocol loop
+//!   ([`vfio::protocol`]), the region and IRQ tables it advertises, the
+//!   backend that routes client requests to the PCI function, the DMA-window
+//!   and MSI-X eventfd tables, and the accept loop.
 //!
 //! The PVRDMA register file (BAR1), the device shared region, the command
 //! channel and the data path will be added as further modules next to `pci`
 //! and plugged into [`vfio::PciFunctionBackend`].
 
-#![forbid(unsafe_code)]
+// `deny`, not `forbid`: exactly one module, `vfio::protocol::socket`, may
+// opt out, to take ownership of file descriptors received over the socket.
+#![deny(unsafe_code)]
 
 pub mod abi;
 pub mod pci;

@@ -1,33 +1,50 @@
-//! The `vfio_user::ServerBackend` of the PVRDMA function.
+//! The [`DeviceBackend`] of the PVRDMA function.
 //!
-//! Runs on the server thread, one client at a time. Every request is checked
-//! against the region table before it reaches the function, because the crate
-//! only checks the region index: offsets and lengths come straight from the
-//! client.
+//! Runs on the server thread, one client at a time. The protocol loop
+//! already checks requests against the region table; every access is checked
+//! again here against the function's own layout, so the device model never
+//! depends on the table being right.
 
 use std::fs::File;
-use std::io;
 
 use log::{debug, info, warn};
-use vfio_user::{DmaMapFlags, DmaUnmapFlags, ServerBackend};
+use vfio_user::DmaMapFlags;
 
-use super::dma::{DmaWindows, Unmapped};
+use super::dma::{self, DmaWindows, Unmapped};
 use super::irqs::MsixEventfds;
-use super::regions::Region;
+use super::protocol::{self, DeviceBackend, Errno, IrqDescriptor, RegionDescriptor};
+use super::regions::{Region, server_irqs, server_regions};
 use crate::pci::{ConfigSpace, ids};
 
+// We advertise the DMA table's capacity as `max_dma_maps`.
+const _: () = assert!(dma::MAX_WINDOWS == protocol::MAX_DMA_MAPS as usize);
+
 /// State of one PVRDMA PCI function as seen through vfio-user.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PciFunctionBackend {
     config: ConfigSpace,
     dma: DmaWindows,
     msix: MsixEventfds,
+    regions: Vec<RegionDescriptor>,
+    irqs: Vec<IrqDescriptor>,
+}
+
+impl Default for PciFunctionBackend {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl PciFunctionBackend {
     /// A function in its power-on state with no client attached.
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            config: ConfigSpace::default(),
+            dma: DmaWindows::default(),
+            msix: MsixEventfds::default(),
+            regions: server_regions(),
+            irqs: server_irqs(),
+        }
     }
 
     /// The configuration space.
@@ -55,10 +72,10 @@ impl PciFunctionBackend {
     }
 
     /// Decodes the region and checks `[offset, offset + len)` lies inside it.
-    fn check_access(region: u32, offset: u64, len: usize) -> io::Result<Region> {
+    fn check_access(region: u32, offset: u64, len: usize) -> Result<Region, Errno> {
         let decoded = Region::from_index(region).ok_or_else(|| {
             warn!("access to nonexistent region {region}");
-            einval()
+            Errno::EINVAL
         })?;
         let end = u64::try_from(len)
             .ok()
@@ -70,18 +87,27 @@ impl PciFunctionBackend {
                     "{len}-byte access at {offset:#x} is outside region {region} ({:#x} bytes)",
                     decoded.size()
                 );
-                Err(einval())
+                Err(Errno::EINVAL)
             }
         }
     }
 }
 
-fn einval() -> io::Error {
-    io::Error::from_raw_os_error(libc::EINVAL)
-}
+impl DeviceBackend for PciFunctionBackend {
+    fn regions(&self) -> &[RegionDescriptor] {
+        &self.regions
+    }
 
-impl ServerBackend for PciFunctionBackend {
-    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> io::Result<()> {
+    fn irqs(&self) -> &[IrqDescriptor] {
+        &self.irqs
+    }
+
+    fn resettable(&self) -> bool {
+        // QEMU then sends DEVICE_RESET at machine reset.
+        true
+    }
+
+    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
         match Self::check_access(region, offset, data.len())? {
             Region::Config => self.config.read(offset, data),
             // The client emulates the MSI-X table; the PBA reads all-clear
@@ -97,7 +123,7 @@ impl ServerBackend for PciFunctionBackend {
         Ok(())
     }
 
-    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> io::Result<()> {
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
         match Self::check_access(region, offset, data.len())? {
             Region::Config => {
                 debug!("config write {offset:#04x} <- {data:02x?}");
@@ -121,12 +147,14 @@ impl ServerBackend for PciFunctionBackend {
 
     fn dma_map(
         &mut self,
-        flags: DmaMapFlags,
+        flags: u32,
         offset: u64,
         address: u64,
         size: u64,
         fd: Option<File>,
-    ) -> io::Result<()> {
+    ) -> Result<(), Errno> {
+        // Unknown bits are kept so the table can refuse them.
+        let flags = DmaMapFlags::from_bits_retain(flags);
         match self.dma.map(flags, offset, address, size, fd) {
             Ok(window) => {
                 debug!(
@@ -134,7 +162,7 @@ impl ServerBackend for PciFunctionBackend {
                     if window.readable { "r" } else { "-" },
                     if window.writable { "w" } else { "-" },
                     // Without an fd the device cannot reach the window: the
-                    // crate cannot send DMA_READ/WRITE (vfio-user.md §1.8).
+                    // server does not send DMA_READ/WRITE (vfio-user.md §1.8).
                     if window.file.is_some() {
                         ""
                     } else {
@@ -145,14 +173,15 @@ impl ServerBackend for PciFunctionBackend {
             }
             Err(e) => {
                 warn!("rejected DMA map: {e}");
-                Err(io::Error::from_raw_os_error(e.errno()))
+                Err(Errno::from_raw(e.errno()))
             }
         }
     }
 
-    fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> io::Result<()> {
-        // Raw bits on purpose: the crate's flag names are wrong (bug D).
-        match self.dma.unmap(flags.bits(), address, size) {
+    fn dma_unmap(&mut self, flags: u32, address: u64, size: u64) -> Result<(), Errno> {
+        // Raw wire bits: 2 is VFIO_DMA_UNMAP_FLAG_ALL (the crate's names
+        // for these bits are wrong, vfio-user.md bug D).
+        match self.dma.unmap(flags, address, size) {
             Ok(Unmapped::One) => {
                 debug!("DMA unmap {address:#x}+{size:#x}");
                 Ok(())
@@ -163,12 +192,12 @@ impl ServerBackend for PciFunctionBackend {
             }
             Err(e) => {
                 warn!("rejected DMA unmap: {e}");
-                Err(io::Error::from_raw_os_error(e.errno()))
+                Err(Errno::from_raw(e.errno()))
             }
         }
     }
 
-    fn reset(&mut self) -> io::Result<()> {
+    fn reset(&mut self) -> Result<(), Errno> {
         // A device reset does not unmap DMA: the windows belong to the client.
         info!("device reset");
         self.config.reset();
@@ -183,7 +212,7 @@ impl ServerBackend for PciFunctionBackend {
         start: u32,
         count: u32,
         fds: Vec<File>,
-    ) -> io::Result<()> {
+    ) -> Result<(), Errno> {
         let fd_count = fds.len();
         match self.msix.set_irqs(index, flags, start, count, fds) {
             Ok(update) => {
@@ -195,7 +224,7 @@ impl ServerBackend for PciFunctionBackend {
                     "rejected SET_IRQS index {index} flags {flags:#x} {start}+{count} \
                      with {fd_count} fds: {e}"
                 );
-                Err(io::Error::from_raw_os_error(e.errno()))
+                Err(Errno::from_raw(e.errno()))
             }
         }
     }

@@ -1,22 +1,21 @@
 //! Listening sockets and the accept-serve-accept loop.
 //!
-//! `vfio_user::Server::run` accepts one client and serves it until it goes
-//! away. QEMU 11.1.3 never reconnects, but a new QEMU may attach to the same
-//! socket later, so [`serve`] runs forever, cleaning up between clients.
+//! [`protocol::serve_client`] serves one client until it goes away. QEMU
+//! 11.1.3 never reconnects, but a new QEMU may attach to the same socket
+//! later, so [`serve`] runs forever, cleaning up between clients.
 
 use std::io;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
 
 use log::{error, info, warn};
 use thiserror::Error;
-use vfio_user::Server;
 
 use super::backend::PciFunctionBackend;
-use super::regions::{server_irqs, server_regions};
+use super::protocol;
 
 /// Pause after a failed `accept()` (e.g. out of file descriptors) so a
 /// persistent failure does not spin a core.
@@ -64,29 +63,55 @@ pub enum ListenError {
     },
 }
 
+/// A listening socket that removes its file when dropped.
+#[derive(Debug)]
+pub struct Listener {
+    socket: UnixListener,
+    path: PathBuf,
+}
+
+impl Listener {
+    /// Waits for the next client.
+    pub fn accept(&self) -> io::Result<UnixStream> {
+        self.socket.accept().map(|(stream, _)| stream)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        // Best effort; a missing file is already what we want.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// Creates the listening socket for one PVRDMA function at `path`.
 ///
 /// With `force`, a stale socket file (one nobody accepts on) is removed
-/// first; anything else at the path is left alone. The returned server
+/// first; anything else at the path is left alone. The returned listener
 /// removes the socket file when dropped.
-pub fn listen(path: &Path, force: bool) -> Result<Server, ListenError> {
+pub fn listen(path: &Path, force: bool) -> Result<Listener, ListenError> {
     if force {
         remove_stale_socket(path)?;
     }
-    // The device is resettable: QEMU then sends DEVICE_RESET at machine reset.
-    Server::new(path, true, server_irqs(), server_regions()).map_err(|error| match error {
-        vfio_user::Error::SocketPathExists => ListenError::Exists {
+    // Checked first so an existing file gets the clearer error; bind()
+    // itself never replaces anything.
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(ListenError::Exists {
+            path: path.to_path_buf(),
+        });
+    }
+    let socket = UnixListener::bind(path).map_err(|source| match source.kind() {
+        io::ErrorKind::AddrInUse => ListenError::Exists {
             path: path.to_path_buf(),
         },
-        // Unwrapped so the OS error is not printed twice in the chain.
-        vfio_user::Error::SocketBind(source) => ListenError::Bind {
+        _ => ListenError::Bind {
             path: path.to_path_buf(),
             source,
         },
-        other => ListenError::Bind {
-            path: path.to_path_buf(),
-            source: io::Error::other(other),
-        },
+    })?;
+    Ok(Listener {
+        socket,
+        path: path.to_path_buf(),
     })
 }
 
@@ -122,23 +147,39 @@ fn remove_stale_socket(path: &Path) -> Result<(), ListenError> {
     }
 }
 
-/// Serves clients on `server` one after the other, forever.
-pub fn serve(server: &Server, backend: &mut PciFunctionBackend) -> ! {
+/// Serves clients on `listener` one after the other, forever.
+pub fn serve(listener: &Listener, backend: &mut PciFunctionBackend) -> ! {
     loop {
-        match server.run(backend) {
-            Ok(()) => {}
-            Err(vfio_user::Error::SocketAccept(e)) => {
+        let stream = match listener.accept() {
+            Ok(stream) => stream,
+            Err(e) => {
                 // No client was attached, so there is nothing to clean up.
                 error!("accepting a client failed: {e}");
                 thread::sleep(ACCEPT_RETRY_DELAY);
                 continue;
             }
-            // The crate drops the connection on any stream error.
-            Err(e) => warn!("client connection failed: {e}"),
+        };
+        info!("client connected");
+        if let Err(e) = protocol::serve_client(&stream, backend) {
+            warn!("client connection failed: {}", error_chain(&e));
         }
+        // Closes our end before cleaning up, so the client sees the end now.
+        drop(stream);
         info!("client disconnected");
         backend.client_gone();
     }
+}
+
+/// An error and its sources as one line: "a: b: c".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //!
 //! Region indices follow the vfio PCI convention: BAR0-5 = 0-5, ROM = 6,
 //! CONFIG = 7, VGA = 8. IRQ indices: INTX = 0, MSI = 1, MSIX = 2, ERR = 3,
-//! REQ = 4. The crate answers `GET_REGION_INFO`/`GET_IRQ_INFO` by position,
+//! REQ = 4. The server answers `GET_REGION_INFO`/`GET_IRQ_INFO` by position,
 //! so entry `i` must describe index `i`.
 
 use std::mem::size_of;
@@ -12,8 +12,8 @@ use vfio_bindings::bindings::vfio::{
     VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_PCI_ROM_REGION_INDEX, VFIO_PCI_VGA_REGION_INDEX,
     VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, vfio_region_info,
 };
-use vfio_user::{IrqInfo, ServerRegion};
 
+use super::protocol::{IrqDescriptor, RegionDescriptor};
 use crate::pci::ids;
 
 /// A region index decoded into what it names.
@@ -57,7 +57,7 @@ impl Region {
 const _: () = assert!(ids::NUM_BARS as u32 == VFIO_PCI_ROM_REGION_INDEX);
 
 /// The region table: one entry per vfio PCI region index.
-pub fn server_regions() -> Vec<ServerRegion> {
+pub fn server_regions() -> Vec<RegionDescriptor> {
     (0..VFIO_PCI_NUM_REGIONS)
         .map(|index| {
             let size = Region::from_index(index).map_or(0, Region::size);
@@ -66,7 +66,7 @@ pub fn server_regions() -> Vec<ServerRegion> {
             } else {
                 VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE
             };
-            ServerRegion {
+            RegionDescriptor {
                 region_info: vfio_region_info {
                     argsz: size_of::<vfio_region_info>() as u32,
                     flags,
@@ -88,17 +88,17 @@ pub fn server_regions() -> Vec<ServerRegion> {
 /// MSI-X is advertised without `NORESIZE` so QEMU wires vectors one at a time
 /// as the guest unmasks them. INTx has count 0 (the interrupt pin is 0 too),
 /// and ERR/REQ have count 0, which QEMU accepts with a harmless warning.
-pub fn server_irqs() -> Vec<IrqInfo> {
+pub fn server_irqs() -> Vec<IrqDescriptor> {
     (0..VFIO_PCI_NUM_IRQS)
         .map(|index| {
             if index == VFIO_PCI_MSIX_IRQ_INDEX {
-                IrqInfo {
+                IrqDescriptor {
                     index,
                     flags: VFIO_IRQ_INFO_EVENTFD,
                     count: u32::from(ids::MSIX_VECTORS),
                 }
             } else {
-                IrqInfo {
+                IrqDescriptor {
                     index,
                     flags: 0,
                     count: 0,

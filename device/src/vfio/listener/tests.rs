@@ -31,11 +31,11 @@ fn existing_path_is_refused_without_force() {
     let dir = TempDir::new("exists");
     let path = dir.0.join("sock");
     std::fs::write(&path, b"").expect("create file");
-    let err = listen(&path, false).err().expect("exists");
+    let err = listen(&path, false).expect_err("exists");
     assert!(matches!(err, ListenError::Exists { .. }));
     assert!(err.to_string().contains(&path.display().to_string()));
     // --force does not delete regular files.
-    let err = listen(&path, true).err().expect("not a socket");
+    let err = listen(&path, true).expect_err("not a socket");
     assert!(matches!(err, ListenError::NotASocket { .. }));
     assert!(path.exists());
 }
@@ -63,7 +63,7 @@ fn force_replaces_a_stale_socket_but_not_a_live_one() {
 #[test]
 fn bind_failure_names_the_path() {
     let path = Path::new("/nonexistent-dir-for-vfio-user-pvrdma/sock");
-    let err = listen(path, false).err().expect("no such directory");
+    let err = listen(path, false).expect_err("no such directory");
     assert!(matches!(err, ListenError::Bind { .. }));
     assert!(
         err.to_string()

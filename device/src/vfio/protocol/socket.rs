@@ -1,0 +1,97 @@
+//! File-descriptor passing on the client socket (`SCM_RIGHTS`).
+//!
+//! This is the only module of the crate allowed to use `unsafe`: a received
+//! descriptor arrives as a bare integer, and turning it into an `OwnedFd` is
+//! an ownership claim the compiler cannot check. Everything else here, and
+//! every other socket access, goes through safe `nix`/`std` calls.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use nix::errno::Errno;
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, send, sendmsg};
+
+/// Most descriptors Linux delivers with one message (`SCM_MAX_FD`). Room for
+/// all of them means the control data is never truncated, so the kernel never
+/// installs descriptors we cannot see and close.
+const SCM_MAX_FD: usize = 253;
+
+/// One `recvmsg()` into `buf`: the byte count (0 at end of stream) and every
+/// descriptor that came with those bytes, owned (closed when dropped).
+pub(super) fn recv_with_fds(
+    stream: &UnixStream,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut control = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+    let mut iov = [IoSliceMut::new(buf)];
+    loop {
+        // CLOEXEC: descriptors of the client never leak into child processes.
+        let msg = match recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut control),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => msg,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let mut fds = Vec::new();
+        // Fails only on MSG_CTRUNC, which the buffer size above rules out
+        // for SCM_RIGHTS (we enable no other control messages).
+        for message in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(raw_fds) = message {
+                for raw in raw_fds {
+                    // SAFETY: the kernel installed `raw` in our descriptor
+                    // table for this very recvmsg() call and nothing else in
+                    // the process knows its number yet, so this `OwnedFd`
+                    // is its only owner and closes it exactly once.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                }
+            }
+        }
+        return Ok((msg.bytes, fds));
+    }
+}
+
+/// Sends all of `bytes`, attaching `fd` (if any) to the first byte.
+///
+/// `MSG_NOSIGNAL`: a client that went away yields `EPIPE`, never a SIGPIPE.
+pub(super) fn send_all(
+    stream: &UnixStream,
+    bytes: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    let fd_array;
+    let control: &[ControlMessage<'_>] = match fd {
+        Some(fd) => {
+            fd_array = [fd.as_raw_fd()];
+            &[ControlMessage::ScmRights(&fd_array)]
+        }
+        None => &[],
+    };
+    let mut sent = loop {
+        match sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[IoSlice::new(bytes)],
+            control,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(n) => break n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    // A stream socket may take part of a large reply; the rest carries no fd.
+    while let Some(rest) = bytes.get(sent..).filter(|rest| !rest.is_empty()) {
+        match send(stream.as_raw_fd(), rest, MsgFlags::MSG_NOSIGNAL) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => sent = sent.saturating_add(n),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
