@@ -20,7 +20,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD,
     VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
     VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
-    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_user::Client;
 
@@ -42,7 +42,7 @@ fn check_regions(client: &Client) {
     let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
     for (index, size) in [
         (0, 16 * 1024),
-        (1, 4 * 1024),
+        (1, 8 * 1024),
         (2, 2 * 1024 * 1024),
         (3, 0),
         (4, 0),
@@ -55,6 +55,21 @@ fn check_regions(client: &Client) {
             .region(index)
             .unwrap_or_else(|| panic!("region {index} advertised"));
         assert_eq!(region.size, size, "region {index} size");
+        if index == 1 {
+            // BAR1's second page is mmap-able, which turns QEMU's posted writes off.
+            assert_eq!(region.flags & rw, rw, "region 1 flags");
+            assert_eq!(
+                region.flags & VFIO_REGION_INFO_FLAG_MMAP,
+                VFIO_REGION_INFO_FLAG_MMAP
+            );
+            assert_eq!(region.sparse_areas.len(), 1);
+            assert_eq!(
+                (region.sparse_areas[0].offset, region.sparse_areas[0].size),
+                (4096, 4096)
+            );
+            assert!(region.file_offset.is_some(), "region 1 comes with its file");
+            continue;
+        }
         assert_eq!(
             region.flags,
             if size == 0 { 0 } else { rw },

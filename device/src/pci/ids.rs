@@ -35,9 +35,14 @@ pub const UAR_BAR: usize = 2;
 
 /// Size of the MSI-X BAR, as QEMU's PVRDMA had it.
 pub const MSIX_BAR_SIZE: u64 = 16 * 1024;
-/// Size of the register BAR. The registers need 0x28 bytes; a full page keeps
-/// the BAR page-aligned and leaves room for growth.
-pub const REG_BAR_SIZE: u64 = 4 * 1024;
+/// Size of the register BAR: page 0 holds the registers (0x28 bytes used), page 1 is a
+/// page of plain memory the client may mmap (see [`REG_BAR_MMAP_OFFSET`]).
+pub const REG_BAR_SIZE: u64 = 8 * 1024;
+/// Offset of BAR1's mmap-able page. Its only job: QEMU turns posted writes off for a
+/// device with any mmap-able region, and the driver needs its DSRHIGH write to complete
+/// before it reads the capabilities the write produced (vfio-user.md §6.1). The driver
+/// never touches this page.
+pub const REG_BAR_MMAP_OFFSET: u64 = 4 * 1024;
 /// Size of one UAR page.
 pub const UAR_PAGE_SIZE: u64 = 4 * 1024;
 /// Number of UAR pages: page 0 belongs to the kernel driver, the rest to user

@@ -63,6 +63,7 @@ impl Default for DeviceConfig {
     }
 }
 
+#[derive(Debug)]
 pub struct PvrdmaDevice {
     config: DeviceConfig,
     dsr_low: u32,

@@ -11,10 +11,12 @@ use log::{debug, info, warn};
 use vfio_user::DmaMapFlags;
 
 use super::dma::{self, DmaWindows, Unmapped};
+use super::guest_ram;
 use super::irqs::MsixEventfds;
 use super::protocol::{self, DeviceBackend, Errno, IrqDescriptor, RegionDescriptor};
 use super::regions::{Region, server_irqs, server_regions};
 use crate::pci::{ConfigSpace, ids};
+use crate::pvrdma::{DeviceConfig, GuestRam, Interrupts, PvrdmaDevice};
 
 // We advertise the DMA table's capacity as `max_dma_maps`.
 const _: () = assert!(dma::MAX_WINDOWS == protocol::MAX_DMA_MAPS as usize);
@@ -25,6 +27,11 @@ pub struct PciFunctionBackend {
     config: ConfigSpace,
     dma: DmaWindows,
     msix: MsixEventfds,
+    device: PvrdmaDevice,
+    /// The DMA windows mapped for the device; rebuilt when they change.
+    ram: GuestRam,
+    /// What the device may touch while bus mastering is off: nothing.
+    no_ram: GuestRam,
     regions: Vec<RegionDescriptor>,
     irqs: Vec<IrqDescriptor>,
 }
@@ -42,6 +49,9 @@ impl PciFunctionBackend {
             config: ConfigSpace::default(),
             dma: DmaWindows::default(),
             msix: MsixEventfds::default(),
+            device: PvrdmaDevice::new(DeviceConfig::default()),
+            ram: GuestRam::default(),
+            no_ram: GuestRam::default(),
             regions: server_regions(),
             irqs: server_irqs(),
         }
@@ -66,9 +76,44 @@ impl PciFunctionBackend {
     /// windows (closing their files) and its interrupt eventfds. Device state
     /// is kept; a new client resets the device through `DEVICE_RESET`.
     pub fn client_gone(&mut self) {
+        let objects = self.device.object_count();
+        self.device.reset();
         let windows = self.dma.clear();
+        self.ram = GuestRam::default();
         let eventfds = self.msix.clear();
-        info!("released {windows} DMA windows and {eventfds} MSI-X eventfds of the old client");
+        info!(
+            "released {windows} DMA windows and {eventfds} MSI-X eventfds of the old client, \
+             and its {objects} device objects"
+        );
+    }
+
+    /// The device model.
+    pub fn device(&self) -> &PvrdmaDevice {
+        &self.device
+    }
+
+    /// A register or doorbell write, with the memory the device may use: none until the
+    /// driver enables bus mastering (a device must not DMA before that).
+    fn device_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            debug!(
+                "ignored {}-byte write to BAR{bar} at {offset:#x}",
+                data.len()
+            );
+            return;
+        };
+        let value = u32::from_le_bytes(bytes);
+        let ram = if self.config.bus_master_enabled() {
+            &self.ram
+        } else {
+            &self.no_ram
+        };
+        let mut irq = MsixSink(&self.msix);
+        if bar == ids::REG_BAR {
+            self.device.write_register(ram, &mut irq, offset, value);
+        } else {
+            self.device.write_doorbell(ram, &mut irq, offset, value);
+        }
     }
 
     /// Decodes the region and checks `[offset, offset + len)` lies inside it.
@@ -113,7 +158,10 @@ impl DeviceBackend for PciFunctionBackend {
             // The client emulates the MSI-X table; the PBA reads all-clear
             // because no vector is ever held pending here.
             Region::Bar(ids::MSIX_BAR) => data.fill(0),
-            // Device registers arrive with the PVRDMA device model.
+            // Registers are 32 bits; other widths read as 0.
+            Region::Bar(ids::REG_BAR) if data.len() == 4 => {
+                data.copy_from_slice(&self.device.read_register(offset).to_le_bytes());
+            }
             Region::Bar(ids::REG_BAR) => data.fill(0),
             // UAR doorbells are write-only for the driver; they read as 0.
             Region::Bar(ids::UAR_BAR) => data.fill(0),
@@ -132,13 +180,8 @@ impl DeviceBackend for PciFunctionBackend {
             Region::Bar(ids::MSIX_BAR) => {
                 debug!("ignored MSI-X BAR write {offset:#x} <- {data:02x?}");
             }
-            Region::Bar(ids::REG_BAR) => {
-                // Device registers arrive with the PVRDMA device model.
-                debug!("ignored register write {offset:#x} <- {data:02x?}");
-            }
-            Region::Bar(ids::UAR_BAR) => {
-                // Doorbells arrive with the PVRDMA device model.
-                debug!("ignored UAR write {offset:#x} <- {data:02x?}");
+            Region::Bar(bar @ (ids::REG_BAR | ids::UAR_BAR)) => {
+                self.device_write(bar, offset, data)
             }
             Region::Bar(_) | Region::Rom | Region::Vga => {}
         }
@@ -169,6 +212,7 @@ impl DeviceBackend for PciFunctionBackend {
                         " (no fd)"
                     },
                 );
+                self.ram = guest_ram::build(&self.dma);
                 Ok(())
             }
             Err(e) => {
@@ -182,12 +226,14 @@ impl DeviceBackend for PciFunctionBackend {
         // Raw wire bits: 2 is VFIO_DMA_UNMAP_FLAG_ALL (the crate's names
         // for these bits are wrong, vfio-user.md bug D).
         match self.dma.unmap(flags, address, size) {
-            Ok(Unmapped::One) => {
-                debug!("DMA unmap {address:#x}+{size:#x}");
-                Ok(())
-            }
-            Ok(Unmapped::All(count)) => {
-                debug!("DMA unmap all ({count} windows)");
+            Ok(unmapped) => {
+                match unmapped {
+                    Unmapped::One => debug!("DMA unmap {address:#x}+{size:#x}"),
+                    Unmapped::All(count) => debug!("DMA unmap all ({count} windows)"),
+                }
+                // The old mappings go with the old GuestRam: nothing the device holds
+                // refers to them once this returns (the device runs on this thread).
+                self.ram = guest_ram::build(&self.dma);
                 Ok(())
             }
             Err(e) => {
@@ -202,6 +248,7 @@ impl DeviceBackend for PciFunctionBackend {
         info!("device reset");
         self.config.reset();
         self.msix.clear();
+        self.device.reset();
         Ok(())
     }
 
@@ -226,6 +273,21 @@ impl DeviceBackend for PciFunctionBackend {
                 );
                 Err(Errno::from_raw(e.errno()))
             }
+        }
+    }
+}
+
+/// Delivers the device's interrupts to the client's MSI-X eventfds.
+struct MsixSink<'a>(&'a MsixEventfds);
+
+impl Interrupts for MsixSink<'_> {
+    fn raise(&mut self, vector: u16) {
+        match self.0.signal(vector) {
+            Ok(true) => {}
+            // The guest has not unmasked the vector: the interrupt is lost, as on hardware
+            // with the vector masked and no pending-bit emulation.
+            Ok(false) => debug!("MSI-X vector {vector} has no eventfd"),
+            Err(e) => warn!("cannot signal MSI-X vector {vector}: {e}"),
         }
     }
 }

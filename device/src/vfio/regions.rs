@@ -6,11 +6,17 @@
 //! so entry `i` must describe index `i`.
 
 use std::mem::size_of;
+use std::os::fd::OwnedFd;
+
+use log::warn;
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::unistd::ftruncate;
 
 use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
     VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_PCI_ROM_REGION_INDEX, VFIO_PCI_VGA_REGION_INDEX,
-    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, vfio_region_info,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    vfio_region_info, vfio_region_sparse_mmap_area,
 };
 
 use super::protocol::{IrqDescriptor, RegionDescriptor};
@@ -56,6 +62,19 @@ impl Region {
 // BAR indices must sit below the named regions for the decoding above.
 const _: () = assert!(ids::NUM_BARS as u32 == VFIO_PCI_ROM_REGION_INDEX);
 
+/// The file behind BAR1's mmap-able page: plain memory, sized to the whole BAR so the
+/// page's file offset (its offset in the BAR) lies inside it.
+fn reg_bar_page() -> Option<OwnedFd> {
+    let fd = memfd_create(c"pvrdma-bar1", MFdFlags::MFD_CLOEXEC)
+        .map_err(|e| warn!("cannot create BAR1's mmap-able page: {e}"))
+        .ok()?;
+    let size = i64::try_from(ids::REG_BAR_SIZE).ok()?;
+    ftruncate(&fd, size)
+        .map_err(|e| warn!("cannot size BAR1's mmap-able page: {e}"))
+        .ok()?;
+    Some(fd)
+}
+
 /// The region table: one entry per vfio PCI region index.
 pub fn server_regions() -> Vec<RegionDescriptor> {
     (0..VFIO_PCI_NUM_REGIONS)
@@ -75,10 +94,25 @@ pub fn server_regions() -> Vec<RegionDescriptor> {
                     size,
                     offset: 0,
                 },
-                // Everything is trapped for now: no fd, no sparse mmap.
                 sparse_areas: Vec::new(),
                 mmap_fd: None,
             }
+        })
+        .map(|mut region| {
+            // One mmap-able page in BAR1 turns QEMU's posted writes off (see ids.rs); the
+            // registers and every doorbell stay trapped. Without the page (memfd failed)
+            // the device still works under x-no-posted-writes=on.
+            if region.region_info.index as usize == ids::REG_BAR
+                && let Some(fd) = reg_bar_page()
+            {
+                region.region_info.flags |= VFIO_REGION_INFO_FLAG_MMAP;
+                region.sparse_areas = vec![vfio_region_sparse_mmap_area {
+                    offset: ids::REG_BAR_MMAP_OFFSET,
+                    size: ids::REG_BAR_SIZE - ids::REG_BAR_MMAP_OFFSET,
+                }];
+                region.mmap_fd = Some(fd);
+            }
+            region
         })
         .collect()
 }
@@ -116,13 +150,22 @@ mod tests {
     fn region_table_layout() {
         let regions = server_regions();
         assert_eq!(regions.len(), 9);
-        let expected_sizes = [16 * 1024, 4096, 2 * 1024 * 1024, 0, 0, 0, 0, 256, 0];
+        let expected_sizes = [16 * 1024, 8192, 2 * 1024 * 1024, 0, 0, 0, 0, 256, 0];
         for (i, (region, size)) in regions.iter().zip(expected_sizes).enumerate() {
             let info = region.region_info;
             assert_eq!(info.index as usize, i);
             assert_eq!(info.argsz, 32);
             assert_eq!(info.size, size, "region {i}");
             let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+            if i == ids::REG_BAR {
+                // BAR1's second page is mmap-able: that turns QEMU's posted writes off.
+                assert_eq!(info.flags, rw | VFIO_REGION_INFO_FLAG_MMAP);
+                assert_eq!(region.sparse_areas.len(), 1);
+                assert_eq!(region.sparse_areas[0].offset, ids::REG_BAR_MMAP_OFFSET);
+                assert_eq!(region.sparse_areas[0].size, 4096);
+                assert!(region.mmap_fd.is_some());
+                continue;
+            }
             assert_eq!(info.flags, if size == 0 { 0 } else { rw }, "region {i}");
             assert!(region.sparse_areas.is_empty());
             assert!(region.mmap_fd.is_none());

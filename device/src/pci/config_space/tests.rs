@@ -116,7 +116,7 @@ fn msix_capability_fields() {
 fn bar_sizing_protocol() {
     let expected: [(usize, u32); 6] = [
         (0, 0xFFFF_C000), // 16 KiB
-        (1, 0xFFFF_F000), // 4 KiB
+        (1, 0xFFFF_E000), // 8 KiB
         (2, 0xFFE0_0000), // 2 MiB
         (3, 0),
         (4, 0),

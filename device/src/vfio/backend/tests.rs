@@ -40,17 +40,17 @@ fn config_region_serves_the_config_space() {
     assert_eq!(whole[regs::CLASS_CODE], 0x02);
     b.region_write(CONFIG, regs::bar(1) as u64, &[0xFF; 4])
         .expect("BAR sizing write");
-    assert_eq!(read_config_u32(&mut b, regs::bar(1) as u64), 0xFFFF_F000);
+    assert_eq!(read_config_u32(&mut b, regs::bar(1) as u64), 0xFFFF_E000);
 }
 
 #[test]
-fn bars_read_zero_and_ignore_writes() {
+fn non_register_accesses_read_zero_and_ignore_writes() {
     let mut b = PciFunctionBackend::new();
     for (region, offset, len) in [
         (VFIO_PCI_BAR0_REGION_INDEX, 0x2000, 8), // PBA
         (VFIO_PCI_BAR0_REGION_INDEX, 0x0, 16),   // table (normally emulated by QEMU)
-        (VFIO_PCI_BAR1_REGION_INDEX, 0x0, 4),
-        (VFIO_PCI_BAR1_REGION_INDEX, 0xFFC, 4),
+        (VFIO_PCI_BAR1_REGION_INDEX, 0xFFC, 4),  // past the registers
+        (VFIO_PCI_BAR1_REGION_INDEX, 0x0, 2),    // not a 32-bit access
         (VFIO_PCI_BAR2_REGION_INDEX, 0x1F_FFF8, 8),
     ] {
         b.region_write(region, offset, &vec![0x5A; len])
@@ -62,14 +62,42 @@ fn bars_read_zero_and_ignore_writes() {
 }
 
 #[test]
+fn registers_reach_the_device_model() {
+    let mut b = PciFunctionBackend::new();
+    let mut data = [0u8; 4];
+    b.region_read(VFIO_PCI_BAR1_REGION_INDEX, 0, &mut data)
+        .expect("VERSION");
+    assert_eq!(u32::from_le_bytes(data), 20);
+    b.region_read(VFIO_PCI_BAR1_REGION_INDEX, 0x14, &mut data)
+        .expect("ERR");
+    assert_eq!(
+        u32::from_le_bytes(data),
+        0xffff,
+        "ERR before a DSR is loaded"
+    );
+    // REQUEST before any DSR fails cleanly.
+    b.region_write(VFIO_PCI_BAR1_REGION_INDEX, 0x10, &0u32.to_le_bytes())
+        .expect("REQUEST");
+    b.region_read(VFIO_PCI_BAR1_REGION_INDEX, 0x14, &mut data)
+        .expect("ERR");
+    assert_ne!(u32::from_le_bytes(data), 0);
+    // DSRHIGH without bus mastering: no guest memory, so the load fails.
+    b.region_write(VFIO_PCI_BAR1_REGION_INDEX, 0x08, &0u32.to_le_bytes())
+        .expect("DSRHIGH");
+    b.region_read(VFIO_PCI_BAR1_REGION_INDEX, 0x14, &mut data)
+        .expect("ERR");
+    assert_ne!(u32::from_le_bytes(data), 0);
+}
+
+#[test]
 fn bad_regions_and_ranges_are_einval() {
     let mut b = PciFunctionBackend::new();
     let cases: [(u32, u64, usize); 11] = [
         (9, 0, 4),
         (u32::MAX, 0, 4),
         (VFIO_PCI_BAR0_REGION_INDEX, 0x4000, 1),
-        (VFIO_PCI_BAR1_REGION_INDEX, 0x1000, 4),
-        (VFIO_PCI_BAR1_REGION_INDEX, 0xFFE, 4),
+        (VFIO_PCI_BAR1_REGION_INDEX, 0x2000, 4),
+        (VFIO_PCI_BAR1_REGION_INDEX, 0x1FFE, 4),
         (VFIO_PCI_BAR2_REGION_INDEX, 0x20_0000, 4),
         (VFIO_PCI_BAR3_REGION_INDEX, 0, 4),
         (VFIO_PCI_ROM_REGION_INDEX, 0, 4),
