@@ -51,8 +51,12 @@ pub fn serve(port: &Path) -> io::Result<()> {
     while let Some(request) = Frame::read_from(&mut input)? {
         let (kind, payload) = handle(&request);
         Frame::new(kind, request.id, payload).write_to(&mut output)?;
-        if request.kind == protocol::POWER_OFF && kind == protocol::OK {
-            power_off();
+        if kind == protocol::OK {
+            match request.kind {
+                protocol::POWER_OFF => restart(nix::sys::reboot::RebootMode::RB_POWER_OFF),
+                protocol::REBOOT => restart(nix::sys::reboot::RebootMode::RB_AUTOBOOT),
+                _ => {}
+            }
         }
     }
     Ok(())
@@ -75,7 +79,7 @@ fn handle(request: &Frame) -> (u8, Vec<u8>) {
             }
             None => Err(invalid("malformed WRITE_FILE request")),
         },
-        protocol::POWER_OFF => Ok((protocol::OK, vec![])),
+        protocol::POWER_OFF | protocol::REBOOT => Ok((protocol::OK, vec![])),
         other => Err(invalid(&format!("unknown request kind {other:#04x}"))),
     };
     result.unwrap_or_else(|e| (protocol::FAILED, e.to_string().into_bytes()))
@@ -165,10 +169,11 @@ fn take(buffer: &Collected) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-fn power_off() -> ! {
+/// Powers off or reboots the guest (the agent runs as root under tini).
+fn restart(mode: nix::sys::reboot::RebootMode) -> ! {
     nix::unistd::sync();
-    let error = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
-    eprintln!("pvrdma-guest-agent: power-off failed: {error:?}");
+    let error = nix::sys::reboot::reboot(mode);
+    eprintln!("pvrdma-guest-agent: {mode:?} failed: {error:?}");
     std::process::exit(1)
 }
 

@@ -21,6 +21,8 @@ pub const READ_FILE: u8 = b'R';
 pub const WRITE_FILE: u8 = b'W';
 /// Host → agent: flush file systems and power the guest off.
 pub const POWER_OFF: u8 = b'P';
+/// Host → agent: flush file systems and reboot; the agent of the next boot says HELLO again.
+pub const REBOOT: u8 = b'B';
 
 /// Agent → host: an EXEC finished. Payload: see [`ExecResult::encode`].
 pub const EXEC_DONE: u8 = b'D';

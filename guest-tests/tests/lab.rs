@@ -8,40 +8,9 @@ use std::time::{Duration, Instant};
 
 use guest_tests::lab::{Lab, LabConfig, LabError};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_pvrdma-guest-agent");
+mod support;
 
-/// Runs every check even when one fails, then reports all failures at once: a boot is too
-/// expensive to learn about one failure per run.
-struct Checks(Vec<String>);
-
-impl Checks {
-    fn check(&mut self, name: &str, result: Result<(), String>) {
-        match result {
-            Ok(()) => eprintln!("  ok   {name}"),
-            Err(e) => {
-                eprintln!("  FAIL {name}: {e}");
-                self.0.push(format!("{name}: {e}"));
-            }
-        }
-    }
-
-    fn finish(self) {
-        assert!(
-            self.0.is_empty(),
-            "{} check(s) failed:\n{}",
-            self.0.len(),
-            self.0.join("\n\n")
-        );
-    }
-}
-
-fn expect_contains(text: &str, needle: &str) -> Result<(), String> {
-    if text.contains(needle) {
-        Ok(())
-    } else {
-        Err(format!("expected `{needle}` in:\n{text}"))
-    }
-}
+use support::{AGENT, Checks, expect_contains};
 
 #[test]
 #[ignore = "boots QEMU guests; run by scripts/test after scripts/lab"]
@@ -52,7 +21,7 @@ fn two_guests_see_the_pvrdma_slot_and_talk_over_the_segment() {
         "two guests booted in {:.1} s",
         lab.boot_time().as_secs_f64()
     );
-    let mut checks = Checks(Vec::new());
+    let mut checks = Checks::default();
 
     for index in 0..2 {
         let guest = lab.guest(index);

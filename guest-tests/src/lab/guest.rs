@@ -30,6 +30,7 @@ pub struct Output {
 }
 
 /// How to start one guest (see `qemu/launch-guest`).
+#[derive(Debug, Clone)]
 pub struct GuestSpec {
     pub name: String,
     pub ip: String,
@@ -38,6 +39,7 @@ pub struct GuestSpec {
     pub segment: PathBuf,
     pub port: PathBuf,
     pub memory_mib: u32,
+    pub allow_reboot: bool,
 }
 
 pub struct Guest {
@@ -278,6 +280,32 @@ impl Guest {
         }
     }
 
+    /// Reboots the guest (its QEMU must allow reboots, see `LabConfig::allow_reboot`) and
+    /// waits until the agent of the new boot is ready.
+    pub fn reboot(&mut self, timeout: Duration) -> Result<()> {
+        self.request(
+            protocol::REBOOT,
+            Vec::new(),
+            DEFAULT_COMMAND_TIMEOUT,
+            "reboot",
+        )?;
+        match self.recv_frame(0, timeout) {
+            Ok(hello) if hello.kind == protocol::HELLO => Ok(()),
+            Ok(other) => Err(self.boot_error(format!("unexpected frame after reboot: {other:?}"))),
+            Err(RecvError::Timeout) => Err(self.boot_error(format!(
+                "the agent did not come back within {timeout:?} of the reboot"
+            ))),
+            Err(RecvError::Closed) => {
+                Err(self.boot_error("QEMU exited instead of rebooting".into()))
+            }
+        }
+    }
+
+    /// Whether the guest's QEMU is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.qemu.try_wait(), Ok(None))
+    }
+
     /// The last `lines` lines of the guest's serial console.
     pub fn console_tail(&self, lines: usize) -> String {
         tail(&self.console, lines)
@@ -366,8 +394,8 @@ impl Guest {
         }
     }
 
-    /// Kills QEMU if it is still running. Used on every exit path of the lab.
-    pub(super) fn kill(&mut self) {
+    /// Kills QEMU at once (as a crash would); also used on every exit path of the lab.
+    pub fn kill(&mut self) {
         self.agent = None;
         child::stop(&mut self.qemu, Signal::SIGKILL, Duration::from_secs(5));
     }

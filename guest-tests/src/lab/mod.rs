@@ -47,6 +47,8 @@ pub struct LabConfig {
     pub agent: PathBuf,
     pub memory_mib: u32,
     pub boot_timeout: Duration,
+    /// Let a guest reboot restart the guest instead of ending its QEMU.
+    pub allow_reboot: bool,
 }
 
 impl LabConfig {
@@ -57,12 +59,17 @@ impl LabConfig {
             agent: agent.into(),
             memory_mib: 1024,
             boot_timeout: Duration::from_secs(180),
+            allow_reboot: false,
         }
     }
 }
 
 pub struct Lab {
     run_dir: PathBuf,
+    launcher: PathBuf,
+    initrd: PathBuf,
+    specs: Vec<GuestSpec>,
+    boot_timeout: Duration,
     guests: Vec<Guest>,
     server: Option<ServerProcess>,
     hub: Option<Hub>,
@@ -86,14 +93,18 @@ impl Lab {
         ));
         std::fs::create_dir_all(&run_dir)
             .map_err(LabError::io(format!("creating {}", run_dir.display())))?;
+        let initrd = run_dir.join("initrd.img");
         let mut lab = Lab {
+            launcher: env.launcher.clone(),
+            initrd: initrd.clone(),
+            specs: Vec::new(),
+            boot_timeout: config.boot_timeout,
             run_dir,
             guests: Vec::new(),
             server: None,
             hub: None,
             boot_time: Duration::ZERO,
         };
-        let initrd = lab.run_dir.join("initrd.img");
         with_agent(&env.initrd, &config.agent, &initrd)?;
 
         let names: Vec<String> = (0..config.guests).map(|i| format!("guest{i}")).collect();
@@ -123,9 +134,11 @@ impl Lab {
                 segment: segment.clone(),
                 port: ports[i].clone(),
                 memory_mib: config.memory_mib,
+                allow_reboot: config.allow_reboot,
             };
             let (guest, listener) = Guest::launch(&env.launcher, &lab.run_dir, &initrd, &spec)?;
             lab.guests.push(guest);
+            lab.specs.push(spec);
             listeners.push(listener);
         }
         // The guests boot concurrently; waiting for them one by one costs nothing extra.
@@ -149,6 +162,22 @@ impl Lab {
         self.server
             .as_mut()
             .expect("the lab's server runs until shut_down")
+    }
+
+    /// Replaces guest `index` with a fresh QEMU on the same device socket (killing the old
+    /// one if it still runs) and waits until it is ready: a new client of the same server.
+    pub fn relaunch(&mut self, index: usize) -> Result<()> {
+        let spec = self
+            .specs
+            .get(index)
+            .cloned()
+            .ok_or_else(|| LabError::Setup(format!("no guest {index}")))?;
+        self.guests[index].kill();
+        let agent = self.run_dir.join(format!("{}.agent.sock", spec.name));
+        let _ = std::fs::remove_file(&agent);
+        let (guest, listener) = Guest::launch(&self.launcher, &self.run_dir, &self.initrd, &spec)?;
+        self.guests[index] = guest;
+        self.guests[index].wait_ready(&listener, self.boot_timeout)
     }
 
     /// Wall time from `start` until every agent was ready.
