@@ -95,6 +95,7 @@ impl Guest {
             .arg(spec.memory_mib.to_string())
             .arg("--initrd")
             .arg(initrd)
+            .args(spec.allow_reboot.then_some("--allow-reboot"))
             .stdin(Stdio::null())
             .stdout(
                 log.try_clone()
