@@ -28,6 +28,9 @@ pub struct Limits {
     pub gid_tbl_len: u32,
     pub max_mr_size: u64,
     pub max_contexts: u32,
+    /// Guest page addresses the device may hold for all objects together (MR page lists and
+    /// ring pages): bounds the host memory a guest can make the device allocate (rule 23).
+    pub max_mapped_pages: u64,
 }
 
 impl Default for Limits {
@@ -48,6 +51,8 @@ impl Default for Limits {
             gid_tbl_len: 64,
             max_mr_size: 1 << 30,
             max_contexts: UAR_PAGES,
+            // 32 MiB of page lists, describing 16 GiB of guest buffers.
+            max_mapped_pages: 1 << 22,
         }
     }
 }

@@ -68,6 +68,7 @@ pub(super) fn flush_qp(
     qp_handle: u32,
 ) {
     let mut flushed = Vec::new();
+    let mut corrupt = false;
     let Some(qp) = device.objects.qps.get_mut(qp_handle) else {
         return;
     };
@@ -80,7 +81,11 @@ pub(super) fn flush_qp(
     for _ in 0..qp.sq.indices().max() {
         match qp.sq.peek(mem, &mut header) {
             Ok(Some(())) => {}
-            _ => break,
+            Ok(None) => break,
+            Err(_) => {
+                corrupt = true;
+                break;
+            }
         }
         let Ok(wqe) = SendWqeHeader::read_from_bytes(&header) else {
             break;
@@ -102,7 +107,11 @@ pub(super) fn flush_qp(
         for _ in 0..rq.indices().max() {
             match rq.peek(mem, &mut header) {
                 Ok(Some(())) => {}
-                _ => break,
+                Ok(None) => break,
+                Err(_) => {
+                    corrupt = true;
+                    break;
+                }
             }
             let Ok(wqe) = RecvWqeHeader::read_from_bytes(&header) else {
                 break;
@@ -122,5 +131,9 @@ pub(super) fn flush_qp(
     }
     for (cq, cqe) in flushed {
         complete(device, mem, irq, cq, &cqe, false);
+    }
+    // A queue whose producer index is corrupt cannot be drained: tell the guest (rule 16).
+    if corrupt {
+        device.post_event(mem, irq, abi::event::QP_FATAL, qp_handle);
     }
 }

@@ -37,6 +37,8 @@ pub enum MrKind {
 #[expect(dead_code, reason = "the data path (the fabric) reads these fields")]
 #[derive(Debug)]
 pub struct Mr {
+    /// Guest pages this object holds, returned to the page budget when it goes.
+    pub pages_held: u64,
     pub pd: u32,
     pub access: u32,
     pub lkey: u32,
@@ -54,6 +56,8 @@ pub enum Arm {
 
 #[derive(Debug)]
 pub struct Cq {
+    /// Guest pages this object holds, returned to the page budget when it goes.
+    pub pages_held: u64,
     pub ctx: u32,
     pub ring: Ring,
     pub arm: Arm,
@@ -64,6 +68,8 @@ pub struct Cq {
 #[expect(dead_code, reason = "the data path (the fabric) reads these fields")]
 #[derive(Debug)]
 pub struct Srq {
+    /// Guest pages this object holds, returned to the page budget when it goes.
+    pub pages_held: u64,
     pub pd: u32,
     pub ring: Ring,
     pub attrs: SrqAttr,
@@ -73,6 +79,8 @@ pub struct Srq {
 #[expect(dead_code, reason = "the data path (the fabric) reads these fields")]
 #[derive(Debug)]
 pub struct Qp {
+    /// Guest pages this object holds, returned to the page budget when it goes.
+    pub pages_held: u64,
     pub pd: u32,
     pub qp_type: u8,
     pub send_cq: u32,
@@ -107,6 +115,8 @@ pub struct Objects {
     pub gids: Vec<Option<Gid>>,
     /// Low byte of the next MR key, so that a recreated MR never answers to a stale key.
     pub next_key_tag: u8,
+    /// See `Limits::max_mapped_pages`.
+    page_limit: u64,
 }
 
 /// The QP handle and QPN of the GSI QP (QP1): the kernel MAD layer expects QPN 1, and
@@ -126,6 +136,7 @@ impl Objects {
             srqs: HandleTable::new(1, limits.max_srq),
             gids: vec![None; limits.gid_tbl_len as usize],
             next_key_tag: 0,
+            page_limit: limits.max_mapped_pages,
         }
     }
 
@@ -137,6 +148,20 @@ impl Objects {
         self.qps.clear();
         self.srqs.clear();
         self.gids.iter_mut().for_each(|gid| *gid = None);
+    }
+
+    /// Fails with ENOMEM when holding `more` guest page addresses would exceed the limit.
+    /// Computed from the objects themselves, so no error path can leak budget.
+    pub fn check_page_budget(&self, more: u64) -> Result<(), u32> {
+        let held: u64 = self.mrs.iter().map(|(_, o)| o.pages_held).sum::<u64>()
+            + self.cqs.iter().map(|(_, o)| o.pages_held).sum::<u64>()
+            + self.qps.iter().map(|(_, o)| o.pages_held).sum::<u64>()
+            + self.srqs.iter().map(|(_, o)| o.pages_held).sum::<u64>();
+        if held.saturating_add(more) <= self.page_limit {
+            Ok(())
+        } else {
+            Err(super::errno::ENOMEM)
+        }
     }
 
     /// The context that owns `pd` (kernel PDs belong to context 0).

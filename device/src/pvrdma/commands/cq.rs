@@ -23,6 +23,7 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
     if nchunks < needed || nchunks > pdir_limits::MAX_PAGES {
         return Err(errno::EINVAL);
     }
+    device.objects.check_page_budget(nchunks)?;
     let pages = pdir::resolve(mem, req.pdir_dma, nchunks).map_err(|_| errno::EFAULT)?;
     let indices = Indices::new(req.cqe).ok_or(errno::EINVAL)?;
     let mut ring = Ring::new(
@@ -34,6 +35,7 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
     .ok_or(errno::EINVAL)?;
     ring.adopt_producer(mem).map_err(|_| errno::EINVAL)?;
     let cq = Cq {
+        pages_held: nchunks,
         ctx: req.ctx_handle,
         ring,
         arm: Arm::Disarmed,

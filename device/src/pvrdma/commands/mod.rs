@@ -78,10 +78,8 @@ pub(super) fn execute(
         }
     );
     let mut bytes = result?;
-    bytes.resize(
-        RESPONSE_SLOT_BYTES.min(bytes.len().max(size_of::<ResponseHeader>())),
-        0,
-    );
+    // The whole slot is rewritten: zeroes past the response, never anything past 176 bytes.
+    bytes.resize(RESPONSE_SLOT_BYTES, 0);
     let hdr = ResponseHeader {
         response: header.response,
         ack: header.cmd | RESPONSE_ACK,

@@ -41,6 +41,10 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
     let handle = objects
         .mrs
         .insert(Mr {
+            pages_held: match &kind {
+                MrKind::User { pages, .. } => pages.len() as u64,
+                MrKind::Dma | MrKind::FastReg { .. } => 0,
+            },
             pd: req.pd_handle,
             access,
             lkey: 0,
@@ -75,6 +79,7 @@ fn user_mr(device: &PvrdmaDevice, mem: &GuestRam, req: &CreateMrRequest) -> Resu
         return Err(errno::EINVAL);
     }
     req.start.checked_add(req.length).ok_or(errno::EINVAL)?;
+    device.objects.check_page_budget(u64::from(req.nchunks))?;
     let pages =
         pdir::resolve(mem, req.pdir_dma, u64::from(req.nchunks)).map_err(|_| errno::EFAULT)?;
     Ok(MrKind::User {

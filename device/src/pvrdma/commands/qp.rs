@@ -64,6 +64,7 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
     {
         return Err(errno::EINVAL);
     }
+    device.objects.check_page_budget(total)?;
     let pages = pdir::resolve(mem, req.pdir_dma, total).map_err(|_| errno::EFAULT)?;
     let state_page = pages[0];
     let send_end = 1 + send_chunks as usize;
@@ -99,6 +100,7 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
         ..QpCap::default()
     };
     let qp = Qp {
+        pages_held: total,
         pd: req.pd_handle,
         qp_type: req.qp_type,
         send_cq: req.send_cq_handle,
@@ -187,7 +189,10 @@ pub(super) fn modify(
             .get(usize::from(index))
             .is_some_and(Option::is_some)
     };
-    if attr_mask & mask::AV != 0 && !gids_ok(new.ah_attr.grh.sgid_index) {
+    // Rules 13 and 14: an AV names a bound source GID on port 1.
+    if attr_mask & mask::AV != 0
+        && (new.ah_attr.port_num != 1 || !gids_ok(new.ah_attr.grh.sgid_index))
+    {
         return Err(errno::EINVAL);
     }
     let qp = device

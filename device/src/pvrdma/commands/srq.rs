@@ -29,6 +29,7 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
     if nchunks < 1 + pages_for(attrs.max_wr, stride) || nchunks > pdir_limits::MAX_PAGES {
         return Err(errno::EINVAL);
     }
+    device.objects.check_page_budget(nchunks)?;
     let pages = pdir::resolve(mem, req.pdir_dma, nchunks).map_err(|_| errno::EFAULT)?;
     let indices = Indices::new(attrs.max_wr).ok_or(errno::EINVAL)?;
     let mut ring = Ring::new(
@@ -40,6 +41,7 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
     .ok_or(errno::EINVAL)?;
     ring.adopt_consumer(mem).map_err(|_| errno::EINVAL)?;
     let srq = Srq {
+        pages_held: nchunks,
         pd: req.pd_handle,
         ring,
         attrs,
