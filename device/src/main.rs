@@ -16,7 +16,9 @@ use clap::Parser;
 use log::{info, warn};
 use nix::sys::signal::{SigSet, Signal};
 use thiserror::Error;
+use vfio_user_pvrdma::pvrdma::{DeviceConfig, caps};
 use vfio_user_pvrdma::vfio::PciFunctionBackend;
+use vfio_user_pvrdma::vfio::fabric::Fabric;
 use vfio_user_pvrdma::vfio::listener::{self, ListenError};
 
 /// vfio-user server emulating a VMware paravirtual RDMA NIC (PVRDMA, PCI 15ad:0820).
@@ -100,15 +102,15 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
         .map(|path| Ok((path.clone(), listener::listen(path, cli.force)?)))
         .collect::<Result<Vec<_>, StartupError>>()?;
 
+    // The devices of one process form one fabric: their guests reach each other by memcpy.
+    let fabric = Fabric::new();
     let mut serving = Vec::new();
-    for (path, server) in servers {
+    for (index, (path, server)) in servers.into_iter().enumerate() {
         info!("listening on {}", path.display());
+        let mut backend = PciFunctionBackend::in_fabric(&fabric, device_config(index));
         let spawned = thread::Builder::new()
             .name(path.display().to_string())
-            .spawn(move || {
-                let mut backend = PciFunctionBackend::new();
-                listener::serve(&server, &mut backend)
-            });
+            .spawn(move || listener::serve(&server, &mut backend));
         // A failed spawn drops its server (removing that socket); the threads
         // already running never will, so remove their sockets here.
         if let Err(source) = spawned {
@@ -119,6 +121,15 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
     }
 
     signals.wait().map_err(StartupError::SignalWait)
+}
+
+/// Device `index`'s configuration: the default limits, and a node GUID of its own.
+fn device_config(index: usize) -> DeviceConfig {
+    let low = u8::try_from(index + 1).unwrap_or(u8::MAX);
+    DeviceConfig {
+        node_guid: caps::eui64([0x52, 0x54, 0x00, 0x5e, 0x01, low]),
+        ..DeviceConfig::default()
+    }
 }
 
 /// Removes the socket files. The serving threads still own their servers,

@@ -57,6 +57,12 @@ impl Default for Limits {
     }
 }
 
+const ATOMIC_CMP_SWAP: u8 = 1 << 0;
+const ATOMIC_FETCH_ADD: u8 = 1 << 1;
+/// Outstanding RDMA READs and atomics per QP; the fabric executes them synchronously, so
+/// the number only matters to applications that size their queues by it.
+const MAX_RD_ATOMIC: u32 = 16;
+
 /// The capabilities block for `limits`, with `node_guid` as the node and system GUID.
 pub fn device_caps(limits: &Limits, node_guid: [u8; 8]) -> DeviceCaps {
     DeviceCaps {
@@ -88,6 +94,11 @@ pub fn device_caps(limits: &Limits, node_guid: [u8; 8]) -> DeviceCaps {
         mode: abi::MODE_ROCE,
         gid_types: abi::GID_TYPE_ROCE_V1,
         max_fast_reg_page_list_len: abi::MAX_FAST_REG_PAGES,
+        // 64-bit compare-and-swap and fetch-and-add, executed by the responder.
+        atomic_ops: ATOMIC_CMP_SWAP | ATOMIC_FETCH_ADD,
+        max_qp_rd_atom: MAX_RD_ATOMIC,
+        max_qp_init_rd_atom: MAX_RD_ATOMIC,
+        max_res_rd_atom: MAX_RD_ATOMIC * limits.max_qp,
         ..DeviceCaps::default()
     }
 }

@@ -2,6 +2,7 @@
 //! context that owns the page, and act.
 
 use log::debug;
+use pvrdma_backend::Network;
 
 use super::memory::GuestRam;
 use super::objects::{Arm, KERNEL_CONTEXT};
@@ -12,6 +13,7 @@ pub(super) fn ring(
     device: &mut PvrdmaDevice,
     mem: &GuestRam,
     irq: &mut dyn Interrupts,
+    net: &mut dyn Network,
     offset: u64,
     value: u32,
 ) {
@@ -37,21 +39,14 @@ pub(super) fn ring(
                 super::completion::flush_qp(device, mem, irq, handle);
                 return;
             }
-            // Send and receive queues are drained by the data path, which comes with the
-            // fabric; until then posted work stays queued in guest memory.
-            debug!(
-                "QP {handle} doorbell{}{}",
-                if value & uar::QP_SEND != 0 {
-                    " send"
-                } else {
-                    ""
-                },
-                if value & uar::QP_RECV != 0 {
-                    " recv"
-                } else {
-                    ""
-                }
-            );
+            if value & uar::QP_SEND != 0 {
+                super::datapath::process_send_queue(device, mem, irq, net, handle);
+            }
+            // New receives may be what a stalled sender (maybe this device's own, in
+            // loopback) waits for; other devices' senders are resumed by the fabric.
+            if value & uar::QP_RECV != 0 && device.has_stalled_work() {
+                device.resume_stalled(mem, irq, net);
+            }
         }
         uar::CQ_OFFSET => {
             let Some(cq) = device
@@ -79,6 +74,8 @@ pub(super) fn ring(
                 .is_some_and(|srq| objects.pd_context(srq.pd) == Some(page_ctx));
             if !owned {
                 debug!("SRQ doorbell {value:#x} for an SRQ not owned by UAR page {page}");
+            } else if device.has_stalled_work() {
+                device.resume_stalled(mem, irq, net);
             }
         }
         word => debug!("write {value:#x} to unused UAR word {word:#x} ignored"),

@@ -8,6 +8,7 @@
 pub mod caps;
 mod commands;
 mod completion;
+mod datapath;
 mod doorbell;
 mod dsr;
 pub mod memory;
@@ -17,6 +18,7 @@ mod ring;
 mod table;
 
 use log::{debug, warn};
+use pvrdma_backend::{Network, Outcome, RemoteError, Request};
 
 pub use caps::Limits;
 pub use memory::GuestRam;
@@ -153,11 +155,12 @@ impl PvrdmaDevice {
         }
     }
 
-    /// A 32-bit write of BAR2 (a UAR doorbell).
+    /// A 32-bit write of BAR2 (a UAR doorbell). Work that leaves the device goes to `net`.
     pub fn write_doorbell(
         &mut self,
         mem: &GuestRam,
         irq: &mut dyn Interrupts,
+        net: &mut dyn Network,
         offset: u64,
         value: u32,
     ) {
@@ -165,7 +168,46 @@ impl PvrdmaDevice {
             debug!("doorbell {value:#x} at {offset:#x} before activation ignored");
             return;
         }
-        doorbell::ring(self, mem, irq, offset, value);
+        doorbell::ring(self, mem, irq, net, offset, value);
+    }
+
+    /// Whether this device's port has `gid` (a GID the driver bound with CREATE_BIND).
+    pub fn has_gid(&self, gid: &[u8; 16]) -> bool {
+        self.active
+            && self
+                .objects
+                .gids
+                .iter()
+                .flatten()
+                .any(|bound| bound.raw == *gid)
+    }
+
+    /// Executes a request from a peer (the responder side of the data path).
+    pub fn respond(
+        &mut self,
+        mem: &GuestRam,
+        irq: &mut dyn Interrupts,
+        request: &Request<'_>,
+    ) -> Result<Outcome, RemoteError> {
+        if !self.active {
+            return Err(RemoteError::Unreachable);
+        }
+        datapath::respond(self, mem, irq, request)
+    }
+
+    /// Whether a send queue waits for a peer to post a receive.
+    pub fn has_stalled_work(&self) -> bool {
+        self.objects.qps.iter().any(|(_, qp)| qp.stalled)
+    }
+
+    /// Retries the send queues that wait for a receiver (after receives were posted).
+    pub fn resume_stalled(
+        &mut self,
+        mem: &GuestRam,
+        irq: &mut dyn Interrupts,
+        net: &mut dyn Network,
+    ) {
+        datapath::resume_stalled(self, mem, irq, net);
     }
 
     fn load_dsr(&mut self, mem: &GuestRam) {

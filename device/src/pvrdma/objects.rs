@@ -19,7 +19,6 @@ pub struct Pd {
     pub ctx: u32,
 }
 
-#[expect(dead_code, reason = "the data path (the fabric) reads these fields")]
 #[derive(Debug)]
 pub enum MrKind {
     /// SGE addresses are guest DMA addresses (the kernel's DMA MR).
@@ -31,10 +30,9 @@ pub enum MrKind {
         pages: Vec<u64>,
     },
     /// A fast-register MR: pages and access arrive later in a work request.
-    FastReg { max_pages: u32 },
+    FastReg,
 }
 
-#[expect(dead_code, reason = "the data path (the fabric) reads these fields")]
 #[derive(Debug)]
 pub struct Mr {
     /// Guest pages this object holds, returned to the page budget when it goes.
@@ -65,7 +63,6 @@ pub struct Cq {
     pub broken: bool,
 }
 
-#[expect(dead_code, reason = "the data path (the fabric) reads these fields")]
 #[derive(Debug)]
 pub struct Srq {
     /// Guest pages this object holds, returned to the page budget when it goes.
@@ -76,7 +73,6 @@ pub struct Srq {
     pub stride: u64,
 }
 
-#[expect(dead_code, reason = "the data path (the fabric) reads these fields")]
 #[derive(Debug)]
 pub struct Qp {
     /// Guest pages this object holds, returned to the page budget when it goes.
@@ -95,6 +91,9 @@ pub struct Qp {
     pub max_recv_sge: u32,
     /// Current attributes as QUERY_QP reports them.
     pub attr: QpAttr,
+    /// The send queue's head waits for the peer to post a receive (RNR): retried when any
+    /// device of the fabric gets a receive doorbell.
+    pub stalled: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,12 +11,13 @@ use log::{debug, info, warn};
 use vfio_user::DmaMapFlags;
 
 use super::dma::{self, DmaWindows, Unmapped};
+use super::fabric::{Fabric, MsixSink, Slot};
 use super::guest_ram;
-use super::irqs::MsixEventfds;
 use super::protocol::{self, DeviceBackend, Errno, IrqDescriptor, RegionDescriptor};
 use super::regions::{Region, server_irqs, server_regions};
 use crate::pci::{ConfigSpace, ids};
-use crate::pvrdma::{DeviceConfig, GuestRam, Interrupts, PvrdmaDevice};
+use crate::pvrdma::{DeviceConfig, GuestRam};
+use pvrdma_backend::Network;
 
 // We advertise the DMA table's capacity as `max_dma_maps`.
 const _: () = assert!(dma::MAX_WINDOWS == protocol::MAX_DMA_MAPS as usize);
@@ -26,12 +27,9 @@ const _: () = assert!(dma::MAX_WINDOWS == protocol::MAX_DMA_MAPS as usize);
 pub struct PciFunctionBackend {
     config: ConfigSpace,
     dma: DmaWindows,
-    msix: MsixEventfds,
-    device: PvrdmaDevice,
-    /// The DMA windows mapped for the device; rebuilt when they change.
-    ram: GuestRam,
-    /// What the device may touch while bus mastering is off: nothing.
-    no_ram: GuestRam,
+    /// The device model, its mapped RAM and its eventfds, in the process's fabric.
+    fabric: Fabric,
+    slot: usize,
     regions: Vec<RegionDescriptor>,
     irqs: Vec<IrqDescriptor>,
 }
@@ -43,15 +41,18 @@ impl Default for PciFunctionBackend {
 }
 
 impl PciFunctionBackend {
-    /// A function in its power-on state with no client attached.
+    /// A function in its power-on state with no client attached, alone in its own fabric.
     pub fn new() -> Self {
+        Self::in_fabric(&Fabric::new(), DeviceConfig::default())
+    }
+
+    /// A function whose device joins `fabric`: its guests reach the other devices there.
+    pub fn in_fabric(fabric: &Fabric, config: DeviceConfig) -> Self {
         Self {
             config: ConfigSpace::default(),
             dma: DmaWindows::default(),
-            msix: MsixEventfds::default(),
-            device: PvrdmaDevice::new(DeviceConfig::default()),
-            ram: GuestRam::default(),
-            no_ram: GuestRam::default(),
+            slot: fabric.add_device(config),
+            fabric: fabric.clone(),
             regions: server_regions(),
             irqs: server_irqs(),
         }
@@ -67,29 +68,46 @@ impl PciFunctionBackend {
         &self.dma
     }
 
-    /// The MSI-X eventfds.
-    pub fn msix(&self) -> &MsixEventfds {
-        &self.msix
+    /// Whether MSI-X `vector` has an eventfd.
+    pub fn msix_assigned(&self, vector: u16) -> bool {
+        self.with_slot(|slot, _| slot.msix.is_assigned(vector))
+            .unwrap_or(false)
+    }
+
+    /// Runs `work` on this function's slot of the fabric.
+    fn with_slot<R>(&self, work: impl FnOnce(&mut Slot, &mut dyn Network) -> R) -> Option<R> {
+        self.fabric.with_slot(self.slot, work)
     }
 
     /// Forgets everything tied to the client that just disconnected: its DMA
     /// windows (closing their files) and its interrupt eventfds. Device state
     /// is kept; a new client resets the device through `DEVICE_RESET`.
     pub fn client_gone(&mut self) {
-        let objects = self.device.object_count();
-        self.device.reset();
         let windows = self.dma.clear();
-        self.ram = GuestRam::default();
-        let eventfds = self.msix.clear();
+        let (objects, eventfds) = self
+            .with_slot(|slot, _| {
+                let objects = slot.device.object_count();
+                slot.device.reset();
+                slot.ram = GuestRam::default();
+                (objects, slot.msix.clear())
+            })
+            .unwrap_or_default();
         info!(
             "released {windows} DMA windows and {eventfds} MSI-X eventfds of the old client, \
              and its {objects} device objects"
         );
     }
 
-    /// The device model.
-    pub fn device(&self) -> &PvrdmaDevice {
-        &self.device
+    /// Maps the current DMA windows for the device.
+    fn remap(&self) {
+        let ram = guest_ram::build(&self.dma);
+        self.with_slot(|slot, _| slot.ram = ram);
+    }
+
+    /// Objects the guest has created on this function's device.
+    pub fn device_objects(&self) -> usize {
+        self.with_slot(|slot, _| slot.device.object_count())
+            .unwrap_or(0)
     }
 
     /// A register or doorbell write, with the memory the device may use: none until the
@@ -103,17 +121,22 @@ impl PciFunctionBackend {
             return;
         };
         let value = u32::from_le_bytes(bytes);
-        let ram = if self.config.bus_master_enabled() {
-            &self.ram
-        } else {
-            &self.no_ram
-        };
-        let mut irq = MsixSink(&self.msix);
-        if bar == ids::REG_BAR {
-            self.device.write_register(ram, &mut irq, offset, value);
-        } else {
-            self.device.write_doorbell(ram, &mut irq, offset, value);
-        }
+        let bus_master = self.config.bus_master_enabled();
+        self.with_slot(|slot, net| {
+            slot.bus_master = bus_master;
+            let mem = if slot.bus_master {
+                &slot.ram
+            } else {
+                &slot.no_ram
+            };
+            let mut irq = MsixSink(&slot.msix);
+            if bar == ids::REG_BAR {
+                slot.device.write_register(mem, &mut irq, offset, value);
+            } else {
+                slot.device
+                    .write_doorbell(mem, &mut irq, net, offset, value);
+            }
+        });
     }
 
     /// Decodes the region and checks `[offset, offset + len)` lies inside it.
@@ -160,7 +183,10 @@ impl DeviceBackend for PciFunctionBackend {
             Region::Bar(ids::MSIX_BAR) => data.fill(0),
             // Registers are 32 bits; other widths read as 0.
             Region::Bar(ids::REG_BAR) if data.len() == 4 => {
-                data.copy_from_slice(&self.device.read_register(offset).to_le_bytes());
+                let value = self
+                    .with_slot(|slot, _| slot.device.read_register(offset))
+                    .unwrap_or(0);
+                data.copy_from_slice(&value.to_le_bytes());
             }
             Region::Bar(ids::REG_BAR) => data.fill(0),
             // UAR doorbells are write-only for the driver; they read as 0.
@@ -212,7 +238,7 @@ impl DeviceBackend for PciFunctionBackend {
                         " (no fd)"
                     },
                 );
-                self.ram = guest_ram::build(&self.dma);
+                self.remap();
                 Ok(())
             }
             Err(e) => {
@@ -231,9 +257,9 @@ impl DeviceBackend for PciFunctionBackend {
                     Unmapped::One => debug!("DMA unmap {address:#x}+{size:#x}"),
                     Unmapped::All(count) => debug!("DMA unmap all ({count} windows)"),
                 }
-                // The old mappings go with the old GuestRam: nothing the device holds
-                // refers to them once this returns (the device runs on this thread).
-                self.ram = guest_ram::build(&self.dma);
+                // The old mappings go with the old GuestRam, replaced under the fabric
+                // lock: no copy of any device can be using them once this returns.
+                self.remap();
                 Ok(())
             }
             Err(e) => {
@@ -247,8 +273,11 @@ impl DeviceBackend for PciFunctionBackend {
         // A device reset does not unmap DMA: the windows belong to the client.
         info!("device reset");
         self.config.reset();
-        self.msix.clear();
-        self.device.reset();
+        self.with_slot(|slot, _| {
+            slot.msix.clear();
+            slot.device.reset();
+            slot.bus_master = false;
+        });
         Ok(())
     }
 
@@ -261,7 +290,10 @@ impl DeviceBackend for PciFunctionBackend {
         fds: Vec<File>,
     ) -> Result<(), Errno> {
         let fd_count = fds.len();
-        match self.msix.set_irqs(index, flags, start, count, fds) {
+        let result = self
+            .with_slot(|slot, _| slot.msix.set_irqs(index, flags, start, count, fds))
+            .ok_or(Errno::ENODEV)?;
+        match result {
             Ok(update) => {
                 debug!("SET_IRQS index {index} flags {flags:#x} {start}+{count}: {update:?}");
                 Ok(())
@@ -273,21 +305,6 @@ impl DeviceBackend for PciFunctionBackend {
                 );
                 Err(Errno::from_raw(e.errno()))
             }
-        }
-    }
-}
-
-/// Delivers the device's interrupts to the client's MSI-X eventfds.
-struct MsixSink<'a>(&'a MsixEventfds);
-
-impl Interrupts for MsixSink<'_> {
-    fn raise(&mut self, vector: u16) {
-        match self.0.signal(vector) {
-            Ok(true) => {}
-            // The guest has not unmasked the vector: the interrupt is lost, as on hardware
-            // with the vector masked and no pending-bit emulation.
-            Ok(false) => debug!("MSI-X vector {vector} has no eventfd"),
-            Err(e) => warn!("cannot signal MSI-X vector {vector}: {e}"),
         }
     }
 }

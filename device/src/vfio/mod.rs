@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod dma;
+pub mod fabric;
 pub mod guest_ram;
 pub mod irqs;
 pub mod listener;

@@ -1,9 +1,10 @@
 //! The transport between the driver and a device: 32-bit BAR accesses, the interrupts the
 //! device raised, and the guest RAM both sides share.
 //!
-//! [`InProcessBus`] calls a [`PvrdmaDevice`] directly. A transport over the real server
-//! socket (a `vfio_user::Client`, the RAM's memfd DMA_MAP'ed, MSI-X eventfds handed over with
-//! SET_IRQS) implements the same trait, so every test runs unchanged against the server.
+//! [`InProcessBus`] calls a [`PvrdmaDevice`] directly. [`super::socket_bus::SocketBus`] drives
+//! the real server process over its socket (a `vfio_user::Client`, the RAM's memfd
+//! DMA_MAP'ed, MSI-X eventfds handed over with SET_IRQS) through the same trait. Tests that
+//! look inside the device model (`Driver::device()`) only exist for [`InProcessBus`].
 
 use vfio_user_pvrdma::pvrdma::{DeviceConfig, GuestRam, Interrupts, PvrdmaDevice};
 
@@ -86,7 +87,7 @@ impl Bus for InProcessBus {
                 .write_register(ram, &mut self.irqs, offset, value),
             BAR_UAR => self
                 .device
-                .write_doorbell(ram, &mut self.irqs, offset, value),
+                .write_doorbell(ram, &mut self.irqs, &mut pvrdma_backend::Isolated, offset, value),
             _ => {}
         }
     }

@@ -113,6 +113,7 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
         sq_sig_all: req.sq_sig_all != 0,
         max_send_sge: req.max_send_sge,
         max_recv_sge: req.max_recv_sge,
+        stalled: false,
         attr: QpAttr {
             qp_state: qp_state::RESET,
             cap,

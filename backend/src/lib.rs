@@ -1,0 +1,146 @@
+//! Backends of the PVRDMA server, and the interface every backend shares.
+//!
+//! A backend never sees a PVRDMA structure. The device model resolves a work request into
+//! backend-neutral terms — scatter-gather lists over guest memory ([`Sgl`]), an operation
+//! ([`Operation`]) with its remote address, rkey and immediate data, and the destination
+//! ([`Destination`]: a GID and a QPN) — and hands it to the [`Network`]. The network finds the
+//! peer: for a device of the same process, the memcpy fabric ([`memcpy`]) lets the peer
+//! device's model execute the operation directly against both guests' memories; the
+//! rdma-core and TCP backends will do the same for peers on other hosts. The answer
+//! ([`Outcome`] or [`RemoteError`]) is what the requester turns into its completion.
+//!
+//! See docs/backends.md for the whole design.
+
+pub mod memcpy;
+mod sgl;
+
+pub use sgl::{CopyError, Segment, Sgl, copy};
+
+/// Guest memory as the device maps it from the vfio-user client.
+pub type GuestMemory = vm_memory::GuestMemoryMmap;
+
+/// A raw 128-bit GID (network order).
+pub type Gid = [u8; 16];
+
+/// Where a request goes: the peer port's GID and the destination QP number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Destination {
+    pub gid: Gid,
+    pub qpn: u32,
+}
+
+/// Who sent a request, as the responder reports it in completions and GRHs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Source {
+    pub gid: Gid,
+    pub qpn: u32,
+}
+
+/// The transport service of the requesting QP: the responder only accepts requests from a
+/// QP of the same kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// Reliable connected: the responder QP must be connected to the requester.
+    Reliable,
+    /// Datagram (UD and the GSI QP): `qkey` must match the responder's.
+    Datagram { qkey: u32 },
+}
+
+/// An operation executed at the responder.
+#[derive(Debug)]
+pub enum Operation<'a> {
+    /// SEND: the payload lands in the responder's next receive buffer.
+    Send {
+        payload: &'a Sgl,
+        imm: Option<u32>,
+        invalidate: Option<u32>,
+        solicited: bool,
+    },
+    /// RDMA WRITE into `[remote_addr, +len)` of the region named by `rkey`; with immediate
+    /// data it also consumes a receive buffer.
+    Write {
+        payload: &'a Sgl,
+        remote_addr: u64,
+        rkey: u32,
+        imm: Option<u32>,
+        solicited: bool,
+    },
+    /// RDMA READ of `reply.len()` bytes at `remote_addr` into the requester's `reply`.
+    Read {
+        reply: &'a Sgl,
+        remote_addr: u64,
+        rkey: u32,
+    },
+    /// 64-bit atomic at `remote_addr`; the original value goes to the requester's `reply`.
+    Atomic {
+        kind: AtomicKind,
+        reply: &'a Sgl,
+        remote_addr: u64,
+        rkey: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtomicKind {
+    CompareSwap { compare: u64, swap: u64 },
+    FetchAdd { add: u64 },
+}
+
+/// A request as the responder sees it.
+#[derive(Debug)]
+pub struct Request<'a> {
+    pub source: Source,
+    pub destination: Destination,
+    pub service: Service,
+    /// The requester's guest memory (payload of SEND/WRITE, reply buffer of READ/atomics).
+    pub memory: &'a GuestMemory,
+    pub operation: Operation<'a>,
+}
+
+/// What the responder did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Bytes moved.
+    pub bytes: u64,
+}
+
+/// Why the responder refused a request; the requester turns it into a completion status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RemoteError {
+    #[error("no port with that GID is reachable")]
+    Unreachable,
+    #[error("the destination QP does not exist or cannot receive this request")]
+    InvalidRequest,
+    #[error("no receive buffer is posted (receiver not ready)")]
+    ReceiverNotReady,
+    #[error("the rkey, range or access rights do not allow the access")]
+    AccessError,
+    #[error("the responder failed to execute the operation")]
+    OperationError,
+    #[error("datagram dropped (Q_Key mismatch, receive too small, or queue not ready)")]
+    Dropped,
+}
+
+/// Carries requests to peers. The device calls it once per work request that leaves it.
+pub trait Network {
+    fn deliver(&mut self, request: &Request<'_>) -> Result<Outcome, RemoteError>;
+}
+
+/// The responder side, implemented by the device model: executes a request against its
+/// own QPs, memory regions and guest memory.
+pub trait Responder {
+    /// Whether this device's port has `gid` in its GID table.
+    fn has_gid(&self, gid: &Gid) -> bool;
+
+    fn respond(&mut self, request: &Request<'_>) -> Result<Outcome, RemoteError>;
+}
+
+/// A network with no peers: every request is unreachable. For a device alone (and tests).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Isolated;
+
+impl Network for Isolated {
+    fn deliver(&mut self, _request: &Request<'_>) -> Result<Outcome, RemoteError> {
+        Err(RemoteError::Unreachable)
+    }
+}

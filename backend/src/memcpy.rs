@@ -1,0 +1,147 @@
+//! The memcpy fabric: the devices served by one process, joined like ports of one switch.
+//! A request to a peer in the fabric is executed by the peer's own responder, which copies
+//! straight between the two guests' memories (see [`crate::copy`]).
+//!
+//! The fabric owns its endpoints. While one endpoint works (a doorbell, a command), it is
+//! taken out of the fabric and the others are reachable through a [`Network`]; a device that
+//! sends to itself (loopback) answers its own requests without the network.
+
+use super::{Network, Outcome, RemoteError, Request, Responder};
+
+pub struct MemcpyFabric<E> {
+    endpoints: Vec<Option<E>>,
+}
+
+impl<E> Default for MemcpyFabric<E> {
+    fn default() -> Self {
+        MemcpyFabric {
+            endpoints: Vec::new(),
+        }
+    }
+}
+
+impl<E: Responder> MemcpyFabric<E> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds an endpoint; returns its index.
+    pub fn add(&mut self, endpoint: E) -> usize {
+        self.endpoints.push(Some(endpoint));
+        self.endpoints.len() - 1
+    }
+
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
+    /// Runs `work` on endpoint `index` with the rest of the fabric as its network. `None` if
+    /// there is no such endpoint.
+    pub fn with_endpoint<R>(
+        &mut self,
+        index: usize,
+        work: impl FnOnce(&mut E, &mut dyn Network) -> R,
+    ) -> Option<R> {
+        let mut endpoint = self.endpoints.get_mut(index)?.take()?;
+        let result = work(
+            &mut endpoint,
+            &mut Peers {
+                endpoints: &mut self.endpoints,
+            },
+        );
+        self.endpoints[index] = Some(endpoint);
+        Some(result)
+    }
+
+    /// Every endpoint index, for work that visits them all (resuming stalled senders).
+    pub fn indices(&self) -> std::ops::Range<usize> {
+        0..self.endpoints.len()
+    }
+}
+
+/// The endpoints other than the one at work.
+struct Peers<'f, E> {
+    endpoints: &'f mut [Option<E>],
+}
+
+impl<E: Responder> Network for Peers<'_, E> {
+    fn deliver(&mut self, request: &Request<'_>) -> Result<Outcome, RemoteError> {
+        let peer = self
+            .endpoints
+            .iter_mut()
+            .flatten()
+            .find(|endpoint| endpoint.has_gid(&request.destination.gid))
+            .ok_or(RemoteError::Unreachable)?;
+        peer.respond(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Destination, GuestMemory, Operation, Service, Sgl, Source};
+
+    struct Port {
+        gid: [u8; 16],
+        answered: u32,
+    }
+
+    impl Responder for Port {
+        fn has_gid(&self, gid: &[u8; 16]) -> bool {
+            *gid == self.gid
+        }
+
+        fn respond(&mut self, request: &Request<'_>) -> Result<Outcome, RemoteError> {
+            self.answered += 1;
+            Ok(Outcome {
+                bytes: request.destination.qpn.into(),
+            })
+        }
+    }
+
+    #[test]
+    fn requests_reach_the_port_with_the_gid_and_nothing_else() {
+        let mut fabric = MemcpyFabric::new();
+        let a = fabric.add(Port {
+            gid: [1; 16],
+            answered: 0,
+        });
+        let b = fabric.add(Port {
+            gid: [2; 16],
+            answered: 0,
+        });
+        let mem = GuestMemory::default();
+        let payload = Sgl::new();
+        let request = |gid| Request {
+            source: Source {
+                gid: [1; 16],
+                qpn: 2,
+            },
+            destination: Destination { gid, qpn: 7 },
+            service: Service::Reliable,
+            memory: &mem,
+            operation: Operation::Send {
+                payload: &payload,
+                imm: None,
+                invalidate: None,
+                solicited: false,
+            },
+        };
+        let to_b = fabric
+            .with_endpoint(a, |_, net| net.deliver(&request([2; 16])))
+            .unwrap();
+        assert_eq!(to_b, Ok(Outcome { bytes: 7 }));
+        // The working endpoint is not its own peer; unknown GIDs are unreachable.
+        let to_a = fabric
+            .with_endpoint(a, |_, net| net.deliver(&request([1; 16])))
+            .unwrap();
+        assert_eq!(to_a, Err(RemoteError::Unreachable));
+        let answered_b = fabric.with_endpoint(b, |port, _| port.answered).unwrap();
+        assert_eq!(answered_b, 1);
+        assert!(fabric.with_endpoint(9, |_, _| ()).is_none());
+    }
+}

@@ -1,0 +1,92 @@
+//! The data path: the requester side turns send WQEs into backend requests, the responder
+//! side executes requests from peers (or from this device, in loopback) against receive
+//! queues and memory regions. Completions go through `completion`.
+
+mod requester;
+mod responder;
+mod translate;
+
+pub(super) use requester::{process_send_queue, resume_stalled};
+pub(super) use responder::respond;
+
+use zerocopy::FromBytes;
+
+use super::memory::GuestRam;
+use super::ring::Ring;
+use crate::abi::{RecvWqeHeader, SGE_SIZE, SendWqeHeader, Sge};
+
+/// A send WQE copied out of the ring (header and its SGEs): parsed once, never re-read.
+pub(super) struct SendWqe {
+    pub header: SendWqeHeader,
+    pub sges: Vec<Sge>,
+}
+
+/// A receive WQE copied out of the ring.
+pub(super) struct RecvWqe {
+    pub header: RecvWqeHeader,
+    pub sges: Vec<Sge>,
+}
+
+/// Why the head of a queue could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum WqeError {
+    /// The producer index is corrupt or the WQE is not in guest RAM.
+    BrokenQueue,
+    /// `num_sge` exceeds what the queue was created for (rule 17).
+    TooManySges,
+}
+
+fn parse_sges(bytes: &[u8], offset: usize, count: u32, max: u32) -> Result<Vec<Sge>, WqeError> {
+    if count > max {
+        return Err(WqeError::TooManySges);
+    }
+    (0..count as usize)
+        .map(|i| {
+            let start = offset + i * SGE_SIZE as usize;
+            bytes
+                .get(start..start + SGE_SIZE as usize)
+                .and_then(|b| Sge::read_from_bytes(b).ok())
+                .ok_or(WqeError::TooManySges)
+        })
+        .collect()
+}
+
+/// The send WQE at the head of `ring`, if any.
+pub(super) fn peek_send(
+    ring: &Ring,
+    mem: &GuestRam,
+    stride: u64,
+    max_sge: u32,
+) -> Result<Option<SendWqe>, WqeError> {
+    let mut bytes = vec![0u8; usize::try_from(stride).unwrap_or(0)];
+    match ring.peek(mem, &mut bytes) {
+        Ok(Some(())) => {}
+        Ok(None) => return Ok(None),
+        Err(_) => return Err(WqeError::BrokenQueue),
+    }
+    let header = SendWqeHeader::read_from_prefix(&bytes)
+        .map_err(|_| WqeError::BrokenQueue)?
+        .0;
+    let sges = parse_sges(&bytes, size_of::<SendWqeHeader>(), header.num_sge, max_sge)?;
+    Ok(Some(SendWqe { header, sges }))
+}
+
+/// The receive WQE at the head of `ring`, if any.
+pub(super) fn peek_recv(
+    ring: &Ring,
+    mem: &GuestRam,
+    stride: u64,
+    max_sge: u32,
+) -> Result<Option<RecvWqe>, WqeError> {
+    let mut bytes = vec![0u8; usize::try_from(stride).unwrap_or(0)];
+    match ring.peek(mem, &mut bytes) {
+        Ok(Some(())) => {}
+        Ok(None) => return Ok(None),
+        Err(_) => return Err(WqeError::BrokenQueue),
+    }
+    let header = RecvWqeHeader::read_from_prefix(&bytes)
+        .map_err(|_| WqeError::BrokenQueue)?
+        .0;
+    let sges = parse_sges(&bytes, size_of::<RecvWqeHeader>(), header.num_sge, max_sge)?;
+    Ok(Some(RecvWqe { header, sges }))
+}

@@ -1,0 +1,358 @@
+//! The requester: drain a QP's send queue, turning each WQE into a backend request.
+
+use log::{debug, warn};
+use pvrdma_backend::{
+    AtomicKind, Destination, Network, Operation, RemoteError, Request, Service, Sgl, Source,
+};
+
+use super::responder::respond;
+use super::translate::{self, KeyError};
+use super::{SendWqe, WqeError, peek_send};
+use crate::abi::{self, Cqe, qp_state, qp_type, send_flags, wc_status, wr_opcode};
+use crate::pvrdma::completion::{self, send_completion_opcode};
+use crate::pvrdma::memory::GuestRam;
+use crate::pvrdma::{Interrupts, PvrdmaDevice};
+
+/// Processes the send queue of `qp_handle` until it is empty, stalls on a receiver that is
+/// not ready, or fails. Bounded by the queue size, so a guest cannot keep the device busy.
+pub fn process_send_queue(
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    irq: &mut dyn Interrupts,
+    net: &mut dyn Network,
+    qp_handle: u32,
+) {
+    let Some(bound) = device
+        .objects
+        .qps
+        .get(qp_handle)
+        .map(|qp| qp.sq.indices().max())
+    else {
+        return;
+    };
+    for _ in 0..bound {
+        if !step(device, mem, irq, net, qp_handle) {
+            break;
+        }
+    }
+}
+
+/// Retries every QP whose send queue waits for a receiver.
+pub fn resume_stalled(
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    irq: &mut dyn Interrupts,
+    net: &mut dyn Network,
+) {
+    let stalled: Vec<u32> = device
+        .objects
+        .qps
+        .iter()
+        .filter(|(_, qp)| qp.stalled)
+        .map(|(handle, _)| handle)
+        .collect();
+    for handle in stalled {
+        if let Some(qp) = device.objects.qps.get_mut(handle) {
+            qp.stalled = false;
+        }
+        process_send_queue(device, mem, irq, net, handle);
+    }
+}
+
+/// Everything a WQE needs once it has been read and checked: owned, so the device is free
+/// to answer the request itself (loopback).
+struct Plan {
+    wqe: SendWqe,
+    destination: Destination,
+    source: Source,
+    service: Service,
+    local: Sgl,
+    signaled: bool,
+}
+
+/// One WQE; returns whether to go on with the next.
+fn step(
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    irq: &mut dyn Interrupts,
+    net: &mut dyn Network,
+    qp_handle: u32,
+) -> bool {
+    let Some(qp) = device.objects.qps.get(qp_handle) else {
+        return false;
+    };
+    match qp.attr.qp_state {
+        qp_state::RTS => {}
+        qp_state::ERR => {
+            completion::flush_qp(device, mem, irq, qp_handle);
+            return false;
+        }
+        // Work posted below RTS, or in SQD/SQE, waits.
+        _ => return false,
+    }
+    let wqe = match peek_send(&qp.sq, mem, qp.sq_stride, qp.max_send_sge) {
+        Ok(Some(wqe)) => wqe,
+        Ok(None) => return false,
+        Err(WqeError::BrokenQueue) => {
+            warn!("QP {qp_handle}: send queue is corrupt");
+            to_error(device, qp_handle);
+            device.post_event(mem, irq, abi::event::QP_FATAL, qp_handle);
+            return false;
+        }
+        Err(WqeError::TooManySges) => {
+            // The header is still readable: complete it with an error so the guest learns why.
+            let mut header = [0u8; size_of::<abi::SendWqeHeader>()];
+            let wr_id = match qp.sq.peek(mem, &mut header) {
+                Ok(Some(())) => zerocopy::FromBytes::read_from_bytes(&header)
+                    .map(|h: abi::SendWqeHeader| (h.wr_id, h.opcode))
+                    .unwrap_or((0, 0)),
+                _ => (0, 0),
+            };
+            fail(
+                device,
+                mem,
+                irq,
+                qp_handle,
+                wr_id.0,
+                wr_id.1,
+                wc_status::LOC_LEN_ERR,
+            );
+            return false;
+        }
+    };
+    let plan = match plan(device, qp_handle, wqe) {
+        Ok(plan) => plan,
+        Err((wqe, status)) => {
+            fail(
+                device,
+                mem,
+                irq,
+                qp_handle,
+                wqe.header.wr_id,
+                wqe.header.opcode,
+                status,
+            );
+            return false;
+        }
+    };
+    let header = plan.wqe.header;
+    let solicited = header.send_flags & send_flags::SOLICITED != 0;
+    let imm = matches!(
+        header.opcode,
+        wr_opcode::SEND_WITH_IMM | wr_opcode::RDMA_WRITE_WITH_IMM
+    )
+    .then_some(header.ex);
+    let operation = match header.opcode {
+        wr_opcode::SEND | wr_opcode::SEND_WITH_IMM | wr_opcode::SEND_WITH_INV => Operation::Send {
+            payload: &plan.local,
+            imm,
+            invalidate: (header.opcode == wr_opcode::SEND_WITH_INV).then_some(header.ex),
+            solicited,
+        },
+        wr_opcode::RDMA_WRITE | wr_opcode::RDMA_WRITE_WITH_IMM => Operation::Write {
+            payload: &plan.local,
+            remote_addr: header.remote_addr(),
+            rkey: header.rdma_rkey(),
+            imm,
+            solicited,
+        },
+        wr_opcode::RDMA_READ => Operation::Read {
+            reply: &plan.local,
+            remote_addr: header.remote_addr(),
+            rkey: header.rdma_rkey(),
+        },
+        wr_opcode::ATOMIC_CMP_AND_SWP => Operation::Atomic {
+            kind: AtomicKind::CompareSwap {
+                compare: header.atomic_compare_add(),
+                swap: header.atomic_swap(),
+            },
+            reply: &plan.local,
+            remote_addr: header.remote_addr(),
+            rkey: header.atomic_rkey(),
+        },
+        wr_opcode::ATOMIC_FETCH_AND_ADD => Operation::Atomic {
+            kind: AtomicKind::FetchAdd {
+                add: header.atomic_compare_add(),
+            },
+            reply: &plan.local,
+            remote_addr: header.remote_addr(),
+            rkey: header.atomic_rkey(),
+        },
+        other => {
+            debug!("QP {qp_handle}: unsupported opcode {other}");
+            fail(
+                device,
+                mem,
+                irq,
+                qp_handle,
+                header.wr_id,
+                header.opcode,
+                wc_status::LOC_QP_OP_ERR,
+            );
+            return false;
+        }
+    };
+    let request = Request {
+        source: plan.source,
+        destination: plan.destination,
+        service: plan.service,
+        memory: mem,
+        operation,
+    };
+    let result = if device.has_gid(&request.destination.gid) {
+        respond(device, mem, irq, &request)
+    } else {
+        net.deliver(&request)
+    };
+    let datagram = matches!(plan.service, Service::Datagram { .. });
+    let status = match result {
+        Ok(_) => wc_status::SUCCESS,
+        // Datagrams are unreliable: a drop is a successful send.
+        Err(_) if datagram => wc_status::SUCCESS,
+        Err(RemoteError::ReceiverNotReady) => {
+            // RNR: keep the WQE at the head and retry when a receive is posted anywhere in
+            // the fabric (every guest tool sets rnr_retry 7, "retry forever").
+            if let Some(qp) = device.objects.qps.get_mut(qp_handle) {
+                qp.stalled = true;
+            }
+            return false;
+        }
+        Err(RemoteError::AccessError) => wc_status::REM_ACCESS_ERR,
+        Err(RemoteError::InvalidRequest) => wc_status::REM_INV_REQ_ERR,
+        Err(RemoteError::OperationError) => wc_status::REM_OP_ERR,
+        Err(RemoteError::Unreachable | RemoteError::Dropped) => wc_status::RETRY_EXC_ERR,
+    };
+    if status != wc_status::SUCCESS {
+        fail(
+            device,
+            mem,
+            irq,
+            qp_handle,
+            header.wr_id,
+            header.opcode,
+            status,
+        );
+        return false;
+    }
+    let Some(qp) = device.objects.qps.get_mut(qp_handle) else {
+        return false;
+    };
+    if qp.sq.consume(mem).is_err() {
+        return false;
+    }
+    let cq = qp.send_cq;
+    if plan.signaled {
+        let byte_len = u32::try_from(plan.local.len()).unwrap_or(u32::MAX);
+        let cqe = Cqe {
+            wr_id: header.wr_id,
+            qp: u64::from(qp_handle),
+            opcode: send_completion_opcode(header.opcode),
+            byte_len,
+            ..Cqe::default()
+        };
+        completion::complete(device, mem, irq, cq, &cqe, false);
+    }
+    true
+}
+
+/// Resolves where the WQE goes and its local buffers. On failure gives the WQE back with
+/// the completion status to report.
+fn plan(device: &PvrdmaDevice, qp_handle: u32, wqe: SendWqe) -> Result<Plan, (SendWqe, u32)> {
+    let Some(qp) = device.objects.qps.get(qp_handle) else {
+        return Err((wqe, wc_status::LOC_QP_OP_ERR));
+    };
+    let opcode = wqe.header.opcode;
+    let datagram = matches!(qp.qp_type, qp_type::UD | qp_type::GSI);
+    if datagram && !matches!(opcode, wr_opcode::SEND | wr_opcode::SEND_WITH_IMM) {
+        return Err((wqe, wc_status::LOC_QP_OP_ERR));
+    }
+    // READ and atomics write their reply into the local buffers.
+    let write = matches!(
+        opcode,
+        wr_opcode::RDMA_READ | wr_opcode::ATOMIC_CMP_AND_SWP | wr_opcode::ATOMIC_FETCH_AND_ADD
+    );
+    let local = match translate::local(&device.objects, qp.pd, &wqe.sges, write) {
+        Ok(sgl) => sgl,
+        Err(KeyError::BadKey | KeyError::NoAccess | KeyError::OutOfBounds) => {
+            return Err((wqe, wc_status::LOC_PROT_ERR));
+        }
+    };
+    let (gid_index, destination, service) = if datagram {
+        let av = wqe.header.ud_av();
+        let qkey = wqe.header.ud_remote_qkey();
+        (
+            av.gid_index,
+            Destination {
+                gid: av.dgid,
+                qpn: wqe.header.ud_remote_qpn(),
+            },
+            Service::Datagram { qkey },
+        )
+    } else {
+        let ah = &qp.attr.ah_attr;
+        (
+            ah.grh.sgid_index,
+            Destination {
+                gid: ah.grh.dgid,
+                qpn: qp.attr.dest_qp_num,
+            },
+            Service::Reliable,
+        )
+    };
+    let gid = device
+        .objects
+        .gids
+        .get(usize::from(gid_index))
+        .copied()
+        .flatten()
+        .map(|g| g.raw)
+        .unwrap_or_default();
+    let signaled = qp.sq_sig_all || wqe.header.send_flags & send_flags::SIGNALED != 0;
+    Ok(Plan {
+        wqe,
+        destination,
+        source: Source {
+            gid,
+            qpn: qp_handle,
+        },
+        service,
+        local,
+        signaled,
+    })
+}
+
+/// Completes the WQE at the head with an error status and moves the QP to the error state,
+/// which flushes the rest of its work (§9.2).
+fn fail(
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    irq: &mut dyn Interrupts,
+    qp_handle: u32,
+    wr_id: u64,
+    opcode: u32,
+    status: u32,
+) {
+    let Some(qp) = device.objects.qps.get_mut(qp_handle) else {
+        return;
+    };
+    let _ = qp.sq.consume(mem);
+    let cq = qp.send_cq;
+    let cqe = Cqe {
+        wr_id,
+        qp: u64::from(qp_handle),
+        opcode: send_completion_opcode(opcode),
+        status,
+        ..Cqe::default()
+    };
+    completion::complete(device, mem, irq, cq, &cqe, false);
+    to_error(device, qp_handle);
+    completion::flush_qp(device, mem, irq, qp_handle);
+}
+
+fn to_error(device: &mut PvrdmaDevice, qp_handle: u32) {
+    if let Some(qp) = device.objects.qps.get_mut(qp_handle) {
+        qp.attr.qp_state = qp_state::ERR;
+        qp.attr.cur_qp_state = qp_state::ERR;
+        qp.stalled = false;
+    }
+}

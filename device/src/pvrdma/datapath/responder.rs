@@ -1,0 +1,382 @@
+//! The responder: execute a request from a peer (or from this device) against this
+//! device's QPs, receive queues and memory regions.
+
+use pvrdma_backend::{AtomicKind, Operation, Outcome, RemoteError, Request, Service, Sgl, copy};
+
+use super::translate;
+use super::{RecvWqe, peek_recv};
+use crate::abi::{Cqe, access, qp_state, qp_type, wc_flags, wc_opcode, wc_status};
+use crate::pvrdma::completion;
+use crate::pvrdma::memory::{self, GuestRam};
+use crate::pvrdma::{Interrupts, PvrdmaDevice};
+
+/// Bytes of the GRH area at the start of a UD receive buffer (§9.5).
+const GRH_BYTES: u64 = 40;
+
+pub fn respond(
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    irq: &mut dyn Interrupts,
+    request: &Request<'_>,
+) -> Result<Outcome, RemoteError> {
+    let qpn = request.destination.qpn;
+    let datagram = matches!(request.service, Service::Datagram { .. });
+    // A datagram that cannot be delivered is dropped; a reliable request is refused.
+    let refuse = if datagram {
+        RemoteError::Dropped
+    } else {
+        RemoteError::InvalidRequest
+    };
+    let qp = device.objects.qps.get(qpn).ok_or(refuse)?;
+    if !matches!(
+        qp.attr.qp_state,
+        qp_state::RTR | qp_state::RTS | qp_state::SQD | qp_state::SQE
+    ) {
+        return Err(refuse);
+    }
+    match request.service {
+        Service::Reliable
+            if qp.qp_type == qp_type::RC && qp.attr.dest_qp_num == request.source.qpn => {}
+        Service::Datagram { qkey }
+            if matches!(qp.qp_type, qp_type::UD | qp_type::GSI) && qkey == qp.attr.qkey => {}
+        _ => return Err(refuse),
+    }
+    let pd = qp.pd;
+    match &request.operation {
+        Operation::Send {
+            payload,
+            imm,
+            solicited,
+            ..
+        } => receive(
+            device,
+            mem,
+            irq,
+            qpn,
+            request,
+            payload,
+            *imm,
+            *solicited,
+            wc_opcode::RECV,
+        ),
+        Operation::Write {
+            payload,
+            remote_addr,
+            rkey,
+            imm,
+            solicited,
+        } => {
+            // With immediate data the write also consumes a receive: check one is there before
+            // writing anything, so a retried write lands exactly once.
+            if imm.is_some() && !has_receive(device, mem, qpn) {
+                return Err(RemoteError::ReceiverNotReady);
+            }
+            let target = translate::remote(
+                &device.objects,
+                pd,
+                *rkey,
+                *remote_addr,
+                payload.len(),
+                access::REMOTE_WRITE,
+            )
+            .map_err(|_| RemoteError::AccessError)?;
+            copy(request.memory, payload, mem, &target).map_err(|_| RemoteError::AccessError)?;
+            if imm.is_some() {
+                let empty = Sgl::new();
+                receive(
+                    device,
+                    mem,
+                    irq,
+                    qpn,
+                    request,
+                    &empty,
+                    *imm,
+                    *solicited,
+                    wc_opcode::RECV_RDMA_WITH_IMM,
+                )?;
+            }
+            Ok(Outcome {
+                bytes: payload.len(),
+            })
+        }
+        Operation::Read {
+            reply,
+            remote_addr,
+            rkey,
+        } => {
+            let source = translate::remote(
+                &device.objects,
+                pd,
+                *rkey,
+                *remote_addr,
+                reply.len(),
+                access::REMOTE_READ,
+            )
+            .map_err(|_| RemoteError::AccessError)?;
+            let bytes =
+                copy(mem, &source, request.memory, reply).map_err(|_| RemoteError::AccessError)?;
+            Ok(Outcome { bytes })
+        }
+        Operation::Atomic {
+            kind,
+            reply,
+            remote_addr,
+            rkey,
+        } => {
+            if remote_addr % 8 != 0 || reply.len() < 8 {
+                return Err(RemoteError::InvalidRequest);
+            }
+            let target = translate::remote(
+                &device.objects,
+                pd,
+                *rkey,
+                *remote_addr,
+                8,
+                access::REMOTE_ATOMIC,
+            )
+            .map_err(|_| RemoteError::AccessError)?;
+            let addr = target
+                .segments()
+                .first()
+                .map(|s| s.addr)
+                .ok_or(RemoteError::AccessError)?;
+            let original: u64 = memory::read(mem, addr).map_err(|_| RemoteError::AccessError)?;
+            let new = match *kind {
+                AtomicKind::CompareSwap { compare, swap } => {
+                    if original == compare {
+                        swap
+                    } else {
+                        original
+                    }
+                }
+                AtomicKind::FetchAdd { add } => original.wrapping_add(add),
+            };
+            memory::write(mem, addr, &new).map_err(|_| RemoteError::AccessError)?;
+            let mut original_sgl = Sgl::new();
+            original_sgl
+                .push(addr, 8)
+                .ok_or(RemoteError::OperationError)?;
+            // The original value goes back through the requester's reply buffer.
+            let scratch = original.to_le_bytes();
+            write_sgl(request.memory, &reply.prefix(8), &scratch)
+                .map_err(|_| RemoteError::OperationError)?;
+            Ok(Outcome { bytes: 8 })
+        }
+    }
+}
+
+/// Writes `bytes` through `sgl` (at most its length).
+fn write_sgl(mem: &GuestRam, sgl: &Sgl, bytes: &[u8]) -> Result<(), memory::GuestFault> {
+    let mut done = 0usize;
+    for seg in sgl.segments() {
+        let take = (seg.len as usize).min(bytes.len() - done);
+        memory::write_bytes(mem, seg.addr, &bytes[done..done + take])?;
+        done += take;
+        if done == bytes.len() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Where a QP's receives come from.
+#[derive(Clone, Copy)]
+enum RecvQueue {
+    Own,
+    Shared(u32),
+}
+
+fn recv_queue(device: &PvrdmaDevice, qpn: u32) -> Option<RecvQueue> {
+    let qp = device.objects.qps.get(qpn)?;
+    Some(match qp.srq {
+        Some(srq) => RecvQueue::Shared(srq),
+        None => RecvQueue::Own,
+    })
+}
+
+fn peek_receive(
+    device: &PvrdmaDevice,
+    mem: &GuestRam,
+    qpn: u32,
+) -> Result<Option<RecvWqe>, RemoteError> {
+    let qp = device
+        .objects
+        .qps
+        .get(qpn)
+        .ok_or(RemoteError::InvalidRequest)?;
+    let head = match recv_queue(device, qpn) {
+        Some(RecvQueue::Own) => {
+            let rq = qp.rq.as_ref().ok_or(RemoteError::InvalidRequest)?;
+            peek_recv(rq, mem, qp.rq_stride, qp.max_recv_sge)
+        }
+        Some(RecvQueue::Shared(handle)) => {
+            let srq = device
+                .objects
+                .srqs
+                .get(handle)
+                .ok_or(RemoteError::InvalidRequest)?;
+            peek_recv(&srq.ring, mem, srq.stride, srq.attrs.max_sge)
+        }
+        None => return Err(RemoteError::InvalidRequest),
+    };
+    head.map_err(|_| RemoteError::OperationError)
+}
+
+fn has_receive(device: &PvrdmaDevice, mem: &GuestRam, qpn: u32) -> bool {
+    matches!(peek_receive(device, mem, qpn), Ok(Some(_)))
+}
+
+fn consume_receive(device: &mut PvrdmaDevice, mem: &GuestRam, qpn: u32) {
+    match recv_queue(device, qpn) {
+        Some(RecvQueue::Own) => {
+            if let Some(rq) = device
+                .objects
+                .qps
+                .get_mut(qpn)
+                .and_then(|qp| qp.rq.as_mut())
+            {
+                let _ = rq.consume(mem);
+            }
+        }
+        Some(RecvQueue::Shared(handle)) => {
+            if let Some(srq) = device.objects.srqs.get_mut(handle) {
+                let _ = srq.ring.consume(mem);
+            }
+        }
+        None => {}
+    }
+}
+
+/// Places `payload` in the next receive buffer of `qpn` and completes it.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; the arguments are the message"
+)]
+fn receive(
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    irq: &mut dyn Interrupts,
+    qpn: u32,
+    request: &Request<'_>,
+    payload: &Sgl,
+    imm: Option<u32>,
+    solicited: bool,
+    opcode: u32,
+) -> Result<Outcome, RemoteError> {
+    let datagram = matches!(request.service, Service::Datagram { .. });
+    let Some(wqe) = peek_receive(device, mem, qpn)? else {
+        return Err(if datagram {
+            RemoteError::Dropped
+        } else {
+            RemoteError::ReceiverNotReady
+        });
+    };
+    let qp = device
+        .objects
+        .qps
+        .get(qpn)
+        .ok_or(RemoteError::InvalidRequest)?;
+    let (pd, cq) = (qp.pd, qp.recv_cq);
+    let base = Cqe {
+        wr_id: wqe.header.wr_id,
+        qp: u64::from(qpn),
+        opcode,
+        src_qp: request.source.qpn,
+        port_num: 1,
+        ..Cqe::default()
+    };
+    let buffer = match translate::local(&device.objects, pd, &wqe.sges, true) {
+        Ok(buffer) => buffer,
+        Err(_) => {
+            // The receiver's own buffer is bad: its receive fails, and so does the request.
+            consume_receive(device, mem, qpn);
+            completion::complete(
+                device,
+                mem,
+                irq,
+                cq,
+                &Cqe {
+                    status: wc_status::LOC_PROT_ERR,
+                    ..base
+                },
+                true,
+            );
+            return Err(if datagram {
+                RemoteError::Dropped
+            } else {
+                RemoteError::InvalidRequest
+            });
+        }
+    };
+    let header_len = if datagram { GRH_BYTES } else { 0 };
+    if buffer.len() < header_len + payload.len() {
+        consume_receive(device, mem, qpn);
+        completion::complete(
+            device,
+            mem,
+            irq,
+            cq,
+            &Cqe {
+                status: wc_status::LOC_LEN_ERR,
+                ..base
+            },
+            true,
+        );
+        return Err(if datagram {
+            RemoteError::Dropped
+        } else {
+            RemoteError::InvalidRequest
+        });
+    }
+    let mut flags = 0;
+    if datagram {
+        write_sgl(mem, &buffer.prefix(GRH_BYTES), &grh(request, payload.len()))
+            .map_err(|_| RemoteError::OperationError)?;
+        flags |= wc_flags::GRH;
+    }
+    let body = skip(&buffer, header_len);
+    copy(request.memory, payload, mem, &body).map_err(|_| RemoteError::OperationError)?;
+    consume_receive(device, mem, qpn);
+    if imm.is_some() {
+        flags |= wc_flags::WITH_IMM;
+    }
+    let byte_len = u32::try_from(header_len + payload.len()).unwrap_or(u32::MAX);
+    let cqe = Cqe {
+        byte_len,
+        imm_data: imm.unwrap_or(0),
+        wc_flags: flags,
+        ..base
+    };
+    completion::complete(device, mem, irq, cq, &cqe, solicited);
+    Ok(Outcome {
+        bytes: payload.len(),
+    })
+}
+
+/// `sgl` without its first `bytes` bytes.
+fn skip(sgl: &Sgl, bytes: u64) -> Sgl {
+    let mut out = Sgl::new();
+    let mut left = bytes;
+    for seg in sgl.segments() {
+        let len = u64::from(seg.len);
+        if left >= len {
+            left -= len;
+            continue;
+        }
+        let _ = out.push(seg.addr + left, len - left);
+        left = 0;
+    }
+    out
+}
+
+/// The RoCE v1 GRH a UD receive starts with: an IPv6-like header carrying both GIDs.
+fn grh(request: &Request<'_>, payload: u64) -> [u8; 40] {
+    let mut grh = [0u8; 40];
+    grh[0] = 0x60; // IP version 6, traffic class and flow label 0
+    grh[4..6].copy_from_slice(&u16::try_from(payload).unwrap_or(u16::MAX).to_be_bytes());
+    grh[6] = 0x1b; // next header: IBA transport
+    grh[7] = 64; // hop limit
+    grh[8..24].copy_from_slice(&request.source.gid);
+    grh[24..40].copy_from_slice(&request.destination.gid);
+    grh
+}

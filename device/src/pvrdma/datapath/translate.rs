@@ -1,0 +1,103 @@
+//! Turning keys and addresses into scatter-gather lists over guest memory (§5.4 CREATE_MR
+//! address translation, §10.3 rules 19–20). Every check a memory key implies is here.
+
+use pvrdma_backend::Sgl;
+
+use crate::abi::{PAGE_SIZE, Sge, access};
+use crate::pvrdma::objects::{Mr, MrKind, Objects};
+
+/// Why a key or range was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyError {
+    /// No MR with that key, or it belongs to another PD.
+    BadKey,
+    /// The MR lacks the access the operation needs.
+    NoAccess,
+    /// The range is not inside the MR.
+    OutOfBounds,
+}
+
+/// The MR named by `key` (an lkey or rkey) in protection domain `pd`.
+fn lookup(objects: &Objects, pd: u32, key: u32, remote: bool) -> Result<&Mr, KeyError> {
+    let mr = objects.mrs.get(key >> 8).ok_or(KeyError::BadKey)?;
+    let matches = if remote {
+        mr.rkey == key
+    } else {
+        mr.lkey == key
+    };
+    if !matches || mr.pd != pd {
+        return Err(KeyError::BadKey);
+    }
+    Ok(mr)
+}
+
+/// Appends `[addr, addr + len)` of `mr` to `sgl`.
+fn append(mr: &Mr, addr: u64, len: u64, sgl: &mut Sgl) -> Result<(), KeyError> {
+    match &mr.kind {
+        // The kernel's DMA MR: addresses are guest-physical; the copy checks they are RAM.
+        MrKind::Dma => sgl.push(addr, len).ok_or(KeyError::OutOfBounds),
+        MrKind::User {
+            start,
+            length,
+            pages,
+        } => {
+            let end = addr.checked_add(len).ok_or(KeyError::OutOfBounds)?;
+            if addr < *start || end > start.saturating_add(*length) {
+                return Err(KeyError::OutOfBounds);
+            }
+            let mut offset = addr - start + start % PAGE_SIZE;
+            let mut left = len;
+            while left > 0 {
+                let page = pages
+                    .get(usize::try_from(offset / PAGE_SIZE).map_err(|_| KeyError::OutOfBounds)?)
+                    .ok_or(KeyError::OutOfBounds)?;
+                let in_page = (PAGE_SIZE - offset % PAGE_SIZE).min(left);
+                sgl.push(page + offset % PAGE_SIZE, in_page)
+                    .ok_or(KeyError::OutOfBounds)?;
+                offset += in_page;
+                left -= in_page;
+            }
+            Ok(())
+        }
+        // Pages arrive with a fast-register work request, which this device does not offer
+        // (bmme_flags is 0), so such an MR never maps anything.
+        MrKind::FastReg => Err(KeyError::OutOfBounds),
+    }
+}
+
+/// The local scatter-gather list of a work request. `write` says whether the device will
+/// write through it (receives, RDMA READ and atomic replies), which needs LOCAL_WRITE.
+pub fn local(objects: &Objects, pd: u32, sges: &[Sge], write: bool) -> Result<Sgl, KeyError> {
+    let mut sgl = Sgl::new();
+    for sge in sges {
+        if sge.length == 0 {
+            continue;
+        }
+        let mr = lookup(objects, pd, sge.lkey, false)?;
+        if write && mr.access & access::LOCAL_WRITE == 0 {
+            return Err(KeyError::NoAccess);
+        }
+        append(mr, sge.addr, u64::from(sge.length), &mut sgl)?;
+    }
+    Ok(sgl)
+}
+
+/// The range a remote request names through `rkey`, which must grant `needed` access.
+pub fn remote(
+    objects: &Objects,
+    pd: u32,
+    rkey: u32,
+    addr: u64,
+    len: u64,
+    needed: u32,
+) -> Result<Sgl, KeyError> {
+    let mr = lookup(objects, pd, rkey, true)?;
+    if mr.access & needed != needed {
+        return Err(KeyError::NoAccess);
+    }
+    let mut sgl = Sgl::new();
+    if len > 0 {
+        append(mr, addr, len, &mut sgl)?;
+    }
+    Ok(sgl)
+}

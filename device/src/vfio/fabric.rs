@@ -1,0 +1,134 @@
+//! The devices of one server process, joined into one memcpy fabric.
+//!
+//! Each socket's thread owns its PCI function (config space, DMA windows); the parts a peer
+//! must reach — the device model, the guest RAM mapped for it and its interrupt eventfds —
+//! live in a slot of the shared fabric. One lock guards the fabric: a request from one
+//! guest to another runs entirely under it, so the two devices, both memories and the
+//! responder's interrupts are consistent for its whole duration, and a DMA_UNMAP (which
+//! also takes the lock) can never pull memory out from under a copy.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{debug, warn};
+use pvrdma_backend::memcpy::MemcpyFabric;
+use pvrdma_backend::{Outcome, RemoteError, Request, Responder};
+
+use super::irqs::MsixEventfds;
+use crate::pvrdma::{DeviceConfig, GuestRam, Interrupts, PvrdmaDevice};
+
+/// One device's state that peers reach.
+#[derive(Debug)]
+pub struct Slot {
+    pub device: PvrdmaDevice,
+    /// The client's DMA windows, mapped.
+    pub ram: GuestRam,
+    /// What the device may touch while bus mastering is off: nothing.
+    pub no_ram: GuestRam,
+    pub msix: MsixEventfds,
+    pub bus_master: bool,
+}
+
+impl Slot {
+    fn new(config: DeviceConfig) -> Slot {
+        Slot {
+            device: PvrdmaDevice::new(config),
+            ram: GuestRam::default(),
+            no_ram: GuestRam::default(),
+            msix: MsixEventfds::default(),
+            bus_master: false,
+        }
+    }
+
+    /// The memory the device may use now: none until the driver enables bus mastering.
+    pub fn memory(&self) -> &GuestRam {
+        if self.bus_master {
+            &self.ram
+        } else {
+            &self.no_ram
+        }
+    }
+}
+
+impl Responder for Slot {
+    fn has_gid(&self, gid: &[u8; 16]) -> bool {
+        self.device.has_gid(gid)
+    }
+
+    fn respond(&mut self, request: &Request<'_>) -> Result<Outcome, RemoteError> {
+        let mem = if self.bus_master {
+            &self.ram
+        } else {
+            &self.no_ram
+        };
+        self.device.respond(mem, &mut MsixSink(&self.msix), request)
+    }
+}
+
+/// The fabric shared by every socket thread of the process.
+#[derive(Clone, Default)]
+pub struct Fabric(Arc<Mutex<MemcpyFabric<Slot>>>);
+
+impl std::fmt::Debug for Fabric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Fabric({} devices)", self.lock().len())
+    }
+}
+
+impl Fabric {
+    pub fn new() -> Fabric {
+        Fabric::default()
+    }
+
+    /// Adds a device; returns its slot index.
+    pub fn add_device(&self, config: DeviceConfig) -> usize {
+        self.lock().add(Slot::new(config))
+    }
+
+    /// The fabric, locked. A thread that panicked while holding the lock leaves the fabric
+    /// usable: every operation on it is self-contained.
+    pub fn lock(&self) -> MutexGuard<'_, MemcpyFabric<Slot>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `work` on slot `index` with the rest of the fabric as its network, then lets
+    /// every device whose senders wait for a receiver retry (the work may have posted one).
+    pub fn with_slot<R>(
+        &self,
+        index: usize,
+        work: impl FnOnce(&mut Slot, &mut dyn pvrdma_backend::Network) -> R,
+    ) -> Option<R> {
+        let mut fabric = self.lock();
+        let result = fabric.with_endpoint(index, work)?;
+        for other in fabric.indices() {
+            fabric.with_endpoint(other, |slot, net| {
+                if slot.device.has_stalled_work() {
+                    let mem = if slot.bus_master {
+                        &slot.ram
+                    } else {
+                        &slot.no_ram
+                    };
+                    slot.device
+                        .resume_stalled(mem, &mut MsixSink(&slot.msix), net);
+                }
+            });
+        }
+        Some(result)
+    }
+}
+
+/// Delivers a device's interrupts to its client's MSI-X eventfds.
+pub struct MsixSink<'a>(pub &'a MsixEventfds);
+
+impl Interrupts for MsixSink<'_> {
+    fn raise(&mut self, vector: u16) {
+        match self.0.signal(vector) {
+            Ok(true) => {}
+            // The guest has not unmasked the vector: the interrupt is lost, as on hardware
+            // with the vector masked and no pending-bit emulation.
+            Ok(false) => debug!("MSI-X vector {vector} has no eventfd"),
+            Err(e) => warn!("cannot signal MSI-X vector {vector}: {e}"),
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Two guests exchange RDMA traffic through one server on the memcpy fabric, using the real
+//! tools: ibv_*_pingpong, perftest, rping.
+
+mod support;
+
+use std::time::Duration;
+
+use guest_tests::lab::{Guest, Lab, LabConfig};
+use support::{AGENT, Checks, expect_contains};
+
+/// Loads the driver and waits until the IPv4 GID exists; returns that GID's index.
+fn prepare(guest: &mut Guest) -> Result<String, String> {
+    let script = r#"
+modprobe vmw_pvrdma || exit 1
+for i in $(seq 100); do
+  for f in /sys/class/infiniband/vmw_pvrdma0/ports/1/gids/*; do
+    case "$(cat "$f" 2>/dev/null)" in *ffff:*) basename "$f"; exit 0 ;; esac
+  done
+  sleep 0.1
+done
+echo "no IPv4 GID" >&2; exit 1
+"#;
+    guest
+        .check(script)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// Runs `server` in the background on `a`, then `client` on `b`, and returns both outputs.
+fn pair(
+    lab: &mut Lab,
+    server: &str,
+    client: &str,
+    timeout: Duration,
+) -> Result<(String, String), String> {
+    let server_ip = lab.guest(0).ip().to_string();
+    lab.guest(0)
+        .check(&format!(
+            "rm -f /tmp/server.out; ({server}) >/tmp/server.out 2>&1 & echo $! >/tmp/server.pid"
+        ))
+        .map_err(|e| e.to_string())?;
+    // The tools retry their TCP connect only briefly: give the server a moment to listen.
+    std::thread::sleep(Duration::from_millis(1500));
+    let client_out = lab
+        .guest(1)
+        .run_with_timeout(&client.replace("SERVER", &server_ip), timeout)
+        .map_err(|e| e.to_string())?;
+    let server_out = lab
+        .guest(0)
+        .run_with_timeout("while kill -0 $(cat /tmp/server.pid) 2>/dev/null; do sleep 0.2; done; cat /tmp/server.out", timeout)
+        .map_err(|e| e.to_string())?;
+    let client_text = format!("{}{}", client_out.stdout, client_out.stderr);
+    if client_out.status != 0 {
+        return Err(format!(
+            "client exited {}:\n{client_text}\n--- server ---\n{}",
+            client_out.status, server_out.stdout
+        ));
+    }
+    Ok((server_out.stdout, client_text))
+}
+
+#[test]
+#[ignore = "boots QEMU guests; run by scripts/test after scripts/lab"]
+fn two_guests_talk_rdma_through_the_memcpy_fabric() {
+    let mut lab = Lab::start(LabConfig::new("fabric", 2, AGENT)).unwrap_or_else(|e| panic!("{e}"));
+    let mut checks = Checks::default();
+    let gid0 = prepare(lab.guest(0));
+    let gid1 = prepare(lab.guest(1));
+    checks.check(
+        "both guests have an IPv4 GID",
+        gid0.as_ref()
+            .and(gid1.as_ref())
+            .map(drop)
+            .map_err(Clone::clone),
+    );
+    let (g0, g1) = (gid0.unwrap_or_default(), gid1.unwrap_or_default());
+    let timeout = Duration::from_secs(120);
+
+    for size in [64, 4096, 65536] {
+        let result = pair(
+            &mut lab,
+            &format!("ibv_rc_pingpong -d vmw_pvrdma0 -g {g0} -s {size} -n 50"),
+            &format!("ibv_rc_pingpong -d vmw_pvrdma0 -g {g1} -s {size} -n 50 SERVER"),
+            timeout,
+        );
+        checks.check(
+            &format!("ibv_rc_pingpong {size} B x 50"),
+            result.and_then(|(server, client)| {
+                expect_contains(&server, "50 iters").and(expect_contains(&client, "50 iters"))
+            }),
+        );
+    }
+    let result = pair(
+        &mut lab,
+        &format!("ibv_rc_pingpong -d vmw_pvrdma0 -g {g0} -s 4096 -n 50 -e"),
+        &format!("ibv_rc_pingpong -d vmw_pvrdma0 -g {g1} -s 4096 -n 50 -e SERVER"),
+        timeout,
+    );
+    checks.check(
+        "ibv_rc_pingpong with completion events (-e)",
+        result.and_then(|(server, client)| {
+            expect_contains(&server, "50 iters").and(expect_contains(&client, "50 iters"))
+        }),
+    );
+
+    checks.check(
+        "the lab shuts down cleanly",
+        lab.shut_down().map_err(|e| e.to_string()),
+    );
+    checks.finish();
+}
