@@ -103,6 +103,57 @@ fn two_guests_talk_rdma_through_the_memcpy_fabric() {
         }),
     );
 
+    let both = |result: Result<(String, String), String>, needle: &str| {
+        result.and_then(|(server, client)| {
+            expect_contains(&server, needle).and(expect_contains(&client, needle))
+        })
+    };
+    for (tool, extra) in [
+        ("ibv_ud_pingpong", "-s 1024"),
+        ("ibv_srq_pingpong", "-s 4096 -q 4"),
+    ] {
+        let result = pair(
+            &mut lab,
+            &format!("{tool} -d vmw_pvrdma0 -g {g0} -n 50 {extra}"),
+            &format!("{tool} -d vmw_pvrdma0 -g {g1} -n 50 {extra} SERVER"),
+            timeout,
+        );
+        checks.check(&format!("{tool} {extra} x 50"), both(result, "iters in"));
+    }
+    // For one-sided operations only the requester (the client) measures and prints.
+    let client = |result: Result<(String, String), String>, needle: &str| {
+        result.and_then(|(_, client)| expect_contains(&client, needle))
+    };
+    for (tool, extra, needle, one_sided) in [
+        ("ib_send_lat", "-n 500", "t_typical", false),
+        ("ib_write_bw", "-n 500 -s 65536", "BW average", false),
+        ("ib_read_lat", "-n 500", "t_typical", true),
+        ("ib_atomic_lat", "-n 500", "t_typical", true),
+    ] {
+        let result = pair(
+            &mut lab,
+            &format!("{tool} -d vmw_pvrdma0 -x {g0} {extra}"),
+            &format!("{tool} -d vmw_pvrdma0 -x {g1} {extra} SERVER"),
+            timeout,
+        );
+        let verdict = if one_sided {
+            client(result, needle)
+        } else {
+            both(result, needle)
+        };
+        checks.check(&format!("{tool} {extra}"), verdict);
+    }
+    let result = pair(
+        &mut lab,
+        "rping -s -C 10 -v",
+        "rping -c -C 10 -v -a SERVER",
+        timeout,
+    );
+    checks.check(
+        "rping -C 10 (rdma_cm over the GSI QP)",
+        result.and_then(|(_, client)| expect_contains(&client, "ping data")),
+    );
+
     checks.check(
         "the lab shuts down cleanly",
         lab.shut_down().map_err(|e| e.to_string()),

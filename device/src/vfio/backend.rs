@@ -129,7 +129,10 @@ impl PciFunctionBackend {
             } else {
                 &slot.no_ram
             };
-            let mut irq = MsixSink(&slot.msix);
+            let mut irq = MsixSink {
+                msix: &slot.msix,
+                bus_master: slot.bus_master,
+            };
             if bar == ids::REG_BAR {
                 slot.device.write_register(mem, &mut irq, offset, value);
             } else {

@@ -60,7 +60,11 @@ impl Responder for Slot {
         } else {
             &self.no_ram
         };
-        self.device.respond(mem, &mut MsixSink(&self.msix), request)
+        let mut irq = MsixSink {
+            msix: &self.msix,
+            bus_master: self.bus_master,
+        };
+        self.device.respond(mem, &mut irq, request)
     }
 }
 
@@ -109,8 +113,14 @@ impl Fabric {
                     } else {
                         &slot.no_ram
                     };
-                    slot.device
-                        .resume_stalled(mem, &mut MsixSink(&slot.msix), net);
+                    slot.device.resume_stalled(
+                        mem,
+                        &mut MsixSink {
+                            msix: &slot.msix,
+                            bus_master: slot.bus_master,
+                        },
+                        net,
+                    );
                 }
             });
         }
@@ -119,11 +129,19 @@ impl Fabric {
 }
 
 /// Delivers a device's interrupts to its client's MSI-X eventfds.
-pub struct MsixSink<'a>(pub &'a MsixEventfds);
+pub struct MsixSink<'a> {
+    pub msix: &'a MsixEventfds,
+    /// An MSI-X message is a memory write: without bus mastering the function sends none.
+    pub bus_master: bool,
+}
 
 impl Interrupts for MsixSink<'_> {
     fn raise(&mut self, vector: u16) {
-        match self.0.signal(vector) {
+        if !self.bus_master {
+            debug!("MSI-X vector {vector} suppressed: bus mastering is off");
+            return;
+        }
+        match self.msix.signal(vector) {
             Ok(true) => {}
             // The guest has not unmasked the vector: the interrupt is lost, as on hardware
             // with the vector masked and no pending-bit emulation.

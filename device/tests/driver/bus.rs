@@ -85,9 +85,13 @@ impl Bus for InProcessBus {
             BAR_REGS => self
                 .device
                 .write_register(ram, &mut self.irqs, offset, value),
-            BAR_UAR => self
-                .device
-                .write_doorbell(ram, &mut self.irqs, &mut pvrdma_backend::Isolated, offset, value),
+            BAR_UAR => self.device.write_doorbell(
+                ram,
+                &mut self.irqs,
+                &mut pvrdma_backend::Isolated,
+                offset,
+                value,
+            ),
             _ => {}
         }
     }

@@ -23,6 +23,7 @@ pub mod commands;
 pub mod layout;
 pub mod memory;
 pub mod queues;
+pub mod socket_bus;
 pub mod verbs;
 
 pub use bringup::{DeviceRing, DsrConfig, DsrImage, ProbeError};
