@@ -188,6 +188,12 @@ impl Ring {
         memory::store_u32(mem, self.cons_addr(), self.own)
     }
 
+    /// Entries the guest has produced and the device not yet consumed.
+    pub fn backlog(&self, mem: &GuestRam) -> Result<u32, RingError> {
+        let prod = self.checked(memory::load_u32(mem, self.prod_addr())?)?;
+        Ok(self.indices.pending(prod, self.own))
+    }
+
     // ---- device as producer (CQ, async events, CQ notifications) ----
 
     /// Appends `bytes` as the next element and publishes it; `Full` leaves the ring untouched.

@@ -42,6 +42,22 @@ pub fn respond(
         _ => return Err(refuse),
     }
     let pd = qp.pd;
+    // The responder QP's own access flags gate one-sided operations, before any key is
+    // looked at (IB: "remote access violation" when the QP does not enable the access).
+    let qp_access = qp.attr.qp_access_flags;
+    let allowed = |needed: u32| {
+        if qp_access & needed == needed {
+            Ok(())
+        } else {
+            Err(RemoteError::AccessError)
+        }
+    };
+    match &request.operation {
+        Operation::Send { .. } => {}
+        Operation::Write { .. } => allowed(access::REMOTE_WRITE)?,
+        Operation::Read { .. } => allowed(access::REMOTE_READ)?,
+        Operation::Atomic { .. } => allowed(access::REMOTE_ATOMIC)?,
+    }
     match &request.operation {
         Operation::Send {
             payload,
@@ -226,7 +242,7 @@ fn has_receive(device: &PvrdmaDevice, mem: &GuestRam, qpn: u32) -> bool {
     matches!(peek_receive(device, mem, qpn), Ok(Some(_)))
 }
 
-fn consume_receive(device: &mut PvrdmaDevice, mem: &GuestRam, qpn: u32) {
+fn consume_receive(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut dyn Interrupts, qpn: u32) {
     match recv_queue(device, qpn) {
         Some(RecvQueue::Own) => {
             if let Some(rq) = device
@@ -239,8 +255,15 @@ fn consume_receive(device: &mut PvrdmaDevice, mem: &GuestRam, qpn: u32) {
             }
         }
         Some(RecvQueue::Shared(handle)) => {
-            if let Some(srq) = device.objects.srqs.get_mut(handle) {
-                let _ = srq.ring.consume(mem);
+            let Some(srq) = device.objects.srqs.get_mut(handle) else {
+                return;
+            };
+            let _ = srq.ring.consume(mem);
+            // An armed limit fires once when the SRQ drops below it, then disarms (IB).
+            let limit = srq.attrs.srq_limit;
+            if limit > 0 && srq.ring.backlog(mem).is_ok_and(|left| left < limit) {
+                srq.attrs.srq_limit = 0;
+                device.post_event(mem, irq, crate::abi::event::SRQ_LIMIT_REACHED, handle);
             }
         }
         None => {}
@@ -289,7 +312,7 @@ fn receive(
         Ok(buffer) => buffer,
         Err(_) => {
             // The receiver's own buffer is bad: its receive fails, and so does the request.
-            consume_receive(device, mem, qpn);
+            consume_receive(device, mem, irq, qpn);
             completion::complete(
                 device,
                 mem,
@@ -310,7 +333,7 @@ fn receive(
     };
     let header_len = if datagram { GRH_BYTES } else { 0 };
     if buffer.len() < header_len + payload.len() {
-        consume_receive(device, mem, qpn);
+        consume_receive(device, mem, irq, qpn);
         completion::complete(
             device,
             mem,
@@ -336,7 +359,7 @@ fn receive(
     }
     let body = skip(&buffer, header_len);
     copy(request.memory, payload, mem, &body).map_err(|_| RemoteError::OperationError)?;
-    consume_receive(device, mem, qpn);
+    consume_receive(device, mem, irq, qpn);
     if imm.is_some() {
         flags |= wc_flags::WITH_IMM;
     }

@@ -1,0 +1,140 @@
+//! rdma-core's own test suite (pyverbs) inside a guest, against the PVRDMA device: the
+//! driver-level suite RDMA vendors run on their devices.
+
+mod support;
+
+use std::time::Duration;
+
+use guest_tests::lab::{Lab, LabConfig};
+use support::AGENT;
+
+/// The generic modules; the vendor modules (mlx5, efa, ...) are for other devices.
+const MODULES: &[&str] = &[
+    "test_addr",
+    "test_atomic",
+    "test_cq",
+    "test_cq_events",
+    "test_cqex",
+    "test_device",
+    "test_flow",
+    "test_fork",
+    "test_mr",
+    "test_odp",
+    "test_parent_domain",
+    "test_pd",
+    "test_qp",
+    "test_qpex",
+    "test_rdmacm",
+    "test_relaxed_ordering",
+    "test_rss_traffic",
+    "test_shared_pd",
+    "test_srq",
+    "test_tag_matching",
+];
+
+/// A module that runs longer has hung; `timeout -s INT` makes unittest print what it has.
+const MODULE_LIMIT: Duration = Duration::from_secs(240);
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    ok: u32,
+    skipped: u32,
+    failed: u32,
+    errors: u32,
+}
+
+/// Counts unittest's per-test verdict lines (`... ok`, `... skipped '...'`, `... FAIL`,
+/// `... ERROR`).
+fn count(output: &str) -> Counts {
+    let mut counts = Counts::default();
+    for line in output.lines() {
+        let line = line.trim_end();
+        if line.ends_with("... ok") {
+            counts.ok += 1;
+        } else if line.contains("... skipped") {
+            counts.skipped += 1;
+        } else if line.ends_with("... FAIL") {
+            counts.failed += 1;
+        } else if line.ends_with("... ERROR") {
+            counts.errors += 1;
+        }
+    }
+    counts
+}
+
+#[test]
+#[ignore = "boots a QEMU guest and runs rdma-core's pyverbs suite; run by scripts/test"]
+fn rdma_core_pyverbs_suite_against_the_device() {
+    let mut lab = Lab::start(LabConfig::new("pyverbs", 1, AGENT)).unwrap_or_else(|e| panic!("{e}"));
+    let guest = lab.guest(0);
+    let gid = guest
+        .check(
+            "modprobe vmw_pvrdma && for i in $(seq 100); do for f in /sys/class/infiniband/vmw_pvrdma0/ports/1/gids/*; do \
+             case \"$(cat $f 2>/dev/null)\" in *ffff:*) basename $f; exit 0;; esac; done; sleep 0.1; done; exit 1",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let gid = gid.trim();
+    let mut total = Counts::default();
+    let mut report = Vec::new();
+    // PYVERBS_MODULES=test_qp,test_srq runs a subset (for developers).
+    let only = std::env::var("PYVERBS_MODULES").ok();
+    let selected: Vec<&str> = MODULES
+        .iter()
+        .copied()
+        .filter(|m| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|x| x == *m))
+        })
+        .collect();
+    for module in selected {
+        let command = format!(
+            "cd /usr/share/doc/rdma-core/tests && timeout -s INT {limit} python3 run_tests.py --dev vmw_pvrdma0 --port 1 --gid {gid} -v tests.{module} 2>&1",
+            limit = MODULE_LIMIT.as_secs()
+        );
+        let output = guest
+            .run_with_timeout(&command, Duration::from_secs(300))
+            .unwrap_or_else(|e| panic!("{module}: {e}"));
+        let counts = count(&output.stdout);
+        let hung = output.status == 124 || output.stdout.contains("KeyboardInterrupt");
+        let crashed = hung || (output.status != 0 && counts.failed + counts.errors == 0);
+        eprintln!(
+            "{module:24} ok {:3} skipped {:3} failed {:3} errors {:3}{}",
+            counts.ok,
+            counts.skipped,
+            counts.failed,
+            counts.errors,
+            if crashed {
+                format!("  CRASHED (exit {})", output.status)
+            } else {
+                String::new()
+            }
+        );
+        for line in output.stdout.lines().filter(|l| {
+            l.ends_with("... FAIL") || l.ends_with("... ERROR") || l.contains("... skipped")
+        }) {
+            eprintln!("    {line}");
+        }
+        if counts.failed + counts.errors > 0 || crashed {
+            report.push(format!("== {module}\n{}", output.stdout));
+        }
+        total.ok += counts.ok;
+        total.skipped += counts.skipped;
+        total.failed += counts.failed;
+        total.errors += counts.errors;
+    }
+    eprintln!(
+        "pyverbs: {} ok, {} skipped, {} failed, {} errors",
+        total.ok, total.skipped, total.failed, total.errors
+    );
+    std::fs::write(
+        lab.run_dir().join("pyverbs-failures.txt"),
+        report.join("\n"),
+    )
+    .ok();
+    lab.shut_down().unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        report.is_empty(),
+        "pyverbs failures:\n{}",
+        report.join("\n")
+    );
+}
