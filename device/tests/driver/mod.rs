@@ -4,6 +4,7 @@
 //! `mod driver;`.
 //!
 //! * [`bus`] — the transport: the [`Bus`] trait and the in-process implementation.
+//! * [`fabric_bus`] — several in-process devices joined by the memcpy fabric.
 //! * [`memory`] — guest RAM (memfd-backed), the page allocator, typed accessors.
 //! * [`layout`] — page directories, paged buffers, ring layouts, index arithmetic.
 //! * [`bringup`] — the probe sequence (§2.2) and removal.
@@ -20,6 +21,7 @@
 pub mod bringup;
 pub mod bus;
 pub mod commands;
+pub mod fabric_bus;
 pub mod layout;
 pub mod memory;
 pub mod queues;

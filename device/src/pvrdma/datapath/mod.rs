@@ -32,13 +32,14 @@ pub(super) struct RecvWqe {
 pub(super) enum WqeError {
     /// The producer index is corrupt or the WQE is not in guest RAM.
     BrokenQueue,
-    /// `num_sge` exceeds what the queue was created for (rule 17).
-    TooManySges,
+    /// `num_sge` exceeds what the queue was created for (rule 17); the header is still
+    /// readable, so the WQE can be completed with an error.
+    TooManySges { wr_id: u64, opcode: u32 },
 }
 
-fn parse_sges(bytes: &[u8], offset: usize, count: u32, max: u32) -> Result<Vec<Sge>, WqeError> {
+fn parse_sges(bytes: &[u8], offset: usize, count: u32, max: u32) -> Option<Vec<Sge>> {
     if count > max {
-        return Err(WqeError::TooManySges);
+        return None;
     }
     (0..count as usize)
         .map(|i| {
@@ -46,7 +47,6 @@ fn parse_sges(bytes: &[u8], offset: usize, count: u32, max: u32) -> Result<Vec<S
             bytes
                 .get(start..start + SGE_SIZE as usize)
                 .and_then(|b| Sge::read_from_bytes(b).ok())
-                .ok_or(WqeError::TooManySges)
         })
         .collect()
 }
@@ -67,7 +67,12 @@ pub(super) fn peek_send(
     let header = SendWqeHeader::read_from_prefix(&bytes)
         .map_err(|_| WqeError::BrokenQueue)?
         .0;
-    let sges = parse_sges(&bytes, size_of::<SendWqeHeader>(), header.num_sge, max_sge)?;
+    let sges = parse_sges(&bytes, size_of::<SendWqeHeader>(), header.num_sge, max_sge).ok_or(
+        WqeError::TooManySges {
+            wr_id: header.wr_id,
+            opcode: header.opcode,
+        },
+    )?;
     Ok(Some(SendWqe { header, sges }))
 }
 
@@ -87,6 +92,11 @@ pub(super) fn peek_recv(
     let header = RecvWqeHeader::read_from_prefix(&bytes)
         .map_err(|_| WqeError::BrokenQueue)?
         .0;
-    let sges = parse_sges(&bytes, size_of::<RecvWqeHeader>(), header.num_sge, max_sge)?;
+    let sges = parse_sges(&bytes, size_of::<RecvWqeHeader>(), header.num_sge, max_sge).ok_or(
+        WqeError::TooManySges {
+            wr_id: header.wr_id,
+            opcode: 0,
+        },
+    )?;
     Ok(Some(RecvWqe { header, sges }))
 }

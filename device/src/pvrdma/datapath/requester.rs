@@ -99,22 +99,14 @@ fn step(
             device.post_event(mem, irq, abi::event::QP_FATAL, qp_handle);
             return false;
         }
-        Err(WqeError::TooManySges) => {
-            // The header is still readable: complete it with an error so the guest learns why.
-            let mut header = [0u8; size_of::<abi::SendWqeHeader>()];
-            let wr_id = match qp.sq.peek(mem, &mut header) {
-                Ok(Some(())) => zerocopy::FromBytes::read_from_bytes(&header)
-                    .map(|h: abi::SendWqeHeader| (h.wr_id, h.opcode))
-                    .unwrap_or((0, 0)),
-                _ => (0, 0),
-            };
+        Err(WqeError::TooManySges { wr_id, opcode }) => {
             fail(
                 device,
                 mem,
                 irq,
                 qp_handle,
-                wr_id.0,
-                wr_id.1,
+                wr_id,
+                opcode,
                 wc_status::LOC_LEN_ERR,
             );
             return false;
@@ -143,10 +135,13 @@ fn step(
     )
     .then_some(header.ex);
     let operation = match header.opcode {
-        wr_opcode::SEND | wr_opcode::SEND_WITH_IMM | wr_opcode::SEND_WITH_INV => Operation::Send {
+        // SEND_WITH_INV, LOCAL_INV and FAST_REG_MR belong to the memory management
+        // extensions, which the device does not offer (bmme_flags 0): like any other opcode
+        // outside 0..=6 they fail with LOC_QP_OP_ERR below (§9.4).
+        wr_opcode::SEND | wr_opcode::SEND_WITH_IMM => Operation::Send {
             payload: &plan.local,
             imm,
-            invalidate: (header.opcode == wr_opcode::SEND_WITH_INV).then_some(header.ex),
+            invalidate: None,
             solicited,
         },
         wr_opcode::RDMA_WRITE | wr_opcode::RDMA_WRITE_WITH_IMM => Operation::Write {
@@ -299,14 +294,18 @@ fn plan(device: &PvrdmaDevice, qp_handle: u32, wqe: SendWqe) -> Result<Plan, (Se
             Service::Reliable,
         )
     };
-    let gid = device
+    // Rule 13: the source GID index must name a bound GID (it may have been unbound since
+    // the QP's AV was set).
+    let Some(gid) = device
         .objects
         .gids
         .get(usize::from(gid_index))
         .copied()
         .flatten()
         .map(|g| g.raw)
-        .unwrap_or_default();
+    else {
+        return Err((wqe, wc_status::LOC_QP_OP_ERR));
+    };
     let signaled = qp.sq_sig_all || wqe.header.send_flags & send_flags::SIGNALED != 0;
     Ok(Plan {
         wqe,

@@ -4,7 +4,7 @@
 use pvrdma_backend::{AtomicKind, Operation, Outcome, RemoteError, Request, Service, Sgl, copy};
 
 use super::translate;
-use super::{RecvWqe, peek_recv};
+use super::{RecvWqe, WqeError, peek_recv};
 use crate::abi::{Cqe, access, qp_state, qp_type, wc_flags, wc_opcode, wc_status};
 use crate::pvrdma::completion;
 use crate::pvrdma::memory::{self, GuestRam};
@@ -35,8 +35,12 @@ pub fn respond(
         return Err(refuse);
     }
     match request.service {
+        // A connected QP answers only its peer: the QP number and the GID must both match,
+        // or any QP with the same number elsewhere could inject into the connection.
         Service::Reliable
-            if qp.qp_type == qp_type::RC && qp.attr.dest_qp_num == request.source.qpn => {}
+            if qp.qp_type == qp_type::RC
+                && qp.attr.dest_qp_num == request.source.qpn
+                && qp.attr.ah_attr.grh.dgid == request.source.gid => {}
         Service::Datagram { qkey }
             if matches!(qp.qp_type, qp_type::UD | qp_type::GSI) && qkey == qp.attr.qkey => {}
         _ => return Err(refuse),
@@ -74,6 +78,7 @@ pub fn respond(
             *imm,
             *solicited,
             wc_opcode::RECV,
+            payload.len(),
         ),
         Operation::Write {
             payload,
@@ -109,6 +114,8 @@ pub fn respond(
                     *imm,
                     *solicited,
                     wc_opcode::RECV_RDMA_WITH_IMM,
+                    // The completion reports the length written (IB), not the empty receive.
+                    payload.len(),
                 )?;
             }
             Ok(Outcome {
@@ -214,15 +221,11 @@ fn peek_receive(
     device: &PvrdmaDevice,
     mem: &GuestRam,
     qpn: u32,
-) -> Result<Option<RecvWqe>, RemoteError> {
-    let qp = device
-        .objects
-        .qps
-        .get(qpn)
-        .ok_or(RemoteError::InvalidRequest)?;
-    let head = match recv_queue(device, qpn) {
+) -> Result<Option<RecvWqe>, WqeError> {
+    let qp = device.objects.qps.get(qpn).ok_or(WqeError::BrokenQueue)?;
+    match recv_queue(device, qpn) {
         Some(RecvQueue::Own) => {
-            let rq = qp.rq.as_ref().ok_or(RemoteError::InvalidRequest)?;
+            let rq = qp.rq.as_ref().ok_or(WqeError::BrokenQueue)?;
             peek_recv(rq, mem, qp.rq_stride, qp.max_recv_sge)
         }
         Some(RecvQueue::Shared(handle)) => {
@@ -230,16 +233,20 @@ fn peek_receive(
                 .objects
                 .srqs
                 .get(handle)
-                .ok_or(RemoteError::InvalidRequest)?;
+                .ok_or(WqeError::BrokenQueue)?;
             peek_recv(&srq.ring, mem, srq.stride, srq.attrs.max_sge)
         }
-        None => return Err(RemoteError::InvalidRequest),
-    };
-    head.map_err(|_| RemoteError::OperationError)
+        None => Err(WqeError::BrokenQueue),
+    }
 }
 
+/// Whether the next request needing a receive finds something at the head of the queue
+/// (a bad WQE counts: it is consumed with an error completion).
 fn has_receive(device: &PvrdmaDevice, mem: &GuestRam, qpn: u32) -> bool {
-    matches!(peek_receive(device, mem, qpn), Ok(Some(_)))
+    matches!(
+        peek_receive(device, mem, qpn),
+        Ok(Some(_)) | Err(WqeError::TooManySges { .. })
+    )
 }
 
 fn consume_receive(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut dyn Interrupts, qpn: u32) {
@@ -285,14 +292,49 @@ fn receive(
     imm: Option<u32>,
     solicited: bool,
     opcode: u32,
+    reported_len: u64,
 ) -> Result<Outcome, RemoteError> {
     let datagram = matches!(request.service, Service::Datagram { .. });
-    let Some(wqe) = peek_receive(device, mem, qpn)? else {
-        return Err(if datagram {
-            RemoteError::Dropped
-        } else {
-            RemoteError::ReceiverNotReady
-        });
+    let refused = if datagram {
+        RemoteError::Dropped
+    } else {
+        RemoteError::InvalidRequest
+    };
+    let wqe = match peek_receive(device, mem, qpn) {
+        Ok(Some(wqe)) => wqe,
+        Ok(None) => {
+            return Err(if datagram {
+                RemoteError::Dropped
+            } else {
+                RemoteError::ReceiverNotReady
+            });
+        }
+        // A receive the guest wrote badly is still consumed and completed with an error
+        // (rules 17 and 18), so it cannot block the queue.
+        Err(WqeError::TooManySges { wr_id, .. }) => {
+            let Some(cq) = device.objects.qps.get(qpn).map(|qp| qp.recv_cq) else {
+                return Err(refused);
+            };
+            consume_receive(device, mem, irq, qpn);
+            let cqe = Cqe {
+                wr_id,
+                qp: u64::from(qpn),
+                opcode,
+                status: wc_status::LOC_LEN_ERR,
+                ..Cqe::default()
+            };
+            completion::complete(device, mem, irq, cq, &cqe, true);
+            return Err(refused);
+        }
+        // A corrupt receive queue breaks the QP (rule 16).
+        Err(WqeError::BrokenQueue) => {
+            if let Some(qp) = device.objects.qps.get_mut(qpn) {
+                qp.attr.qp_state = qp_state::ERR;
+                qp.attr.cur_qp_state = qp_state::ERR;
+            }
+            device.post_event(mem, irq, crate::abi::event::QP_FATAL, qpn);
+            return Err(RemoteError::OperationError);
+        }
     };
     let qp = device
         .objects
@@ -363,7 +405,7 @@ fn receive(
     if imm.is_some() {
         flags |= wc_flags::WITH_IMM;
     }
-    let byte_len = u32::try_from(header_len + payload.len()).unwrap_or(u32::MAX);
+    let byte_len = u32::try_from(header_len + reported_len).unwrap_or(u32::MAX);
     let cqe = Cqe {
         byte_len,
         imm_data: imm.unwrap_or(0),

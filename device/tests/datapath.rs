@@ -1,0 +1,43 @@
+//! The data path (§6.4–§6.8, §7.3, §9): send and receive WQEs turned into operations between
+//! two QPs, their completions and notifications, every error status the device produces,
+//! receiver-not-ready waits, the memory protection between guests, and random hostile WQEs.
+//!
+//! Every scenario runs twice: with both QPs on one device behind the `InProcessBus`
+//! (loopback: the device answers requests for its own GIDs; any other GID is unreachable),
+//! and with the QPs on two devices, each with its own guest RAM at the same guest-physical
+//! addresses, joined by the memcpy fabric as the server joins them (`driver::fabric_bus`).
+
+mod driver;
+
+/// Runs each scenario `fn name<B: Bus>(net: Net<B>)` on one device (`name::loopback`) and
+/// across two devices (`name::two_devices`). Attributes (e.g. `#[ignore]`) apply to both.
+macro_rules! both_topologies {
+    ($($(#[$attr:meta])* $name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            $(#[$attr])*
+            fn loopback() {
+                super::$name(crate::harness::Net::loopback());
+            }
+
+            #[test]
+            $(#[$attr])*
+            fn two_devices() {
+                super::$name(crate::harness::Net::two_devices());
+            }
+        }
+    )*};
+}
+
+#[path = "datapath/errors.rs"]
+mod errors;
+#[path = "datapath/harness.rs"]
+mod harness;
+#[path = "datapath/hostile.rs"]
+mod hostile;
+#[path = "datapath/operations.rs"]
+mod operations;
+#[path = "datapath/protection.rs"]
+mod protection;
+#[path = "datapath/rnr.rs"]
+mod rnr;
