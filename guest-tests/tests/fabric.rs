@@ -143,6 +143,24 @@ fn two_guests_talk_rdma_through_the_memcpy_fabric() {
         };
         checks.check(&format!("{tool} {extra}"), verdict);
     }
+    // The vmw_pvrdma kernel driver creates RC, UD and GSI QPs only: a UC QP is refused in the
+    // guest before the device hears of it, on any PVRDMA device (docs/backends.md).
+    checks.check(
+        "ibv_uc_pingpong: the driver refuses UC QPs, as on any PVRDMA device",
+        lab.guest(1)
+            .run(&format!(
+                "ibv_uc_pingpong -d vmw_pvrdma0 -g {g1} -n 1 127.0.0.1"
+            ))
+            .map_err(|e| e.to_string())
+            .and_then(|out| {
+                let text = format!("{}{}", out.stdout, out.stderr);
+                if out.status != 0 {
+                    expect_contains(&text, "Couldn't create QP")
+                } else {
+                    Err(format!("UC unexpectedly worked:\n{text}"))
+                }
+            }),
+    );
     let result = pair(
         &mut lab,
         "rping -s -C 10 -v",

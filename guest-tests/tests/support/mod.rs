@@ -1,5 +1,8 @@
 //! Helpers shared by the guest test files.
-#![allow(dead_code, reason = "each test file uses its own part of these helpers")]
+#![allow(
+    dead_code,
+    reason = "each test file uses its own part of these helpers"
+)]
 
 /// Runs every check even when one fails, then reports all failures at once: a boot is too
 /// expensive to learn about one failure per run.
