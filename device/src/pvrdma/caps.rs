@@ -94,6 +94,9 @@ pub fn device_caps(limits: &Limits, node_guid: [u8; 8]) -> DeviceCaps {
         mode: abi::MODE_ROCE,
         gid_types: abi::GID_TYPE_ROCE_V1,
         max_fast_reg_page_list_len: abi::MAX_FAST_REG_PAGES,
+        // Local invalidate, remote invalidate and fast-register work requests: all three,
+        // which is what makes the driver offer memory management extensions to ULPs.
+        bmme_flags: 0b111,
         // 64-bit compare-and-swap and fetch-and-add, executed by the responder.
         atomic_ops: ATOMIC_CMP_SWAP | ATOMIC_FETCH_ADD,
         max_qp_rd_atom: MAX_RD_ATOMIC,

@@ -29,8 +29,22 @@ pub enum MrKind {
         length: u64,
         pages: Vec<u64>,
     },
-    /// A fast-register MR: pages and access arrive later in a work request.
-    FastReg,
+    /// A fast-register MR: pages and access arrive in a FAST_REG_MR work request, which
+    /// may map at most `max_pages` entries; `mapping` is what the last one registered, and
+    /// is cleared by an invalidation.
+    FastReg {
+        max_pages: u32,
+        mapping: Option<FastRegMapping>,
+    },
+}
+
+/// The buffer a FAST_REG_MR work request registered.
+#[derive(Debug)]
+pub struct FastRegMapping {
+    pub start: u64,
+    pub length: u64,
+    /// 4 KiB pages, in order.
+    pub pages: Vec<u64>,
 }
 
 #[derive(Debug)]

@@ -15,7 +15,33 @@ both_topologies!(
     send_waits_for_a_receive,
     write_with_imm_writes_nothing_until_a_receive,
     waiting_work_is_flushed_when_the_qp_fails,
+    rnr_retry_zero_fails_at_once,
 );
+
+fn rnr_retry_zero_fails_at_once<B: Bus>(net: Net<B>) {
+    let mut p = Pair::rc(net, QpOpts::default());
+    // RTS → RTS with rnr_retry 0: the first RNR NAK is fatal.
+    let attrs = vfio_user_pvrdma::abi::QpAttr {
+        qp_state: qp_state::RTS,
+        rnr_retry: 0,
+        ..Default::default()
+    };
+    let mask =
+        vfio_user_pvrdma::abi::qp_attr_mask::STATE | vfio_user_pvrdma::abi::qp_attr_mask::RNR_RETRY;
+    let (a, qa) = (p.a.clone(), p.qa.clone());
+    p.net
+        .dev(a.dev())
+        .modify_qp(qa.handle, mask, &attrs)
+        .expect("MODIFY_QP rnr_retry 0");
+    let src = p.net.mr(&p.a, 64, 0);
+    p.post_a(&[Wr::new(1, wr_opcode::SEND, &[src.sge(0, 20)])]);
+    assert_eq!(
+        summary(&p.sends_a()),
+        [(1, wc_opcode::SEND, wc_status::RNR_RETRY_EXC_ERR)]
+    );
+    assert_eq!(p.state_a(), qp_state::ERR);
+    assert_eq!(p.recvs_b(), [], "nothing was delivered");
+}
 
 fn send_waits_for_a_receive<B: Bus>(net: Net<B>) {
     let mut p = Pair::rc(net, QpOpts::default());

@@ -31,7 +31,10 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
         0 => user_mr(device, mem, &req)?,
         // A DMA MR reaches all of guest RAM: only the kernel gets one, as the driver does.
         MR_FLAG_DMA if pd_ctx == KERNEL_CONTEXT && access == access::LOCAL_WRITE => MrKind::Dma,
-        MR_FLAG_FRMR if (1..=MAX_FAST_REG_PAGES).contains(&req.nchunks) => MrKind::FastReg,
+        MR_FLAG_FRMR if (1..=MAX_FAST_REG_PAGES).contains(&req.nchunks) => MrKind::FastReg {
+            max_pages: req.nchunks,
+            mapping: None,
+        },
         _ => return Err(errno::EINVAL),
     };
     let objects = &mut device.objects;
@@ -41,7 +44,7 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
         .insert(Mr {
             pages_held: match &kind {
                 MrKind::User { pages, .. } => pages.len() as u64,
-                MrKind::Dma | MrKind::FastReg => 0,
+                MrKind::Dma | MrKind::FastReg { .. } => 0,
             },
             pd: req.pd_handle,
             access,

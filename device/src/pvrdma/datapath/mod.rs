@@ -2,6 +2,7 @@
 //! side executes requests from peers (or from this device, in loopback) against receive
 //! queues and memory regions. Completions go through `completion`.
 
+mod memory_ops;
 mod requester;
 mod responder;
 mod translate;

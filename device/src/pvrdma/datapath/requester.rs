@@ -5,12 +5,14 @@ use pvrdma_backend::{
     AtomicKind, Destination, Network, Operation, RemoteError, Request, Service, Sgl, Source,
 };
 
+use super::memory_ops::{self, MemOpError};
 use super::responder::respond;
 use super::translate::{self, KeyError};
 use super::{SendWqe, WqeError, peek_send};
 use crate::abi::{self, Cqe, qp_state, qp_type, send_flags, wc_status, wr_opcode};
 use crate::pvrdma::completion::{self, send_completion_opcode};
 use crate::pvrdma::memory::GuestRam;
+use crate::pvrdma::objects::KERNEL_CONTEXT;
 use crate::pvrdma::{Interrupts, PvrdmaDevice};
 
 /// Processes the send queue of `qp_handle` until it is empty, stalls on a receiver that is
@@ -112,6 +114,19 @@ fn step(
             return false;
         }
     };
+    // FAST_REG_MR and LOCAL_INV act on this device's own memory regions and go nowhere.
+    let kernel_qp = device
+        .objects
+        .pd_context(device.objects.qps.get(qp_handle).map_or(0, |qp| qp.pd))
+        == Some(KERNEL_CONTEXT);
+    if kernel_qp
+        && matches!(
+            wqe.header.opcode,
+            wr_opcode::FAST_REG_MR | wr_opcode::LOCAL_INV
+        )
+    {
+        return local_memory_op(device, mem, irq, qp_handle, &wqe);
+    }
     let plan = match plan(device, qp_handle, wqe) {
         Ok(plan) => plan,
         Err((wqe, status)) => {
@@ -135,13 +150,20 @@ fn step(
     )
     .then_some(header.ex);
     let operation = match header.opcode {
-        // SEND_WITH_INV, LOCAL_INV and FAST_REG_MR belong to the memory management
-        // extensions, which the device does not offer (bmme_flags 0): like any other opcode
-        // outside 0..=6 they fail with LOC_QP_OP_ERR below (§9.4).
+        // From user QPs only opcodes 0..=6 mean what they say; anything else fails with
+        // LOC_QP_OP_ERR below (§9.4).
         wr_opcode::SEND | wr_opcode::SEND_WITH_IMM => Operation::Send {
             payload: &plan.local,
             imm,
             invalidate: None,
+            solicited,
+        },
+        // Remote invalidation, a memory management extension: kernel QPs only (opcode 8
+        // from user space means something else, §9.4).
+        wr_opcode::SEND_WITH_INV if kernel_qp => Operation::Send {
+            payload: &plan.local,
+            imm: None,
+            invalidate: Some(header.ex),
             solicited,
         },
         wr_opcode::RDMA_WRITE | wr_opcode::RDMA_WRITE_WITH_IMM => Operation::Write {
@@ -200,13 +222,22 @@ fn step(
         net.deliver(&request)
     };
     let datagram = matches!(plan.service, Service::Datagram { .. });
+    let rnr_retry = device
+        .objects
+        .qps
+        .get(qp_handle)
+        .map_or(0, |qp| qp.attr.rnr_retry);
     let status = match result {
         Ok(_) => wc_status::SUCCESS,
         // Datagrams are unreliable: a drop is a successful send.
         Err(_) if datagram => wc_status::SUCCESS,
+        // RNR with rnr_retry 0: the first RNR NAK fails the request (IB).
+        Err(RemoteError::ReceiverNotReady) if rnr_retry == 0 => wc_status::RNR_RETRY_EXC_ERR,
         Err(RemoteError::ReceiverNotReady) => {
             // RNR: keep the WQE at the head and retry when a receive is posted anywhere in
-            // the fabric (every guest tool sets rnr_retry 7, "retry forever").
+            // the fabric. There is no timer to count retry intervals, so any non-zero
+            // rnr_retry waits until the receiver is ready, as 7 ("retry forever", what every
+            // guest tool sets) does. docs/backends.md.
             if let Some(qp) = device.objects.qps.get_mut(qp_handle) {
                 qp.stalled = true;
             }
@@ -248,6 +279,74 @@ fn step(
         completion::complete(device, mem, irq, cq, &cqe, false);
     }
     true
+}
+
+/// Executes FAST_REG_MR or LOCAL_INV on this device's memory regions and completes it.
+fn local_memory_op(
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    irq: &mut dyn Interrupts,
+    qp_handle: u32,
+    wqe: &SendWqe,
+) -> bool {
+    let Some(qp) = device.objects.qps.get(qp_handle) else {
+        return false;
+    };
+    let (pd, signaled) = (
+        qp.pd,
+        qp.sq_sig_all || wqe.header.send_flags & send_flags::SIGNALED != 0,
+    );
+    let header = wqe.header;
+    let result = if header.opcode == wr_opcode::FAST_REG_MR {
+        memory_ops::fast_register(&mut device.objects, mem, pd, &header.fast_reg())
+    } else {
+        memory_ops::invalidate(&mut device.objects, pd, header.ex)
+    };
+    match result {
+        Ok(()) => {
+            let Some(qp) = device.objects.qps.get_mut(qp_handle) else {
+                return false;
+            };
+            if qp.sq.consume(mem).is_err() {
+                return false;
+            }
+            let cq = qp.send_cq;
+            if signaled {
+                let cqe = Cqe {
+                    wr_id: header.wr_id,
+                    qp: u64::from(qp_handle),
+                    opcode: send_completion_opcode(header.opcode),
+                    ..Cqe::default()
+                };
+                completion::complete(device, mem, irq, cq, &cqe, false);
+            }
+            true
+        }
+        Err(MemOpError::Protection) => {
+            fail(
+                device,
+                mem,
+                irq,
+                qp_handle,
+                header.wr_id,
+                header.opcode,
+                wc_status::LOC_PROT_ERR,
+            );
+            false
+        }
+        Err(MemOpError::Length) => {
+            fail(
+                device,
+                mem,
+                irq,
+                qp_handle,
+                header.wr_id,
+                header.opcode,
+                wc_status::LOC_LEN_ERR,
+            );
+            false
+        }
+    }
 }
 
 /// Resolves where the WQE goes and its local buffers. On failure gives the WQE back with

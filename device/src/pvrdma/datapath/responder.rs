@@ -3,12 +3,22 @@
 
 use pvrdma_backend::{AtomicKind, Operation, Outcome, RemoteError, Request, Service, Sgl, copy};
 
+use super::memory_ops;
 use super::translate;
 use super::{RecvWqe, WqeError, peek_recv};
 use crate::abi::{Cqe, access, qp_state, qp_type, wc_flags, wc_opcode, wc_status};
 use crate::pvrdma::completion;
 use crate::pvrdma::memory::{self, GuestRam};
+use crate::pvrdma::objects::MrKind;
 use crate::pvrdma::{Interrupts, PvrdmaDevice};
+
+/// What a receive completion carries besides the data.
+#[derive(Clone, Copy)]
+enum Extra {
+    None,
+    Imm(u32),
+    Invalidate(u32),
+}
 
 /// Bytes of the GRH area at the start of a UD receive buffer (§9.5).
 const GRH_BYTES: u64 = 40;
@@ -66,20 +76,48 @@ pub fn respond(
         Operation::Send {
             payload,
             imm,
+            invalidate,
             solicited,
-            ..
-        } => receive(
-            device,
-            mem,
-            irq,
-            qpn,
-            request,
-            payload,
-            *imm,
-            *solicited,
-            wc_opcode::RECV,
-            payload.len(),
-        ),
+        } => {
+            let extra = match (imm, invalidate) {
+                (_, Some(rkey)) => {
+                    // The rkey must name a registered fast-register MR of this QP's PD.
+                    let registered = device.objects.mrs.get(rkey >> 8).is_some_and(|mr| {
+                        mr.pd == pd
+                            && mr.rkey == *rkey
+                            && matches!(
+                                mr.kind,
+                                MrKind::FastReg {
+                                    mapping: Some(_),
+                                    ..
+                                }
+                            )
+                    });
+                    if !registered {
+                        return Err(RemoteError::InvalidRequest);
+                    }
+                    Extra::Invalidate(*rkey)
+                }
+                (Some(imm), None) => Extra::Imm(*imm),
+                (None, None) => Extra::None,
+            };
+            let outcome = receive(
+                device,
+                mem,
+                irq,
+                qpn,
+                request,
+                payload,
+                extra,
+                *solicited,
+                wc_opcode::RECV,
+                payload.len(),
+            )?;
+            if let Some(rkey) = invalidate {
+                let _ = memory_ops::invalidate(&mut device.objects, pd, *rkey);
+            }
+            Ok(outcome)
+        }
         Operation::Write {
             payload,
             remote_addr,
@@ -111,7 +149,7 @@ pub fn respond(
                     qpn,
                     request,
                     &empty,
-                    *imm,
+                    imm.map_or(Extra::None, Extra::Imm),
                     *solicited,
                     wc_opcode::RECV_RDMA_WITH_IMM,
                     // The completion reports the length written (IB), not the empty receive.
@@ -289,7 +327,7 @@ fn receive(
     qpn: u32,
     request: &Request<'_>,
     payload: &Sgl,
-    imm: Option<u32>,
+    extra: Extra,
     solicited: bool,
     opcode: u32,
     reported_len: u64,
@@ -402,13 +440,23 @@ fn receive(
     let body = skip(&buffer, header_len);
     copy(request.memory, payload, mem, &body).map_err(|_| RemoteError::OperationError)?;
     consume_receive(device, mem, irq, qpn);
-    if imm.is_some() {
-        flags |= wc_flags::WITH_IMM;
-    }
+    // The CQE's imm_data field carries the immediate data or the invalidated rkey (the
+    // kernel reads both through one union).
+    let ex = match extra {
+        Extra::Imm(imm) => {
+            flags |= wc_flags::WITH_IMM;
+            imm
+        }
+        Extra::Invalidate(rkey) => {
+            flags |= wc_flags::WITH_INVALIDATE;
+            rkey
+        }
+        Extra::None => 0,
+    };
     let byte_len = u32::try_from(header_len + reported_len).unwrap_or(u32::MAX);
     let cqe = Cqe {
         byte_len,
-        imm_data: imm.unwrap_or(0),
+        imm_data: ex,
         wc_flags: flags,
         ..base
     };

@@ -40,29 +40,41 @@ fn append(mr: &Mr, addr: u64, len: u64, sgl: &mut Sgl) -> Result<(), KeyError> {
             start,
             length,
             pages,
-        } => {
-            let end = addr.checked_add(len).ok_or(KeyError::OutOfBounds)?;
-            if addr < *start || end > start.saturating_add(*length) {
-                return Err(KeyError::OutOfBounds);
-            }
-            let mut offset = addr - start + start % PAGE_SIZE;
-            let mut left = len;
-            while left > 0 {
-                let page = pages
-                    .get(usize::try_from(offset / PAGE_SIZE).map_err(|_| KeyError::OutOfBounds)?)
-                    .ok_or(KeyError::OutOfBounds)?;
-                let in_page = (PAGE_SIZE - offset % PAGE_SIZE).min(left);
-                sgl.push(page + offset % PAGE_SIZE, in_page)
-                    .ok_or(KeyError::OutOfBounds)?;
-                offset += in_page;
-                left -= in_page;
-            }
-            Ok(())
-        }
-        // Pages arrive with a fast-register work request, which this device does not offer
-        // (bmme_flags is 0), so such an MR never maps anything.
-        MrKind::FastReg => Err(KeyError::OutOfBounds),
+        } => append_pages(*start, *length, pages, addr, len, sgl),
+        MrKind::FastReg {
+            mapping: Some(m), ..
+        } => append_pages(m.start, m.length, &m.pages, addr, len, sgl),
+        // Not registered, or invalidated: no access at all.
+        MrKind::FastReg { mapping: None, .. } => Err(KeyError::BadKey),
     }
+}
+
+/// `[addr, addr + len)` of a buffer that starts at `start` (a virtual address or iova) and
+/// whose 4 KiB pages are `pages`, the first holding `start` (§5.4 address translation).
+fn append_pages(
+    start: u64,
+    length: u64,
+    pages: &[u64],
+    addr: u64,
+    len: u64,
+    sgl: &mut Sgl,
+) -> Result<(), KeyError> {
+    let end = addr.checked_add(len).ok_or(KeyError::OutOfBounds)?;
+    if addr < start || end > start.saturating_add(length) {
+        return Err(KeyError::OutOfBounds);
+    }
+    let mut offset = addr - start + start % PAGE_SIZE;
+    let mut left = len;
+    while left > 0 {
+        let index = usize::try_from(offset / PAGE_SIZE).map_err(|_| KeyError::OutOfBounds)?;
+        let page = pages.get(index).ok_or(KeyError::OutOfBounds)?;
+        let in_page = (PAGE_SIZE - offset % PAGE_SIZE).min(left);
+        sgl.push(page + offset % PAGE_SIZE, in_page)
+            .ok_or(KeyError::OutOfBounds)?;
+        offset += in_page;
+        left -= in_page;
+    }
+    Ok(())
 }
 
 /// The local scatter-gather list of a work request. `write` says whether the device will
