@@ -35,6 +35,8 @@ mod errors;
 mod harness;
 #[path = "datapath/hostile.rs"]
 mod hostile;
+#[path = "datapath/memory_ext.rs"]
+mod memory_ext;
 #[path = "datapath/operations.rs"]
 mod operations;
 #[path = "datapath/protection.rs"]

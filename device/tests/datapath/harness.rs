@@ -9,11 +9,12 @@ use vfio_user_pvrdma::abi::{
     AddressVector, Cqe, GID_TYPE_ROCE_V1, PAGE_SIZE, QpAttr, SendWqeHeader, Sge, access, qp_state,
     qp_type, send_flags, uar,
 };
+use vfio_user_pvrdma::abi::{FastReg, wr_opcode};
 use zerocopy::IntoBytes;
 
 use crate::driver::bus::Bus;
 use crate::driver::fabric_bus::{self, FabricBus};
-use crate::driver::layout::{QpOwner, QpSizes};
+use crate::driver::layout::{PageDir, QpOwner, QpSizes};
 use crate::driver::memory;
 use crate::driver::queues::KERNEL_UC;
 use crate::driver::verbs::{self, QpSpec, RC_INIT_MASK, RC_RTR_MASK, RC_RTS_MASK, ipv4_gid};
@@ -722,5 +723,142 @@ impl Wr {
             bytes.extend_from_slice(sge.as_bytes());
         }
         bytes
+    }
+}
+
+// ---- The memory management extensions (§6.4 fast_reg, LOCAL_INV, SEND_WITH_INV) ----
+
+impl Wr {
+    /// FAST_REG_MR (kernel QPs only): the fast_reg union, `iova_start` at 32, `pl_pdir_dma`
+    /// at 40, `page_shift` at 48, `page_list_len` at 52, `length` at 56, `access_flags` at
+    /// 60, `rkey` at 64. No SGEs.
+    pub fn fast_reg(wr_id: u64, fr: &FastReg) -> Wr {
+        let mut wr = Wr::new(wr_id, wr_opcode::FAST_REG_MR, &[]);
+        wr.hdr.wr[0..8].copy_from_slice(&fr.iova_start.to_le_bytes());
+        wr.hdr.wr[8..16].copy_from_slice(&fr.pl_pdir_dma.to_le_bytes());
+        wr.hdr.wr[16..20].copy_from_slice(&fr.page_shift.to_le_bytes());
+        wr.hdr.wr[20..24].copy_from_slice(&fr.page_list_len.to_le_bytes());
+        wr.hdr.wr[24..28].copy_from_slice(&fr.length.to_le_bytes());
+        wr.hdr.wr[28..32].copy_from_slice(&fr.access_flags.to_le_bytes());
+        wr.hdr.wr[32..36].copy_from_slice(&fr.rkey.to_le_bytes());
+        wr
+    }
+
+    /// LOCAL_INV of `key` (`invalidate_rkey`, in `ex`). No SGEs.
+    pub fn local_inv(wr_id: u64, key: u32) -> Wr {
+        Wr::new(wr_id, wr_opcode::LOCAL_INV, &[]).imm(key)
+    }
+
+    /// SEND_WITH_INV of `sges`, invalidating `rkey` at the responder (`ex`).
+    pub fn send_inv(wr_id: u64, sges: &[Sge], rkey: u32) -> Wr {
+        Wr::new(wr_id, wr_opcode::SEND_WITH_INV, sges).imm(rkey)
+    }
+}
+
+impl<B: Bus> Net<B> {
+    /// A fast-register MR for at most `max_pages` pages in `pd` of `ctx` (CREATE_MR flags 2,
+    /// no page directory): its keys name it, but it maps nothing until a FAST_REG_MR.
+    pub fn frmr_in(&mut self, ctx: &Ctx, pd: u32, max_pages: u32) -> Mr {
+        self.d[ctx.dev()]
+            .alloc_frmr(pd, max_pages)
+            .expect("CREATE_MR (FRMR)")
+    }
+
+    pub fn frmr(&mut self, ctx: &Ctx, max_pages: u32) -> Mr {
+        self.frmr_in(ctx, ctx.pd, max_pages)
+    }
+
+    /// The kernel PD's DMA MR of `ctx` (SGE addresses are guest-physical).
+    pub fn dma_mr(&mut self, ctx: &Ctx) -> Mr {
+        self.d[ctx.dev()].get_dma_mr(ctx.pd).expect("DMA MR")
+    }
+
+    /// `count` zeroed guest pages of `1 << page_shift` bytes on `dev`, each aligned to its
+    /// size, in descending address order with a free page of the same size between any two
+    /// (so neither the list order nor adjacency makes them contiguous).
+    pub fn guest_pages(&mut self, dev: usize, count: u64, page_shift: u32) -> Vec<u64> {
+        let size = 1u64 << page_shift;
+        let d = &mut self.d[dev];
+        let ram = d.bus.ram();
+        let next = d.bus.memory().end() - d.alloc.remaining() * PAGE_SIZE;
+        let pad = (size - next % size) % size;
+        if pad > 0 {
+            d.alloc.block(ram, pad / PAGE_SIZE);
+        }
+        let first = d.alloc.block(ram, (2 * count - 1) * size / PAGE_SIZE);
+        (0..count).rev().map(|i| first + 2 * i * size).collect()
+    }
+
+    /// A page directory on `dev` listing `pages` (a FAST_REG_MR page list, §4): entries are
+    /// written as given, aligned or not.
+    pub fn page_list(&mut self, dev: usize, pages: Vec<u64>) -> PageDir {
+        let d = &mut self.d[dev];
+        let ram = d.bus.ram();
+        PageDir::build(&mut d.alloc, ram, pages)
+    }
+
+    /// Guest-physical bytes of device `dev`.
+    pub fn read_phys(&self, dev: usize, addr: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        memory::read_bytes(self.d[dev].ram(), addr, &mut out);
+        out
+    }
+
+    pub fn write_phys(&self, dev: usize, addr: u64, bytes: &[u8]) {
+        memory::write_bytes(self.d[dev].ram(), addr, bytes);
+    }
+
+    /// [`Net::assert_unchanged_except`], also allowing the 4 KiB guest pages `pages` (device,
+    /// address) to change.
+    pub fn assert_unchanged_except_pages(
+        &mut self,
+        watch: &Watch,
+        allowed: &[&Buf],
+        pages: &[(usize, u64)],
+    ) {
+        let added: Vec<(usize, u64)> = pages
+            .iter()
+            .copied()
+            .filter(|&(dev, page)| self.busy[dev].insert(page))
+            .collect();
+        self.assert_unchanged_except(watch, allowed);
+        for (dev, page) in added {
+            self.busy[dev].remove(&page);
+        }
+    }
+}
+
+impl<B: Bus> Pair<B> {
+    /// Two RC QPs of kernel consumers (context 0, each with its own kernel PD and CQs)
+    /// connected to each other: the only QPs that may post the memory management extensions.
+    pub fn kernel_rc(mut net: Net<B>, opts: QpOpts) -> Pair<B> {
+        let (ha, hb) = (net.host_a(), net.host_b());
+        let a = net.kernel_ctx(ha);
+        let b = net.kernel_ctx(hb);
+        let qa = net.qp(&a, qp_type::RC, opts);
+        let qb = net.qp(&b, qp_type::RC, opts);
+        net.connect(&a, &qa, hb.gid, qb.qpn);
+        net.connect(&b, &qb, ha.gid, qa.qpn);
+        net.take_irqs();
+        Pair { net, a, b, qa, qb }
+    }
+
+    /// Posts `wrs` on B's QP.
+    pub fn post_b(&mut self, wrs: &[Wr]) {
+        self.net.post(&self.b, &self.qb, wrs);
+    }
+
+    pub fn sends_b(&mut self) -> Vec<Cqe> {
+        self.net.sends(&self.b)
+    }
+
+    pub fn state_b(&mut self) -> u32 {
+        self.net.qp_state(&self.b, &self.qb)
+    }
+
+    /// B's QP, in the error state, back to RTS and connected to A's QP again.
+    pub fn recover_b(&mut self) {
+        let (gid, qpn) = (self.a.host.gid, self.qa.qpn);
+        self.net.reconnect(&self.b, &self.qb, gid, qpn);
     }
 }

@@ -47,6 +47,10 @@ pub fn fast_register(
     }
     let page_size = 1u64 << wr.page_shift;
     let length = u64::from(wr.length);
+    // The registered range must not wrap past 2^64, as for any MR.
+    wr.iova_start
+        .checked_add(length)
+        .ok_or(MemOpError::Length)?;
     // The buffer must fit the pages, counting the offset of the iova in its first page.
     if (wr.iova_start % page_size) + length > u64::from(wr.page_list_len) * page_size {
         return Err(MemOpError::Length);
