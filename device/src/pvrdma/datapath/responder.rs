@@ -353,7 +353,6 @@ fn receive(
             let Some(cq) = device.objects.qps.get(qpn).map(|qp| qp.recv_cq) else {
                 return Err(refused);
             };
-            consume_receive(device, mem, irq, qpn);
             let cqe = Cqe {
                 wr_id,
                 qp: u64::from(qpn),
@@ -361,8 +360,7 @@ fn receive(
                 status: wc_status::LOC_LEN_ERR,
                 ..Cqe::default()
             };
-            completion::complete(device, mem, irq, cq, &cqe, true);
-            return Err(refused);
+            return Err(fail_receive(device, mem, irq, qpn, cq, &cqe, refused));
         }
         // A corrupt receive queue breaks the QP (rule 16).
         Err(WqeError::BrokenQueue) => {
@@ -390,46 +388,36 @@ fn receive(
     };
     let buffer = match translate::local(&device.objects, pd, &wqe.sges, true) {
         Ok(buffer) => buffer,
+        // The receiver's own buffer is bad: its receive fails, and so does the request.
         Err(_) => {
-            // The receiver's own buffer is bad: its receive fails, and so does the request.
-            consume_receive(device, mem, irq, qpn);
-            completion::complete(
+            return Err(fail_receive(
                 device,
                 mem,
                 irq,
+                qpn,
                 cq,
                 &Cqe {
                     status: wc_status::LOC_PROT_ERR,
                     ..base
                 },
-                true,
-            );
-            return Err(if datagram {
-                RemoteError::Dropped
-            } else {
-                RemoteError::InvalidRequest
-            });
+                refused,
+            ));
         }
     };
     let header_len = if datagram { GRH_BYTES } else { 0 };
     if buffer.len() < header_len + payload.len() {
-        consume_receive(device, mem, irq, qpn);
-        completion::complete(
+        return Err(fail_receive(
             device,
             mem,
             irq,
+            qpn,
             cq,
             &Cqe {
                 status: wc_status::LOC_LEN_ERR,
                 ..base
             },
-            true,
-        );
-        return Err(if datagram {
-            RemoteError::Dropped
-        } else {
-            RemoteError::InvalidRequest
-        });
+            refused,
+        ));
     }
     let mut flags = 0;
     if datagram {
@@ -464,6 +452,22 @@ fn receive(
     Ok(Outcome {
         bytes: payload.len(),
     })
+}
+
+/// Consumes the receive at the head of `qpn`'s queue with the error completion `cqe` and
+/// returns what the requester is told.
+fn fail_receive(
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    irq: &mut dyn Interrupts,
+    qpn: u32,
+    cq: u32,
+    cqe: &Cqe,
+    refused: RemoteError,
+) -> RemoteError {
+    consume_receive(device, mem, irq, qpn);
+    completion::complete(device, mem, irq, cq, cqe, true);
+    refused
 }
 
 /// `sgl` without its first `bytes` bytes.
