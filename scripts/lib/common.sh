@@ -2,21 +2,17 @@
 # Shared settings and helpers of the lab scripts. Source it; it sets `-euo pipefail`.
 #
 # Everything the lab builds lives in LAB_CACHE (outside the checkout), in folders named after
-# the pinned versions below and a recipe number, so a second run finds its artifacts and a
+# the pinned versions (pins.sh) and a recipe hash, so a second run finds its artifacts and a
 # change of version or recipe builds fresh ones beside the old.
 set -euo pipefail
 
-# Pinned versions. The guest kernel, its headers and its source must match exactly.
-LAB_SUITE=trixie
-LAB_QEMU_VERSION='1:11.1.3+ds-1~bpo13+1'
-LAB_KERNEL_VERSION='6.12.117-1'
-LAB_KERNEL_ABI='6.12.117+deb13-amd64'
-LAB_KERNEL_SOURCE_PACKAGE='linux-source-6.12'
+source "$(dirname "${BASH_SOURCE[0]}")/pins.sh"
+
 lab_top=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # A recipe's key is a hash of the files that decide what it produces, so editing one of them
 # builds a fresh artifact instead of reusing a stale one.
 recipe_key() {
-    (cd "$lab_top" && cat "$@" scripts/lib/common.sh) | sha256sum | cut -c1-12
+    (cd "$lab_top" && cat "$@" scripts/lib/pins.sh) | sha256sum | cut -c1-12
 }
 LAB_QEMU_RECIPE=$(recipe_key qemu/provision)
 LAB_GUEST_RECIPE=$(recipe_key guest-tests/image/build guest-tests/image/init)
@@ -26,11 +22,12 @@ LAB_QEMU_DIR="$LAB_CACHE/qemu-${LAB_QEMU_VERSION//[:~+]/_}-r$LAB_QEMU_RECIPE"
 LAB_GUEST_DIR="$LAB_CACHE/guest-$LAB_KERNEL_ABI-r$LAB_GUEST_RECIPE"
 LAB_ENV_FILE="$LAB_CACHE/lab.env"
 
-lab_started_at=$SECONDS
+# One clock for a script and the scripts it runs, so progress lines read as one timeline.
+export LAB_STARTED_AT=${LAB_STARTED_AT:-$(date +%s)}
 
 # A progress line on stderr: "[lab +12s] message".
 step() {
-    printf '[lab +%ds] %s\n' "$((SECONDS - lab_started_at))" "$*" >&2
+    printf '[lab +%ds] %s\n' "$(($(date +%s) - LAB_STARTED_AT))" "$*" >&2
 }
 
 die() {
