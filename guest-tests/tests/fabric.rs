@@ -108,17 +108,24 @@ fn two_guests_talk_rdma_through_the_memcpy_fabric() {
             expect_contains(&server, needle).and(expect_contains(&client, needle))
         })
     };
-    for (tool, extra) in [
-        ("ibv_ud_pingpong", "-s 1024"),
-        ("ibv_srq_pingpong", "-s 4096 -q 4"),
+    // Several sizes and iteration counts each; a UD message must fit the 1024-byte MTU.
+    for (tool, extra, iters) in [
+        ("ibv_ud_pingpong", "-s 64", 200),
+        ("ibv_ud_pingpong", "-s 1024", 50),
+        ("ibv_srq_pingpong", "-s 64 -q 2", 100),
+        ("ibv_srq_pingpong", "-s 4096 -q 4", 50),
+        ("ibv_srq_pingpong", "-s 65536 -q 8", 20),
     ] {
         let result = pair(
             &mut lab,
-            &format!("{tool} -d vmw_pvrdma0 -g {g0} -n 50 {extra}"),
-            &format!("{tool} -d vmw_pvrdma0 -g {g1} -n 50 {extra} SERVER"),
+            &format!("{tool} -d vmw_pvrdma0 -g {g0} -n {iters} {extra}"),
+            &format!("{tool} -d vmw_pvrdma0 -g {g1} -n {iters} {extra} SERVER"),
             timeout,
         );
-        checks.check(&format!("{tool} {extra} x 50"), both(result, "iters in"));
+        checks.check(
+            &format!("{tool} {extra} x {iters}"),
+            both(result, &format!("{iters} iters in")),
+        );
     }
     // For one-sided operations only the requester (the client) measures and prints.
     let client = |result: Result<(String, String), String>, needle: &str| {
