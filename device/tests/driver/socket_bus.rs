@@ -56,6 +56,14 @@ pub const CONFIG_REGION: u32 = VFIO_PCI_CONFIG_REGION_INDEX;
 /// SET_IRQS flags QEMU uses to hand over an MSI-X vector's eventfd.
 pub const MSIX_EVENTFD_FLAGS: u32 = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
 
+/// The server's log filter by default: everything the device logs.
+pub const DEBUG_LOG: &str = "vfio_user_pvrdma=debug,info";
+
+/// A filter that keeps only what a [`SocketBus`] waits for (the vfio-user layer at debug),
+/// not the device's per-command lines: for measurements, where logging would be part of
+/// what is timed.
+pub const QUIET_LOG: &str = "vfio_user_pvrdma::vfio=debug,info";
+
 /// Command register bits QEMU's guest sets before using the device.
 pub const COMMAND_ENABLE: u16 = regs::COMMAND_MEMORY | regs::COMMAND_BUS_MASTER;
 
@@ -211,6 +219,13 @@ impl SocketServer {
     /// Starts the binary with `count` sockets (`fn0.sock`, `fn1.sock`, …) in a unique temp
     /// dir and waits until it listens on all of them.
     pub fn start(count: usize) -> Arc<SocketServer> {
+        SocketServer::start_logging(count, DEBUG_LOG)
+    }
+
+    /// [`SocketServer::start`] with `rust_log` as the server's `RUST_LOG`. It must keep the
+    /// lines the bus waits for: info everywhere and debug for `vfio_user_pvrdma::vfio` (DMA
+    /// maps, SET_IRQS), as [`QUIET_LOG`] does.
+    pub fn start_logging(count: usize, rust_log: &str) -> Arc<SocketServer> {
         assert!(count >= 1);
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let nanos = std::time::SystemTime::now()
@@ -230,7 +245,7 @@ impl SocketServer {
             command.arg("--socket").arg(socket);
         }
         let spawned = command
-            .env("RUST_LOG", "vfio_user_pvrdma=debug,info")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,0 +1,169 @@
+//! The raw baselines every figure is compared with, measured in the same run on the same
+//! machine: two threads ping-ponging one shared cache line, single-core memcpy of warm
+//! buffers, and a blocking UNIX-socket round trip between two threads (the transport a
+//! trapped doorbell rides on).
+//!
+//! The two-thread baselines pin their threads (never the caller's), so the scheduler cannot
+//! decide what is measured: the cache line crosses cores; the socket round trip is measured
+//! both with the threads on one core and on two, and the faster is the baseline.
+
+use std::hint::{black_box, spin_loop};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sched::{CpuSet, sched_setaffinity};
+use nix::unistd::Pid;
+
+/// Pins the calling thread to `cpu` (best effort: without it the figure is merely noisier).
+fn pin(cpu: usize) {
+    let mut set = CpuSet::new();
+    if set.set(cpu).is_ok() {
+        let _ = sched_setaffinity(Pid::from_raw(0), &set);
+    }
+}
+
+/// How many CPUs this process may use.
+pub fn cpus() -> usize {
+    thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// A cache line of its own (128 bytes: adjacent-line prefetch pairs lines).
+#[repr(align(128))]
+struct Line(AtomicU64);
+
+/// Round-trip times (ns) of `iterations` ping-pongs of one cache line between two spinning
+/// threads on CPUs 0 and 1, after `warmup` unrecorded ones. The pinger writes an odd value
+/// and spins until the ponger has answered with the next even one.
+pub fn cacheline_rtt(warmup: usize, iterations: usize) -> Vec<u64> {
+    let line = Line(AtomicU64::new(0));
+    let abort = AtomicBool::new(false);
+    let total = (warmup + iterations) as u64;
+    let cross = cpus() >= 2;
+    thread::scope(|s| {
+        s.spawn(|| {
+            if cross {
+                pin(1);
+            }
+            for i in 0..total {
+                if !spin_until(&line.0, 2 * i + 1, &abort) {
+                    return;
+                }
+                line.0.store(2 * i + 2, Ordering::Release);
+            }
+        });
+        s.spawn(|| {
+            if cross {
+                pin(0);
+            }
+            let mut samples = Vec::with_capacity(iterations);
+            for i in 0..total {
+                let start = Instant::now();
+                line.0.store(2 * i + 1, Ordering::Release);
+                if !spin_until(&line.0, 2 * i + 2, &abort) {
+                    abort.store(true, Ordering::Relaxed);
+                    panic!("the cache-line ponger stopped answering");
+                }
+                let rtt = start.elapsed();
+                if i >= warmup as u64 {
+                    samples.push(rtt.as_nanos() as u64);
+                }
+            }
+            samples
+        })
+        .join()
+        .expect("the cache-line pinger")
+    })
+}
+
+/// Spins until `line` holds `value`; false after 10 s or when `abort` is set.
+fn spin_until(line: &AtomicU64, value: u64, abort: &AtomicBool) -> bool {
+    let mut spins = 0u32;
+    let mut since: Option<Instant> = None;
+    while line.load(Ordering::Acquire) != value {
+        spin_loop();
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(1 << 16) {
+            if abort.load(Ordering::Relaxed) {
+                return false;
+            }
+            let started = *since.get_or_insert_with(Instant::now);
+            if started.elapsed() > Duration::from_secs(10) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Single-core memcpy bandwidth (GB/s, 10^9 bytes) for `size`-byte copies between two warm
+/// buffers: `runs` runs of at least `per_run` each, the median run.
+pub fn memcpy_gbytes_per_s(size: usize, runs: usize, per_run: Duration) -> f64 {
+    let src: Vec<u8> = (0..size).map(|i| i as u8).collect();
+    let mut dst = vec![0u8; size];
+    // Warm both buffers (and fault them in).
+    for _ in 0..4 {
+        dst.copy_from_slice(black_box(&src));
+        black_box(&mut dst);
+    }
+    // Copies per clock read: about 1 MiB.
+    let chunk = (1 << 20) / size.max(1) + 1;
+    let mut rates: Vec<f64> = (0..runs.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            let mut copies = 0u64;
+            loop {
+                for _ in 0..chunk {
+                    dst.copy_from_slice(black_box(&src));
+                    black_box(&mut dst);
+                }
+                copies += chunk as u64;
+                let elapsed = start.elapsed();
+                if elapsed >= per_run {
+                    break copies as f64 * size as f64 / elapsed.as_secs_f64() / 1e9;
+                }
+            }
+        })
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    rates[rates.len() / 2]
+}
+
+/// Round-trip times (ns) of `size`-byte messages between two threads over a blocking UNIX
+/// stream socketpair: write, then block in read for the echo, as a vfio-user client and
+/// server do. The pinger runs on CPU 0, the echoing thread on `echo_cpu`.
+pub fn unix_rtt(size: usize, echo_cpu: usize, warmup: usize, iterations: usize) -> Vec<u64> {
+    let (mut client, mut server) = UnixStream::pair().expect("socketpair");
+    let total = warmup + iterations;
+    let echo_cpu = echo_cpu.min(cpus() - 1);
+    thread::scope(|s| {
+        s.spawn(move || {
+            pin(echo_cpu);
+            let mut buf = vec![0u8; size];
+            for _ in 0..total {
+                server.read_exact(&mut buf).expect("echo read");
+                server.write_all(&buf).expect("echo write");
+            }
+        });
+        s.spawn(move || {
+            pin(0);
+            let out = vec![0x5au8; size];
+            let mut back = vec![0u8; size];
+            let mut samples = Vec::with_capacity(iterations);
+            for i in 0..total {
+                let start = Instant::now();
+                client.write_all(&out).expect("ping write");
+                client.read_exact(&mut back).expect("pong read");
+                let rtt = start.elapsed();
+                if i >= warmup {
+                    samples.push(rtt.as_nanos() as u64);
+                }
+            }
+            samples
+        })
+        .join()
+        .expect("the socket pinger")
+    })
+}

@@ -1,0 +1,604 @@
+//! Two guests on one real `vfio-user-pvrdma` process, played by the host-side test driver
+//! over two of the server's sockets (`SocketBus`: the guest RAM's memfd DMA_MAP'ed, the MSI-X
+//! eventfds assigned, every BAR access a vfio-user REGION_READ/REGION_WRITE message that
+//! waits for its reply). The server joins both functions into its memcpy fabric, so what
+//! guest A posts is copied straight into guest B's memory.
+//!
+//! Every doorbell here is *trapped*: a REGION_WRITE to BAR2 sent over the socket, the
+//! client blocked until the server has processed it and replied, as QEMU's vCPU is with
+//! posted writes off.
+
+use std::hint::spin_loop;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vfio_user_pvrdma::abi::{
+    Command, Cqe, CreateMrRequest, GID_TYPE_ROCE_V1, PAGE_SIZE, QpAttr, SendWqeHeader, Sge, access,
+    qp_type, send_flags, uar, wc_opcode, wc_status, wr_opcode,
+};
+use zerocopy::IntoBytes;
+
+use crate::driver::bus::{BAR_UAR, Bus};
+use crate::driver::commands::header;
+use crate::driver::layout::{PageDir, QpOwner, QpSizes};
+use crate::driver::memory::{self, GuestMemory, PageAllocator};
+use crate::driver::socket_bus::{QUIET_LOG, SocketBus, SocketServer};
+use crate::driver::verbs::{self, QpSpec, RC_INIT_MASK, RC_RTR_MASK, RC_RTS_MASK, ipv4_gid};
+use crate::driver::{Cq, Driver, Mr, Qp, Uc};
+
+pub type D = Driver<SocketBus>;
+
+/// The benchmark QPs: room for a batch of 32 sends, and 512 pre-posted receives (the depth
+/// `ibv_rc_pingpong` uses), one SGE each.
+pub const SIZES: QpSizes = QpSizes {
+    max_send_wr: 64,
+    max_recv_wr: RX_DEPTH,
+    max_send_sge: 1,
+    max_recv_sge: 1,
+    srq: false,
+};
+/// Receives posted up front.
+pub const RX_DEPTH: u32 = 512;
+/// Receives re-posted at once (one RQ doorbell) once this many were consumed.
+pub const REPOST: u32 = 256;
+/// Entries of each CQ.
+const CQE: u32 = 1024;
+/// Every 64th SEND is signaled (the SQ is 64 deep).
+const SIGNAL_EVERY: u64 = 64;
+
+/// The guests' registered buffer: user virtual address and length.
+const BUF_VA: u64 = 0x7f3a_0000_0000;
+const BUF_LEN: u64 = 2 << 20;
+/// Offsets in the buffer: RDMA WRITE source (A) and target (B), up to 1 MiB …
+const RDMA_AT: u64 = 0;
+/// … the one receive buffer every receive points at (as in `ibv_rc_pingpong`) …
+const RECV_AT: u64 = 1 << 20;
+/// … and the SEND payload.
+const SEND_AT: u64 = (1 << 20) + PAGE_SIZE;
+
+/// Guest RAM the driver allocates rings, tables and buffers from (per guest).
+const WORK_RAM: u64 = 64 << 20;
+
+/// Polls of an empty CQ after which a poller yields its CPU between polls, so that a
+/// spinning guest cannot starve a server thread when there are fewer CPUs than runnable
+/// threads (p99.9 would otherwise be scheduler time slices).
+const YIELD_AFTER: u32 = 2048;
+
+/// How long a spinning poller waits for a completion before giving up.
+const STALL: Duration = Duration::from_secs(10);
+
+/// Every remote right (and LOCAL_WRITE, which IB requires with REMOTE_WRITE).
+const ALL_ACCESS: u32 =
+    access::LOCAL_WRITE | access::REMOTE_WRITE | access::REMOTE_READ | access::REMOTE_ATOMIC;
+
+/// One guest: a probed function with a user context, a PD, a send and a receive CQ, an RC QP
+/// and a registered buffer.
+pub struct Guest {
+    pub d: D,
+    pub gid: [u8; 16],
+    pub uc: Uc,
+    pub pd: u32,
+    pub scq: Cq,
+    pub rcq: Cq,
+    pub qp: Qp,
+    pub mr: Mr,
+    /// BAR2 offset and value of this QP's SQ and RQ doorbells.
+    sq_bell: (u64, u32),
+    rq_bell: (u64, u32),
+    /// Receives posted and not yet consumed.
+    rx_posted: u32,
+}
+
+impl Guest {
+    fn new(mut d: D, ip: [u8; 4]) -> Guest {
+        let gid = ipv4_gid(ip);
+        d.probe();
+        d.create_bind(0, gid, GID_TYPE_ROCE_V1)
+            .expect("CREATE_BIND");
+        let uc = d.open_context().expect("CREATE_UC");
+        let pd = d.create_pd(uc.handle).expect("CREATE_PD");
+        let scq = d.create_cq_on(uc, CQE).expect("CREATE_CQ");
+        let rcq = d.create_cq_on(uc, CQE).expect("CREATE_CQ");
+        let qp = d
+            .create_qp_with(spec(uc, pd, &scq, &rcq))
+            .expect("CREATE_QP");
+        let mr = d
+            .reg_user_mr(pd, BUF_VA, BUF_LEN, ALL_ACCESS)
+            .expect("CREATE_MR");
+        let page = u64::from(uc.uar) * PAGE_SIZE;
+        Guest {
+            sq_bell: (page + uar::QP_OFFSET, qp.handle | uar::QP_SEND),
+            rq_bell: (page + uar::QP_OFFSET, qp.handle | uar::QP_RECV),
+            d,
+            gid,
+            uc,
+            pd,
+            scq,
+            rcq,
+            qp,
+            mr,
+            rx_posted: 0,
+        }
+    }
+
+    /// A trapped doorbell: one REGION_WRITE of BAR2 and its reply, straight on the client
+    /// (as QEMU forwards a vCPU's MMIO write).
+    fn doorbell(&mut self, (offset, value): (u64, u32)) {
+        self.d
+            .bus
+            .client()
+            .region_write(BAR_UAR, offset, &value.to_le_bytes())
+            .unwrap_or_else(|e| panic!("doorbell REGION_WRITE: {e}"));
+    }
+
+    pub fn ring_sq(&mut self) {
+        self.doorbell(self.sq_bell);
+    }
+
+    /// Guest address behind byte `offset` of the registered buffer.
+    fn phys(&self, offset: u64) -> u64 {
+        self.mr
+            .buffer
+            .as_ref()
+            .expect("a user MR")
+            .translate(BUF_VA + offset)
+    }
+
+    fn sge(&self, offset: u64, len: u32) -> Sge {
+        Sge {
+            addr: BUF_VA + offset,
+            length: len,
+            lkey: self.mr.lkey,
+        }
+    }
+
+    /// Writes a send WQE into the SQ (no doorbell).
+    fn push_send(&mut self, wqe: &[u8]) {
+        self.d
+            .post_send_raw(&self.qp, wqe)
+            .unwrap_or_else(|e| panic!("SQ post: {e:?}"));
+    }
+
+    /// Posts `count` receives of 64 bytes and rings the RQ doorbell once.
+    fn post_receives(&mut self, count: u32) {
+        let sge = self.sge(RECV_AT, 64);
+        for i in 0..count {
+            self.d
+                .post_recv_raw(&self.qp, u64::from(i), &[sge])
+                .unwrap_or_else(|e| panic!("RQ post: {e:?}"));
+        }
+        self.rx_posted += count;
+        self.doorbell(self.rq_bell);
+    }
+
+    /// After a receive was consumed: re-posts a batch once [`REPOST`] are used up.
+    fn consumed_receive(&mut self) {
+        self.rx_posted -= 1;
+        if self.rx_posted <= RX_DEPTH - REPOST {
+            self.post_receives(RX_DEPTH - self.rx_posted);
+        }
+    }
+
+    /// The next CQE of the send or receive CQ (`which`), polling guest memory (spinning,
+    /// then yielding after [`YIELD_AFTER`] empty polls); panics if none comes within
+    /// [`STALL`] or `abort` is set, and on any status but SUCCESS.
+    fn wait(&mut self, which: Which, abort: &AtomicBool) -> Cqe {
+        let cq = match which {
+            Which::Send => &self.scq,
+            Which::Recv => &self.rcq,
+        };
+        let mut spins = 0u32;
+        let mut since: Option<Instant> = None;
+        loop {
+            let polled = self
+                .d
+                .poll_cq(cq)
+                .unwrap_or_else(|e| panic!("CQ ring is corrupt: {e:?}"));
+            if let Some(cqe) = polled {
+                assert_eq!(
+                    cqe.status,
+                    wc_status::SUCCESS,
+                    "{which:?} completion failed: {cqe:?}"
+                );
+                return cqe;
+            }
+            spins = spins.wrapping_add(1);
+            if spins < YIELD_AFTER {
+                spin_loop();
+            } else {
+                thread::yield_now();
+            }
+            if spins.is_multiple_of(1024) {
+                assert!(!abort.load(Ordering::Relaxed), "the other guest gave up");
+                let started = *since.get_or_insert_with(Instant::now);
+                if started.elapsed() > STALL {
+                    abort.store(true, Ordering::Relaxed);
+                    panic!("no {which:?} completion within {STALL:?}");
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Which {
+    Send,
+    Recv,
+}
+
+fn spec(uc: Uc, pd: u32, scq: &Cq, rcq: &Cq) -> QpSpec {
+    QpSpec {
+        send_cq: scq.handle,
+        recv_cq: rcq.handle,
+        ..QpSpec::user(qp_type::RC, uc, pd, scq.handle, SIZES)
+    }
+}
+
+/// A send WQE of one SGE; `remote` is `(remote_addr, rkey)` for RDMA opcodes.
+fn wqe(wr_id: u64, opcode: u32, flags: u32, sge: Sge, remote: Option<(u64, u32)>) -> Vec<u8> {
+    let mut hdr = SendWqeHeader {
+        wr_id,
+        num_sge: 1,
+        total_len: 0,
+        opcode,
+        send_flags: flags,
+        ex: 0,
+        reserved: 0,
+        wr: [0; 48],
+    };
+    if let Some((addr, rkey)) = remote {
+        hdr.wr[0..8].copy_from_slice(&addr.to_le_bytes());
+        hdr.wr[8..12].copy_from_slice(&rkey.to_le_bytes());
+    }
+    let mut bytes = hdr.as_bytes().to_vec();
+    bytes.extend_from_slice(sge.as_bytes());
+    bytes
+}
+
+/// RESET → INIT (remote access allowed) → RTR → RTS, with `ibv_rc_pingpong`'s masks.
+fn connect(d: &mut D, qp: &Qp, peer_gid: [u8; 16], peer_qpn: u32) {
+    let init = QpAttr {
+        qp_access_flags: access::REMOTE_WRITE | access::REMOTE_READ | access::REMOTE_ATOMIC,
+        ..verbs::rc_init_attrs()
+    };
+    d.modify_qp(qp.handle, RC_INIT_MASK, &init)
+        .expect("MODIFY_QP to INIT");
+    let rtr = verbs::rc_rtr_attrs(peer_qpn, 0x1234, peer_gid, 0);
+    d.modify_qp(qp.handle, RC_RTR_MASK, &rtr)
+        .expect("MODIFY_QP to RTR");
+    d.modify_qp(qp.handle, RC_RTS_MASK, &verbs::rc_rts_attrs(0x5678))
+        .expect("MODIFY_QP to RTS");
+}
+
+/// The server and its two guests, A and B, with connected RC QPs and receives posted.
+pub struct Fabric {
+    pub server: Arc<SocketServer>,
+    pub a: Guest,
+    pub b: Guest,
+    /// Guest-physical start of A's RAM reserved for the big MR (never touched by the
+    /// driver's allocator), and its size.
+    big_at: u64,
+    big_len: u64,
+}
+
+impl Fabric {
+    /// Starts the server with two sockets and sets both guests up. Guest A's RAM has
+    /// `big_mr` bytes more than the driver's working RAM, kept for [`Fabric::register_big_mr`].
+    pub fn start(big_mr: u64) -> Fabric {
+        assert!(big_mr.is_multiple_of(PAGE_SIZE) && big_mr > 0);
+        let server = SocketServer::start_logging(2, QUIET_LOG);
+        let base = memory::DEFAULT_BASE;
+        let ram_a = GuestMemory::new(base, WORK_RAM + big_mr);
+        let mut da = Driver::new(SocketBus::connect(&server, 0, ram_a));
+        // The allocator only hands out the working RAM; the rest stays untouched.
+        da.alloc = PageAllocator::new(base, base + WORK_RAM);
+        let db = Driver::new(SocketBus::connect(
+            &server,
+            1,
+            GuestMemory::new(base, WORK_RAM),
+        ));
+        let mut a = Guest::new(da, [10, 0, 0, 1]);
+        let mut b = Guest::new(db, [10, 0, 0, 2]);
+        connect(&mut a.d, &a.qp, b.gid, b.qp.qpn);
+        connect(&mut b.d, &b.qp, a.gid, a.qp.qpn);
+        a.post_receives(RX_DEPTH);
+        b.post_receives(RX_DEPTH);
+        a.d.take_irqs();
+        b.d.take_irqs();
+        Fabric {
+            server,
+            a,
+            b,
+            big_at: base + WORK_RAM,
+            big_len: big_mr,
+        }
+    }
+
+    /// Round trips (ns) of a doorbell that finds nothing to do: A's SQ doorbell with its SQ
+    /// empty. The bare cost of trapping one doorbell.
+    pub fn empty_doorbell(&mut self, warmup: usize, iterations: usize) -> Vec<u64> {
+        let mut samples = Vec::with_capacity(iterations);
+        for i in 0..warmup + iterations {
+            let start = Instant::now();
+            self.a.ring_sq();
+            let rtt = start.elapsed();
+            if i >= warmup {
+                samples.push(rtt.as_nanos() as u64);
+            }
+        }
+        samples
+    }
+
+    /// `ibv_rc_pingpong` with 64-byte messages: A posts a SEND and rings its SQ doorbell,
+    /// B spins on its receive CQ (guest memory), answers with a SEND, A spins on its receive
+    /// CQ. Each guest runs on its own thread, as each guest's vCPU would; receives are
+    /// re-posted in batches after answering, off the critical path. Returns the round trips
+    /// (ns) A saw, after `warmup` unrecorded ones.
+    pub fn rc_send_pingpong(&mut self, warmup: usize, iterations: usize) -> Vec<u64> {
+        let total = (warmup + iterations) as u64;
+        let abort = AtomicBool::new(false);
+        let Fabric { a, b, .. } = self;
+        thread::scope(|s| {
+            let abort = &abort;
+            s.spawn(move || {
+                let plain = wqe(0, wr_opcode::SEND, 0, b.sge(SEND_AT, 64), None);
+                let signaled = wqe(
+                    1,
+                    wr_opcode::SEND,
+                    send_flags::SIGNALED,
+                    b.sge(SEND_AT, 64),
+                    None,
+                );
+                for i in 0..total {
+                    let cqe = b.wait(Which::Recv, abort);
+                    assert_eq!((cqe.opcode, cqe.byte_len), (wc_opcode::RECV, 64));
+                    let signal = (i + 1).is_multiple_of(SIGNAL_EVERY);
+                    b.push_send(if signal { &signaled } else { &plain });
+                    b.ring_sq();
+                    if signal {
+                        b.wait(Which::Send, abort);
+                    }
+                    b.consumed_receive();
+                }
+            });
+            let plain = wqe(0, wr_opcode::SEND, 0, a.sge(SEND_AT, 64), None);
+            let signaled = wqe(
+                1,
+                wr_opcode::SEND,
+                send_flags::SIGNALED,
+                a.sge(SEND_AT, 64),
+                None,
+            );
+            let mut samples = Vec::with_capacity(iterations);
+            for i in 0..total {
+                let signal = (i + 1).is_multiple_of(SIGNAL_EVERY);
+                let start = Instant::now();
+                a.push_send(if signal { &signaled } else { &plain });
+                a.ring_sq();
+                let cqe = a.wait(Which::Recv, abort);
+                let rtt = start.elapsed();
+                assert_eq!((cqe.opcode, cqe.byte_len), (wc_opcode::RECV, 64));
+                if i >= warmup as u64 {
+                    samples.push(rtt.as_nanos() as u64);
+                }
+                if signal {
+                    a.wait(Which::Send, abort);
+                }
+                a.consumed_receive();
+            }
+            samples
+        })
+    }
+
+    /// 64-byte SENDs from A to B, `batch` per SQ doorbell (the last one signaled), for at
+    /// least `duration`; B's receives stay pre-posted (B drains its receive CQ after each
+    /// batch and re-posts in batches of [`REPOST`]). One thread plays both guests, so B's
+    /// work is serialised with A's. Returns messages per second.
+    pub fn send_rate(&mut self, batch: u32, duration: Duration) -> f64 {
+        assert!(batch <= SIZES.max_send_wr, "the SQ holds the whole batch");
+        let abort = AtomicBool::new(false);
+        let (a, b) = (&mut self.a, &mut self.b);
+        let plain = wqe(0, wr_opcode::SEND, 0, a.sge(SEND_AT, 64), None);
+        let last = wqe(
+            1,
+            wr_opcode::SEND,
+            send_flags::SIGNALED,
+            a.sge(SEND_AT, 64),
+            None,
+        );
+        let mut messages = 0u64;
+        let start = Instant::now();
+        loop {
+            for i in 0..batch {
+                a.push_send(if i + 1 == batch { &last } else { &plain });
+            }
+            a.ring_sq();
+            for _ in 0..batch {
+                b.wait(Which::Recv, &abort);
+                b.consumed_receive();
+            }
+            a.wait(Which::Send, &abort);
+            messages += u64::from(batch);
+            let elapsed = start.elapsed();
+            if elapsed >= duration {
+                return messages as f64 / elapsed.as_secs_f64();
+            }
+        }
+    }
+
+    /// RDMA WRITEs of `size` bytes from A's buffer into B's, `batch` per SQ doorbell (the
+    /// last one signaled), for at least `duration`. Every WRITE copies the same source to
+    /// the same target, like the memcpy baseline and `ib_write_bw`. Returns bytes per second.
+    pub fn write_bandwidth(&mut self, size: u32, batch: u32, duration: Duration) -> f64 {
+        assert!(u64::from(size) <= RECV_AT - RDMA_AT && batch <= SIZES.max_send_wr);
+        let abort = AtomicBool::new(false);
+        let (a, b) = (&mut self.a, &mut self.b);
+        // A pattern in the source; the target checked after the first batch.
+        let pattern: Vec<u8> = (0..size)
+            .map(|i| (i % 251) as u8 ^ (size >> 10) as u8)
+            .collect();
+        write_virtual(a, RDMA_AT, &pattern);
+        let remote = Some((BUF_VA + RDMA_AT, b.mr.rkey));
+        let plain = wqe(0, wr_opcode::RDMA_WRITE, 0, a.sge(RDMA_AT, size), remote);
+        let last = wqe(
+            1,
+            wr_opcode::RDMA_WRITE,
+            send_flags::SIGNALED,
+            a.sge(RDMA_AT, size),
+            remote,
+        );
+        let post_batch = |a: &mut Guest| {
+            for i in 0..batch {
+                a.push_send(if i + 1 == batch { &last } else { &plain });
+            }
+            a.ring_sq();
+            let cqe = a.wait(Which::Send, &abort);
+            assert_eq!(cqe.opcode, wc_opcode::RDMA_WRITE);
+        };
+        post_batch(a);
+        assert!(
+            read_virtual(b, RDMA_AT, size as usize) == pattern,
+            "the RDMA WRITE of {size} bytes did not land in B's buffer"
+        );
+        let mut bytes = 0u64;
+        let start = Instant::now();
+        loop {
+            post_batch(a);
+            bytes += u64::from(size) * u64::from(batch);
+            let elapsed = start.elapsed();
+            if elapsed >= duration {
+                return bytes as f64 / elapsed.as_secs_f64();
+            }
+        }
+    }
+
+    /// Times (ns) of `count` QUERY_PORT commands on A, one after the other (after `warmup`):
+    /// the bare cost of a command, whose REQUEST write and ERR read are two round trips.
+    pub fn query_port_commands(&mut self, warmup: usize, count: usize) -> Vec<u64> {
+        let mut samples = Vec::with_capacity(count);
+        for i in 0..warmup + count {
+            let start = Instant::now();
+            self.a.d.query_port(1).expect("QUERY_PORT");
+            let elapsed = start.elapsed();
+            if i >= warmup {
+                samples.push(elapsed.as_nanos() as u64);
+            }
+        }
+        samples
+    }
+
+    /// Times (ns) from CREATE_QP to the QP in RTS, for `count` RC QPs of A: CREATE_QP and
+    /// three MODIFY_QP commands, each command a REQUEST write and an ERR read (two
+    /// round trips). The guest builds the QP's rings and page directory before the clock
+    /// starts; each QP is destroyed after it was timed.
+    pub fn qp_create_to_rts(&mut self, count: usize) -> Vec<u64> {
+        let a = &mut self.a;
+        let (peer_gid, peer_qpn) = (self.b.gid, self.b.qp.qpn);
+        let sizes = QpSizes {
+            max_send_wr: 16,
+            max_recv_wr: 16,
+            ..SIZES
+        };
+        let spec = QpSpec {
+            sizes,
+            ..spec(a.uc, a.pd, &a.scq, &a.rcq)
+        };
+        (0..count)
+            .map(|_| {
+                let layout = a.d.qp_layout(QpOwner::User, sizes);
+                let start = Instant::now();
+                let qp = a.d.create_qp_on_layout(spec, layout).expect("CREATE_QP");
+                connect(&mut a.d, &qp, peer_gid, peer_qpn);
+                let elapsed = start.elapsed();
+                a.d.destroy_qp(qp.handle).expect("DESTROY_QP");
+                elapsed.as_nanos() as u64
+            })
+            .collect()
+    }
+
+    /// Registers the reserved part of A's RAM as one MR and times the CREATE_MR command
+    /// (ns), then destroys it and times a second registration of the same pages. The guest
+    /// writes every page first, as it has written a buffer it registers, so the pages are
+    /// resident in the RAM's memfd; the server has never touched them. The page directory is built before the clock starts.
+    /// Returns `(first, again)`.
+    pub fn register_big_mr(&mut self) -> (u64, u64) {
+        let a = &mut self.a;
+        let (at, len) = (self.big_at, self.big_len);
+        let ram = a.d.bus.ram();
+        // The guest has written its buffer: every page is resident and holds data. (Pages
+        // only fallocate'd would still be zeroed on the server's first touch.)
+        let pages: Vec<u64> = (0..len / PAGE_SIZE).map(|i| at + i * PAGE_SIZE).collect();
+        for &page in &pages {
+            memory::write_u64(ram, page, page);
+        }
+        let pdir = PageDir::build(&mut a.d.alloc, ram, pages);
+        let request = CreateMrRequest {
+            hdr: header(Command::CreateMr),
+            start: 0x7f00_0000_0000,
+            length: len,
+            pdir_dma: pdir.dir,
+            pd_handle: a.pd,
+            access_flags: ALL_ACCESS,
+            flags: 0,
+            nchunks: pdir.count(),
+        };
+        let mut register = || {
+            let start = Instant::now();
+            let mr = a.d.create_mr(&request).expect("CREATE_MR of the big MR");
+            let elapsed = start.elapsed();
+            a.d.destroy_mr(mr.mr_handle).expect("DESTROY_MR");
+            elapsed.as_nanos() as u64
+        };
+        let first = register();
+        let again = register();
+        (first, again)
+    }
+}
+
+/// Writes `bytes` at byte `offset` of `g`'s registered buffer (page by page).
+fn write_virtual(g: &Guest, offset: u64, bytes: &[u8]) {
+    for (i, chunk) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
+        let at = offset + i as u64 * PAGE_SIZE;
+        assert!(at.is_multiple_of(PAGE_SIZE), "page-aligned offsets only");
+        memory::write_bytes(g.d.ram(), g.phys(at), chunk);
+    }
+}
+
+/// Reads `len` bytes at byte `offset` of `g`'s registered buffer.
+fn read_virtual(g: &Guest, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    for (i, chunk) in out.chunks_mut(PAGE_SIZE as usize).enumerate() {
+        let at = offset + i as u64 * PAGE_SIZE;
+        assert!(at.is_multiple_of(PAGE_SIZE), "page-aligned offsets only");
+        memory::read_bytes(g.d.ram(), g.phys(at), chunk);
+    }
+    out
+}
+
+/// CPU time the server process used (ns), summed over its threads
+/// (`/proc/<pid>/task/*/schedstat`), and its utime + stime in clock ticks
+/// (`/proc/<pid>/stat`).
+pub fn server_cpu(server: &SocketServer) -> (u64, u64) {
+    let pid = server.pid();
+    let mut ns = 0u64;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            ns += stat
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read the server's stat");
+    // Fields after the command name, which may contain spaces: state is field 3, utime 14,
+    // stime 15.
+    let rest = &stat[stat.rfind(')').expect("stat has a command name") + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |n: usize| -> u64 { fields[n - 3].parse().expect("a numeric stat field") };
+    (ns, ticks(14) + ticks(15))
+}

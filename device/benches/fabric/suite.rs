@@ -1,0 +1,183 @@
+//! One benchmark run: the raw baselines first, then the server and its two guests.
+
+use std::time::{Duration, Instant};
+
+use crate::baseline;
+use crate::guests::{self, Fabric};
+use crate::report::{Dist, Results};
+
+/// How long and how often each figure is measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// A short run: rougher figures.
+    pub quick: bool,
+    /// Unrecorded round trips before each latency measurement.
+    pub warmup: usize,
+    /// Recorded RC SEND round trips (and empty doorbells, and raw UNIX round trips).
+    pub round_trips: usize,
+    /// Recorded cache-line round trips.
+    pub cacheline_round_trips: usize,
+    /// memcpy: runs per size (the median is reported) and the length of each.
+    pub memcpy_runs: usize,
+    pub memcpy_run: Duration,
+    /// RDMA WRITE bandwidth: time per size (split into [`RUNS`] runs).
+    pub write_time: Duration,
+    /// 64-byte message rate: time (split into [`RUNS`] runs).
+    pub rate_time: Duration,
+    /// QPs timed from CREATE_QP to RTS.
+    pub qps: usize,
+    /// Size of the big MR (1 GiB unless a test shrinks it).
+    pub big_mr: u64,
+    /// Idle time over which the server's CPU use is measured.
+    pub idle_time: Duration,
+}
+
+impl Config {
+    /// The full run (about 15 s on two cores), or with `quick` a short one for smoke tests
+    /// (a few seconds; the figures are rougher).
+    pub fn new(quick: bool) -> Config {
+        if quick {
+            Config {
+                quick,
+                warmup: 200,
+                round_trips: 2_000,
+                cacheline_round_trips: 20_000,
+                memcpy_runs: 3,
+                memcpy_run: Duration::from_millis(20),
+                write_time: Duration::from_millis(100),
+                rate_time: Duration::from_millis(100),
+                qps: 20,
+                big_mr: 1 << 30,
+                idle_time: Duration::from_millis(500),
+            }
+        } else {
+            Config {
+                quick,
+                warmup: 2_000,
+                round_trips: 30_000,
+                cacheline_round_trips: 200_000,
+                memcpy_runs: 7,
+                memcpy_run: Duration::from_millis(60),
+                write_time: Duration::from_millis(700),
+                rate_time: Duration::from_millis(700),
+                qps: 100,
+                big_mr: 1 << 30,
+                idle_time: Duration::from_secs(3),
+            }
+        }
+    }
+}
+
+/// The transfer sizes of the bandwidth figures, and the WQEs posted per doorbell for each.
+pub const WRITE_SIZES: [(usize, u32); 3] = [(4 << 10, 32), (64 << 10, 16), (1 << 20, 4)];
+/// 64-byte SENDs per doorbell for the message rate.
+pub const SEND_BATCH: u32 = 32;
+
+/// Throughput figures are the median of this many runs (the VM's noise is bursty).
+const RUNS: usize = 5;
+
+/// The median of `runs` results of `measure`.
+fn median(runs: usize, mut measure: impl FnMut() -> f64) -> f64 {
+    let mut results: Vec<f64> = (0..runs).map(|_| measure()).collect();
+    results.sort_by(f64::total_cmp);
+    results[results.len() / 2]
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, `sysconf(_SC_CLK_TCK)`): 100 on
+/// every Linux architecture.
+const USER_HZ: f64 = 100.0;
+
+/// A progress line on stderr.
+fn step(started: Instant, what: &str) {
+    eprintln!("[bench +{:.1}s] {what}", started.elapsed().as_secs_f64());
+}
+
+/// Runs every measurement once.
+pub fn run(config: &Config) -> Results {
+    let started = Instant::now();
+    let c = config;
+
+    step(
+        started,
+        "baseline: cache-line ping-pong between two threads",
+    );
+    let cacheline = Dist::of(baseline::cacheline_rtt(
+        c.warmup * 10,
+        c.cacheline_round_trips,
+    ));
+    step(started, "baseline: single-core memcpy");
+    let memcpy = WRITE_SIZES
+        .map(|(size, _)| baseline::memcpy_gbytes_per_s(size, c.memcpy_runs, c.memcpy_run));
+    step(
+        started,
+        "baseline: UNIX socketpair 64 B ping-pong, threads on one core and on two",
+    );
+    let unix_same = Dist::of(baseline::unix_rtt(64, 0, c.warmup, c.round_trips));
+    let unix_cross = Dist::of(baseline::unix_rtt(64, 1, c.warmup, c.round_trips));
+    // The baseline is the faster placement: the best a socket round trip does here.
+    let unix = if unix_same.p50 <= unix_cross.p50 {
+        unix_same
+    } else {
+        unix_cross
+    };
+
+    step(started, "starting the server and two guests");
+    let mut fabric = Fabric::start(c.big_mr);
+
+    step(started, "server CPU use while idle");
+    let (ns0, ticks0) = guests::server_cpu(&fabric.server);
+    let idle_start = Instant::now();
+    std::thread::sleep(c.idle_time);
+    let (ns1, ticks1) = guests::server_cpu(&fabric.server);
+    let idle_secs = idle_start.elapsed().as_secs_f64();
+    let idle_cpu_percent = (ticks1 - ticks0) as f64 / USER_HZ / idle_secs * 100.0;
+    let idle_cpu_percent_schedstat = (ns1 - ns0) as f64 / 1e9 / idle_secs * 100.0;
+
+    step(started, "trapped doorbell round trip (empty SQ)");
+    let doorbell = Dist::of(fabric.empty_doorbell(c.warmup, c.round_trips));
+    step(started, "RC SEND 64 B ping-pong between the guests");
+    let rc_send = Dist::of(fabric.rc_send_pingpong(c.warmup, c.round_trips));
+    step(started, "64 B SEND message rate");
+    fabric.send_rate(SEND_BATCH, c.rate_time / 10);
+    let msg_rate = median(RUNS, || {
+        fabric.send_rate(SEND_BATCH, c.rate_time / RUNS as u32)
+    });
+    step(started, "RDMA WRITE bandwidth");
+    let write = WRITE_SIZES.map(|(size, batch)| {
+        fabric.write_bandwidth(size as u32, batch, c.write_time / 10);
+        median(RUNS, || {
+            fabric.write_bandwidth(size as u32, batch, c.write_time / RUNS as u32) / 1e9
+        })
+    });
+    step(started, "one command (QUERY_PORT)");
+    let command = Dist::of(fabric.query_port_commands(c.qps / 10, c.qps));
+    step(started, "QP create to RTS");
+    let qp = Dist::of(fabric.qp_create_to_rts(c.qps));
+    step(started, "big MR registration");
+    let (mr_first, mr_again) = fabric.register_big_mr();
+    step(started, "done");
+    drop(fabric);
+
+    Results {
+        doorbell_mode: "trapped",
+        quick: c.quick,
+        rc_send,
+        doorbell,
+        write,
+        memcpy,
+        msg_rate,
+        command,
+        qp,
+        mr_bytes: c.big_mr,
+        mr_first_ns: mr_first,
+        mr_again_ns: mr_again,
+        idle_cpu_percent,
+        idle_cpu_percent_schedstat,
+        idle_secs,
+        cacheline,
+        unix,
+        unix_same,
+        unix_cross,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}

@@ -1,0 +1,103 @@
+//! Smoke test of the memcpy-fabric benchmark (`benches/fabric.rs`, `scripts/bench`): one
+//! very short run of the benchmark's own code against the real server process, checking
+//! that it completes and that the JSON and the table carry every figure. Nothing about
+//! timing is asserted: the figures of a debug build on a shared CI machine mean nothing.
+
+mod driver;
+
+#[path = "../benches/fabric/baseline.rs"]
+mod baseline;
+#[path = "../benches/fabric/guests.rs"]
+mod guests;
+#[path = "../benches/fabric/report.rs"]
+mod report;
+#[path = "../benches/fabric/suite.rs"]
+mod suite;
+
+use std::time::Duration;
+
+/// The keys issue 5 requires (numbers), and the extra figures the benchmark adds.
+const NUMBERS: &[&str] = &[
+    "rc_send_64_rtt_us_p50",
+    "rc_send_64_rtt_us_p99",
+    "raw_cacheline_rtt_us_p50",
+    "raw_unix_rtt_us_p50",
+    "write_64k_gbytes_per_s",
+    "raw_memcpy_64k_gbytes_per_s",
+    "qp_create_to_rts_us",
+    "mr_register_1gib_ms",
+    "idle_cpu_percent",
+    "rc_send_64_rtt_us_p999",
+    "write_4k_gbytes_per_s",
+    "write_1m_gbytes_per_s",
+    "raw_memcpy_4k_gbytes_per_s",
+    "raw_memcpy_1m_gbytes_per_s",
+    "msg_rate_64_mpps",
+    "trapped_doorbell_rtt_us_p50",
+    "command_us_p50",
+    "mr_reregister_1gib_ms",
+    "ratio_rc_send_64_rtt_to_raw_unix",
+    "ratio_write_64k_to_memcpy",
+    "targets_met_count",
+];
+
+const TARGETS: &[&str] = &[
+    "rc_send_64_rtt",
+    "write_64k",
+    "qp_create_to_rts",
+    "mr_register_1gib",
+    "idle_cpu",
+];
+
+#[test]
+fn a_short_benchmark_run_reports_every_figure() {
+    // Far shorter than --quick, and a 16 MiB MR instead of 1 GiB (the JSON says so in
+    // mr_register_bytes): only the code paths matter here.
+    let config = suite::Config {
+        warmup: 20,
+        round_trips: 300,
+        cacheline_round_trips: 2_000,
+        memcpy_runs: 1,
+        memcpy_run: Duration::from_millis(5),
+        write_time: Duration::from_millis(25),
+        rate_time: Duration::from_millis(25),
+        qps: 10,
+        big_mr: 16 << 20,
+        idle_time: Duration::from_millis(100),
+        ..suite::Config::new(true)
+    };
+    let results = suite::run(&config);
+
+    let json: serde_json::Value =
+        serde_json::from_str(&results.json()).expect("the JSON output parses");
+    for key in NUMBERS {
+        let value = &json[*key];
+        assert!(
+            value.as_f64().is_some_and(f64::is_finite),
+            "{key} is not a finite number: {value}"
+        );
+    }
+    assert_eq!(json["doorbell_mode"], "trapped");
+    assert_eq!(json["mr_register_bytes"], 16 << 20);
+    assert_eq!(json["rc_send_64_rtt_samples"], 300);
+    for key in TARGETS {
+        assert!(json["targets_met"][*key].is_boolean(), "targets_met.{key}");
+    }
+
+    let table = results.table();
+    for row in [
+        "RC SEND 64 B round trip p50",
+        "RDMA WRITE 64 KiB",
+        "64 B SEND rate",
+        "RC QP create → RTS",
+        "16 MiB MR registration",
+        "Server CPU while idle",
+        "cache-line ping-pong",
+        "Targets met:",
+    ] {
+        assert!(
+            table.contains(row),
+            "the table has no {row:?} row:\n{table}"
+        );
+    }
+}
