@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// Guest RAM as the vfio-user client shared it (DMA_MAP windows).
@@ -53,6 +53,12 @@ pub fn write_bytes(mem: &GuestRam, addr: u64, bytes: &[u8]) -> Result<(), GuestF
         .ok_or(fault(addr, bytes.len()))?;
     mem.write_slice(bytes, GuestAddress(addr))
         .map_err(|_| fault(addr, bytes.len()))
+}
+
+/// Whether `[addr, addr + len)` is all guest RAM (no access is made).
+pub fn is_ram(mem: &GuestRam, addr: u64, len: u64) -> bool {
+    let (Some(_), Ok(len)) = (addr.checked_add(len), usize::try_from(len)) else { return false };
+    mem.check_range(GuestAddress(addr), len)
 }
 
 /// Reads a ring index the guest updates concurrently.

@@ -43,14 +43,13 @@ pub fn resolve(mem: &GuestRam, pdir_dma: u64, count: u64) -> Result<Vec<u64>, Pd
     Ok(pages)
 }
 
-/// A page-aligned address whose whole page is guest RAM.
+/// A page-aligned address whose whole page is guest RAM. A range check against the mapped
+/// regions, touching no guest memory: a 1 GiB registration checks 262 144 pages.
 fn check_page(mem: &GuestRam, addr: u64) -> Result<(), ()> {
-    if !addr.is_multiple_of(PAGE_SIZE) {
+    if !addr.is_multiple_of(PAGE_SIZE) || !memory::is_ram(mem, addr, PAGE_SIZE) {
         return Err(());
     }
-    let mut probe = [0u8; 1];
-    memory::read_bytes(mem, addr, &mut probe).map_err(|_| ())?;
-    memory::read_bytes(mem, addr.checked_add(PAGE_SIZE - 1).ok_or(())?, &mut probe).map_err(|_| ())
+    Ok(())
 }
 
 /// Test helper: lays out a directory for `pages` at `dir`, with table pages from `tables`.
