@@ -4,8 +4,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::GuestMemory;
 
-/// `len` bytes of guest memory at guest-physical `addr`, never crossing a 4 KiB page, so
-/// each segment lies inside one mapped region.
+/// `len` bytes of guest memory at guest-physical `addr`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
     pub addr: u64,
@@ -13,8 +12,11 @@ pub struct Segment {
 }
 
 const PAGE: u64 = 4096;
+/// Largest merged segment (keeps lengths in a u32 with room to spare).
+const MAX_SEGMENT: u32 = 1 << 30;
 
-/// A scatter-gather list: segments in order, split at page boundaries.
+/// A scatter-gather list: segments in order. Physically contiguous pieces are merged into
+/// one segment, so a buffer whose pages happen to be contiguous is copied in large runs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Sgl {
     segments: Vec<Segment>,
@@ -26,15 +28,26 @@ impl Sgl {
         Sgl::default()
     }
 
-    /// Appends `[addr, addr + len)`, split at page boundaries. `None` if it wraps.
+    /// Appends `[addr, addr + len)`, merged with the last segment when it continues it.
+    /// `None` if it wraps.
     pub fn push(&mut self, addr: u64, len: u64) -> Option<()> {
         addr.checked_add(len)?;
         let (mut addr, mut left) = (addr, len);
         while left > 0 {
-            let chunk = left.min(PAGE - addr % PAGE);
+            if let Some(last) = self.segments.last_mut()
+                && last.addr + u64::from(last.len) == addr
+                && last.len < MAX_SEGMENT
+            {
+                let grow = left.min(u64::from(MAX_SEGMENT - last.len));
+                last.len += grow as u32;
+                addr += grow;
+                left -= grow;
+                continue;
+            }
+            let chunk = left.min(u64::from(MAX_SEGMENT));
             self.segments.push(Segment {
                 addr,
-                len: u32::try_from(chunk).ok()?,
+                len: chunk as u32,
             });
             addr += chunk;
             left -= chunk;
@@ -95,15 +108,29 @@ pub fn copy(
     let mut done = 0u64;
     while done < total {
         let (s, d) = (src.segments[si], dst.segments[di]);
-        let chunk = (u64::from(s.len) - so)
+        let mut chunk = (u64::from(s.len) - so)
             .min(u64::from(d.len) - doff)
             .min(total - done);
+        let (from_addr, to_addr) = (s.addr + so, d.addr + doff);
+        // A merged segment may span two mapped regions (DMA windows that are adjacent in
+        // guest-physical space); such a run is copied page by page.
+        let whole = src_mem
+            .get_slice(GuestAddress(from_addr), chunk as usize)
+            .is_ok()
+            && dst_mem
+                .get_slice(GuestAddress(to_addr), chunk as usize)
+                .is_ok();
+        if !whole {
+            chunk = chunk
+                .min(PAGE - from_addr % PAGE)
+                .min(PAGE - to_addr % PAGE);
+        }
         let from = src_mem
-            .get_slice(GuestAddress(s.addr + so), chunk as usize)
-            .map_err(|_| CopyError::Unmapped(s.addr + so))?;
+            .get_slice(GuestAddress(from_addr), chunk as usize)
+            .map_err(|_| CopyError::Unmapped(from_addr))?;
         let to = dst_mem
-            .get_slice(GuestAddress(d.addr + doff), chunk as usize)
-            .map_err(|_| CopyError::Unmapped(d.addr + doff))?;
+            .get_slice(GuestAddress(to_addr), chunk as usize)
+            .map_err(|_| CopyError::Unmapped(to_addr))?;
         from.copy_to_volatile_slice(to);
         done += chunk;
         so += chunk;
@@ -131,26 +158,46 @@ mod tests {
     }
 
     #[test]
-    fn push_splits_at_pages_and_rejects_wrapping() {
+    fn push_merges_contiguous_pieces_and_rejects_wrapping() {
         let mut sgl = Sgl::new();
-        sgl.push(4000, 200).unwrap();
+        sgl.push(4000, 96).unwrap();
+        sgl.push(4096, 104).unwrap();
+        sgl.push(9000, 10).unwrap();
         assert_eq!(
             sgl.segments(),
             [
                 Segment {
                     addr: 4000,
-                    len: 96
+                    len: 200
                 },
                 Segment {
-                    addr: 4096,
-                    len: 104
+                    addr: 9000,
+                    len: 10
                 }
             ]
         );
-        assert_eq!(sgl.len(), 200);
+        assert_eq!(sgl.len(), 210);
         assert!(sgl.push(u64::MAX - 1, 4).is_none());
         assert_eq!(sgl.prefix(100).len(), 100);
-        assert_eq!(sgl.prefix(100).segments().len(), 2);
+        assert_eq!(sgl.prefix(205).segments().len(), 2);
+    }
+
+    #[test]
+    fn copy_crosses_adjacent_regions_page_by_page() {
+        // Two mappings adjacent in guest-physical space: one merged segment spans both.
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 8192), (GuestAddress(8192), 8192)])
+            .unwrap();
+        let data: Vec<u8> = (0..=255).cycle().take(6000).collect();
+        mem.write_slice(&data, GuestAddress(5000)).unwrap();
+        let mut src = Sgl::new();
+        src.push(5000, 6000).unwrap();
+        assert_eq!(src.segments().len(), 1);
+        let mut dst = Sgl::new();
+        dst.push(100, 6000).unwrap();
+        assert_eq!(copy(&mem, &src, &mem, &dst), Ok(6000));
+        let mut out = vec![0u8; 6000];
+        mem.read_slice(&mut out, GuestAddress(100)).unwrap();
+        assert_eq!(out, data);
     }
 
     #[test]
