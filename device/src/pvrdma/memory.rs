@@ -57,7 +57,9 @@ pub fn write_bytes(mem: &GuestRam, addr: u64, bytes: &[u8]) -> Result<(), GuestF
 
 /// Whether `[addr, addr + len)` is all guest RAM (no access is made).
 pub fn is_ram(mem: &GuestRam, addr: u64, len: u64) -> bool {
-    let (Some(_), Ok(len)) = (addr.checked_add(len), usize::try_from(len)) else { return false };
+    let (Some(_), Ok(len)) = (addr.checked_add(len), usize::try_from(len)) else {
+        return false;
+    };
     mem.check_range(GuestAddress(addr), len)
 }
 
