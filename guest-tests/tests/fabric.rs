@@ -26,6 +26,18 @@ echo "no IPv4 GID" >&2; exit 1
         .map_err(|e| e.to_string())
 }
 
+/// Waits (up to 30 s under TCG) until guest 0 has a TCP listener on 18515, or 2 s for rping.
+fn wait_listening(lab: &mut Lab, server: &str) -> Result<(), String> {
+    if server.starts_with("rping") {
+        std::thread::sleep(Duration::from_secs(2));
+        return Ok(());
+    }
+    lab.guest(0)
+        .check("for i in $(seq 300); do ss -Hltn 'sport = :18515' | grep -q LISTEN && exit 0; sleep 0.1; done; echo 'server never listened' >&2; exit 1")
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// Runs `server` in the background on `a`, then `client` on `b`, and returns both outputs.
 fn pair(
     lab: &mut Lab,
@@ -39,8 +51,9 @@ fn pair(
             "rm -f /tmp/server.out; ({server}) >/tmp/server.out 2>&1 & echo $! >/tmp/server.pid"
         ))
         .map_err(|e| e.to_string())?;
-    // The tools retry their TCP connect only briefly: give the server a moment to listen.
-    std::thread::sleep(Duration::from_millis(1500));
+    // The tools try their TCP connect once: wait until the server listens (the verbs tools and
+    // perftest exchange parameters on TCP port 18515; rping has no TCP socket to wait for).
+    wait_listening(lab, server)?;
     let client_out = lab
         .guest(1)
         .run_with_timeout(&client.replace("SERVER", &server_ip), timeout)

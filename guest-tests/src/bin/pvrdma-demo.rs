@@ -36,7 +36,10 @@ fn pair(lab: &mut Lab, title: &str, server: &str, client: &str) -> Result<()> {
     lab.guest(0).check(&format!(
         "({server}) >/tmp/demo.out 2>&1 & echo $! >/tmp/demo.pid"
     ))?;
-    std::thread::sleep(Duration::from_millis(1500));
+    // The tools try their TCP connect once: wait until the server listens on port 18515.
+    lab.guest(0).check(
+        "for i in $(seq 300); do ss -Hltn 'sport = :18515' | grep -q LISTEN && exit 0; sleep 0.1; done; exit 1",
+    )?;
     let client_out = lab
         .guest(1)
         .run_with_timeout(&format!("{client} {ip}"), Duration::from_secs(180))?;
