@@ -19,5 +19,6 @@
 
 pub mod abi;
 pub mod pci;
+pub mod profiler;
 pub mod pvrdma;
 pub mod vfio;

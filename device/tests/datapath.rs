@@ -39,6 +39,8 @@ mod hostile;
 mod memory_ext;
 #[path = "datapath/operations.rs"]
 mod operations;
+#[path = "datapath/profiler.rs"]
+mod profiler;
 #[path = "datapath/protection.rs"]
 mod protection;
 #[path = "datapath/rnr.rs"]

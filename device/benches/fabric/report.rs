@@ -18,6 +18,8 @@ pub const QP_CREATE_TO_RTS_US_MAX: f64 = 100.0;
 pub const MR_REGISTER_MS_MAX: f64 = 50.0;
 /// Idle CPU < 1 % of a core.
 pub const IDLE_CPU_PERCENT_MAX: f64 = 1.0;
+/// The profiler's stage timing costs ≤ 2 % of the 64 B message rate (issue 5, deliverable 3).
+pub const PROFILER_COST_PERCENT_MAX: f64 = 2.0;
 
 /// Percentiles of a set of durations, in µs (nearest rank).
 #[derive(Debug, Clone, Copy)]
@@ -62,6 +64,14 @@ pub struct Results {
     pub memcpy: [f64; 3],
     /// 64 B SENDs per second.
     pub msg_rate: f64,
+    /// The same, in the interleaved runs with the profiler's stage timing on and off.
+    pub msg_rate_profiler_on: f64,
+    pub msg_rate_profiler_off: f64,
+    /// The median over the interleaved pairs of 1 − on/off, in percent (negative: within
+    /// the noise).
+    pub profiler_cost_percent: f64,
+    /// One read of the server's profiler clock (`MonotonicClock::now_ns`), ns.
+    pub clock_read_ns: f64,
     /// One command (QUERY_PORT).
     pub command: Dist,
     /// CREATE_QP to RTS.
@@ -101,6 +111,19 @@ impl Results {
 
     pub fn write_to_memcpy(&self, i: usize) -> f64 {
         self.write[i] / self.memcpy[i]
+    }
+
+    /// What the profiler's stage timing costs, in percent of the message rate without it.
+    pub fn profiler_cost_percent(&self) -> f64 {
+        self.profiler_cost_percent
+    }
+
+    /// The cost the clock reads alone explain, in percent of the time of one message: about
+    /// 1 + 3/32 reads per 64 B SEND (data placed; the doorbell, CQE and interrupt of each
+    /// batch).
+    pub fn profiler_clock_percent(&self) -> f64 {
+        let reads = 1.0 + 3.0 / f64::from(SEND_BATCH);
+        reads * self.clock_read_ns * self.msg_rate_profiler_off / 1e9 * 100.0
     }
 
     pub fn mr_first_ms(&self) -> f64 {
@@ -177,6 +200,21 @@ impl Results {
         }
         put("msg_rate_64_mpps", num(self.msg_rate / 1e6));
         put("msg_rate_64_per_doorbell", SEND_BATCH.into());
+        put(
+            "msg_rate_64_profiler_on_mpps",
+            num(self.msg_rate_profiler_on / 1e6),
+        );
+        put(
+            "msg_rate_64_profiler_off_mpps",
+            num(self.msg_rate_profiler_off / 1e6),
+        );
+        put("profiler_cost_percent", num(self.profiler_cost_percent()));
+        put("profiler_cost_percent_max", num(PROFILER_COST_PERCENT_MAX));
+        put("profiler_clock_read_ns", num(self.clock_read_ns));
+        put(
+            "profiler_clock_reads_percent",
+            num(self.profiler_clock_percent()),
+        );
         put("command_us_p50", num(self.command.p50));
         put("qp_create_to_rts_us", num(self.qp.p50));
         put("qp_create_to_rts_us_p90", num(self.qp.p90));
@@ -321,6 +359,25 @@ impl Results {
         row(
             &mut out,
             [
+                "64 B SEND rate profiler on / off",
+                &format!(
+                    "{:.3} / {:.3}",
+                    self.msg_rate_profiler_on / 1e6,
+                    self.msg_rate_profiler_off / 1e6
+                ),
+                &format!("cost {:.2} %", self.profiler_cost_percent()),
+                &ratio(self.msg_rate_profiler_on / self.msg_rate_profiler_off),
+                "≤ 2 %",
+                if self.profiler_cost_percent() <= PROFILER_COST_PERCENT_MAX {
+                    "PASS"
+                } else {
+                    "MISS"
+                },
+            ],
+        );
+        row(
+            &mut out,
+            [
                 "RC QP create → RTS (median)",
                 &us(self.qp.p50),
                 "",
@@ -393,6 +450,15 @@ impl Results {
             format!(
                 "{:.1} / {:.1} / {:.1} GB/s",
                 self.memcpy[0], self.memcpy[1], self.memcpy[2]
+            ),
+        );
+        line(
+            &mut out,
+            "profiler clock read; its share of one 64 B SEND's time",
+            format!(
+                "{:.1} ns; {:.2} %",
+                self.clock_read_ns,
+                self.profiler_clock_percent()
             ),
         );
         line(

@@ -1,6 +1,9 @@
 //! One benchmark run: the raw baselines first, then the server and its two guests.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+use vfio_user_pvrdma::profiler::control;
 
 use crate::baseline;
 use crate::guests::{self, Fabric};
@@ -76,6 +79,24 @@ pub const SEND_BATCH: u32 = 32;
 /// Throughput figures are the median of this many runs (the VM's noise is bursty).
 const RUNS: usize = 5;
 
+/// Pairs of back-to-back message-rate runs (profiler on, profiler off), each a tenth of
+/// the message-rate time: the profiler's cost is the median of the pairs' ratios, which
+/// cancels the slow drift of a shared machine.
+const PROFILER_PAIRS: usize = 21;
+
+/// If set, the benchmark writes the SVG histogram of guest A's QP (device 0) there after
+/// the profiler runs, and prints the stats table on stderr (docs/profiler-example.svg is
+/// made this way).
+pub const SVG_ENV: &str = "PVRDMA_BENCH_PROFILER_SVG";
+
+/// Switches the server's stage timing through its control socket.
+fn set_profiling(control_path: &Path, on: bool) {
+    let request = if on { "profile on" } else { "profile off" };
+    let answer = control::request(control_path, request, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("control socket {}: {e}", control_path.display()));
+    assert!(answer.starts_with("ok:"), "{request}: {answer}");
+}
+
 /// The median of `runs` results of `measure`.
 fn median(runs: usize, mut measure: impl FnMut() -> f64) -> f64 {
     let mut results: Vec<f64> = (0..runs).map(|_| measure()).collect();
@@ -142,6 +163,49 @@ pub fn run(config: &Config) -> Results {
     let msg_rate = median(RUNS, || {
         fabric.send_rate(SEND_BATCH, c.rate_time / RUNS as u32)
     });
+    step(
+        started,
+        "64 B SEND message rate with the profiler's timing on and off",
+    );
+    let control_path = fabric.server.control().to_path_buf();
+    let (mut on, mut off, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for pair in 0..PROFILER_PAIRS {
+        // Alternate the order so that drift favours neither.
+        let mut rates = [0.0; 2];
+        for profiling in [pair % 2 == 0, pair % 2 != 0] {
+            set_profiling(&control_path, profiling);
+            rates[usize::from(profiling)] = fabric.send_rate(SEND_BATCH, c.rate_time / 10);
+        }
+        off.push(rates[0]);
+        on.push(rates[1]);
+        ratios.push(rates[1] / rates[0]);
+    }
+    let median_of = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (msg_rate_profiler_on, msg_rate_profiler_off) = (median_of(&mut on), median_of(&mut off));
+    let profiler_cost_percent = (1.0 - median_of(&mut ratios)) * 100.0;
+    let clock_read_ns = baseline::clock_read_ns();
+    if let Some(path) = std::env::var_os(SVG_ENV) {
+        set_profiling(&control_path, true);
+        // The table goes to stderr with the progress lines.
+        match control::request(&control_path, "stats", Duration::from_secs(10)) {
+            Ok(table) => eprint!("{table}"),
+            Err(e) => eprintln!("stats: {e}"),
+        }
+        let request = format!("svg 0 {}", fabric.a.qp.handle);
+        match control::request(&control_path, &request, Duration::from_secs(10)) {
+            Ok(svg) if svg.starts_with("<svg") => match std::fs::write(&path, svg) {
+                Ok(()) => step(started, &format!("wrote {}", Path::new(&path).display())),
+                Err(e) => eprintln!("cannot write {}: {e}", Path::new(&path).display()),
+            },
+            Ok(answer) => eprintln!("{request}: {answer}"),
+            Err(e) => eprintln!("{request}: {e}"),
+        }
+    }
+    // The server's default.
+    set_profiling(&control_path, false);
     step(started, "RDMA WRITE bandwidth");
     let write = WRITE_SIZES.map(|(size, batch)| {
         fabric.write_bandwidth(size as u32, batch, c.write_time / 10);
@@ -166,6 +230,10 @@ pub fn run(config: &Config) -> Results {
         write,
         memcpy,
         msg_rate,
+        msg_rate_profiler_on,
+        msg_rate_profiler_off,
+        profiler_cost_percent,
+        clock_read_ns,
         command,
         qp,
         mr_bytes: c.big_mr,

@@ -10,8 +10,16 @@ use super::ring::RingError;
 use super::{Interrupts, PvrdmaDevice};
 use crate::abi::{self, Cqe, RecvWqeHeader, SendWqeHeader, wc_opcode, wc_status, wr_opcode};
 
+/// When a timed completion was written and its interrupt raised (profiler clock, ns).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Written {
+    pub cqe_ns: u64,
+    pub irq_ns: Option<u64>,
+}
+
 /// Appends `cqe` to `cq` and notifies the guest if the CQ is armed for it. A full or corrupt
-/// CQ is never overwritten: it is marked broken and the guest gets CQ_ERR (§6.6).
+/// CQ is never overwritten: it is marked broken and the guest gets CQ_ERR (§6.6). With
+/// `timed` and profiling on, returns when the CQE was written and the interrupt raised.
 pub(super) fn complete(
     device: &mut PvrdmaDevice,
     mem: &GuestRam,
@@ -19,12 +27,18 @@ pub(super) fn complete(
     cq_handle: u32,
     cqe: &Cqe,
     solicited: bool,
-) {
-    let Some(cq) = device.objects.cqs.get_mut(cq_handle) else {
-        return;
-    };
+    timed: bool,
+) -> Option<Written> {
+    if cqe.status != wc_status::SUCCESS
+        && let Some(qp) = u32::try_from(cqe.qp)
+            .ok()
+            .and_then(|handle| device.objects.qps.get_mut(handle))
+    {
+        qp.stats.completion_errors += 1;
+    }
+    let cq = device.objects.cqs.get_mut(cq_handle)?;
     if cq.broken {
-        return;
+        return None;
     }
     match cq.ring.push(mem, cqe.as_bytes()) {
         Ok(()) => {}
@@ -32,7 +46,7 @@ pub(super) fn complete(
             warn!("CQ {cq_handle} cannot take a completion ({e}); reporting CQ_ERR");
             cq.broken = true;
             device.post_event(mem, irq, abi::event::CQ_ERR, cq_handle);
-            return;
+            return None;
         }
     }
     let notify = match cq.arm {
@@ -40,10 +54,15 @@ pub(super) fn complete(
         Arm::Solicited => solicited || cqe.status != wc_status::SUCCESS,
         Arm::Disarmed => false,
     };
+    let cqe_ns = if timed { device.profiler.now() } else { None };
+    let mut irq_ns = None;
     if notify {
         cq.arm = Arm::Disarmed;
-        device.notify_cq(mem, irq, cq_handle);
+        if device.notify_cq(mem, irq, cq_handle) && cqe_ns.is_some() {
+            irq_ns = device.profiler.now();
+        }
     }
+    cqe_ns.map(|cqe_ns| Written { cqe_ns, irq_ns })
 }
 
 /// The completion opcode for a send work request's opcode.
@@ -129,8 +148,9 @@ pub(super) fn flush_qp(
             }
         }
     }
+    qp.stats.wqes_posted += flushed.len() as u64;
     for (cq, cqe) in flushed {
-        complete(device, mem, irq, cq, &cqe, false);
+        complete(device, mem, irq, cq, &cqe, false, false);
     }
     // A queue whose producer index is corrupt cannot be drained: tell the guest (rule 16).
     if corrupt {

@@ -35,12 +35,21 @@ pub(super) fn ring(
                 return;
             };
             // Work posted to a QP in the error state completes at once, flushed (§9.1).
-            if qp.attr.qp_state == qp_state::ERR {
+            let in_error = qp.attr.qp_state == qp_state::ERR;
+            let send = value & uar::QP_SEND != 0;
+            let rang = if send { device.profiler.now() } else { None };
+            if let Some(qp) = device.objects.qps.get_mut(handle) {
+                qp.stats.doorbells += 1;
+                if let Some(ns) = rang {
+                    qp.doorbell_ns = ns;
+                }
+            }
+            if in_error {
                 super::completion::flush_qp(device, mem, irq, handle);
                 return;
             }
-            if value & uar::QP_SEND != 0 {
-                super::datapath::process_send_queue(device, mem, irq, net, handle);
+            if send {
+                super::datapath::process_send_queue(device, mem, irq, net, handle, rang);
             }
             // New receives may be what a stalled sender (maybe this device's own, in
             // loopback) waits for; other devices' senders are resumed by the fabric.

@@ -14,6 +14,7 @@ mod dsr;
 pub mod memory;
 mod objects;
 mod pdir;
+pub mod profile;
 mod ring;
 mod table;
 
@@ -22,10 +23,13 @@ use pvrdma_backend::{Network, Outcome, RemoteError, Request};
 
 pub use caps::Limits;
 pub use memory::GuestRam;
+pub use profile::{Clock, Histogram, QpStats, Stage};
 
 use crate::abi::{self, regs};
 use dsr::SharedRegion;
 use objects::Objects;
+use profile::Profiler;
+use std::sync::Arc;
 
 /// Where the device's interrupts go (MSI-X vectors, already filtered by IMR).
 pub trait Interrupts {
@@ -77,6 +81,8 @@ pub struct PvrdmaDevice {
     imr: u32,
     mac: [u32; 2],
     objects: Objects,
+    /// Kept across resets, like the configuration.
+    profiler: Profiler,
 }
 
 impl PvrdmaDevice {
@@ -92,12 +98,44 @@ impl PvrdmaDevice {
             icr: 0,
             imr: u32::MAX,
             mac: [0; 2],
+            profiler: Profiler::default(),
         }
     }
 
-    /// Power-on state: every object destroyed, every guest address forgotten.
+    /// Power-on state: every object destroyed, every guest address forgotten. The profiler's
+    /// switch and clock stay.
     pub fn reset(&mut self) {
+        let profiler = std::mem::take(&mut self.profiler);
         *self = PvrdmaDevice::new(self.config);
+        self.profiler = profiler;
+    }
+
+    /// The clock stage latencies are measured with (none until one is given: all 0).
+    pub fn set_clock(&mut self, clock: Arc<dyn Clock>) {
+        self.profiler.clock = clock;
+    }
+
+    /// Turns the stage timing on or off (counters are always kept).
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profiler.enabled = on;
+    }
+
+    pub fn profiling(&self) -> bool {
+        self.profiler.enabled
+    }
+
+    /// The profiler's figures for every QP, by handle.
+    pub fn qp_stats(&self) -> Vec<(u32, QpStats)> {
+        self.objects
+            .qps
+            .iter()
+            .map(|(handle, qp)| (handle, qp.stats))
+            .collect()
+    }
+
+    /// The profiler's figures for QP `handle`.
+    pub fn qp_stats_of(&self, handle: u32) -> Option<QpStats> {
+        self.objects.qps.get(handle).map(|qp| qp.stats)
     }
 
     pub fn limits(&self) -> &Limits {
@@ -265,12 +303,16 @@ impl PvrdmaDevice {
         }
     }
 
-    /// Raises `vector` unless IMR masks it; the cause is latched in ICR either way.
-    fn raise(&mut self, irq: &mut dyn Interrupts, vector: u16) {
+    /// Raises `vector` unless IMR masks it; the cause is latched in ICR either way. Returns
+    /// whether the interrupt went out.
+    fn raise(&mut self, irq: &mut dyn Interrupts, vector: u16) -> bool {
         let bit = 1u32 << vector;
         self.icr |= bit;
         if self.imr & bit == 0 {
             irq.raise(vector);
+            true
+        } else {
+            false
         }
     }
 
@@ -285,15 +327,18 @@ impl PvrdmaDevice {
             .async_ring
             .push(mem, zerocopy::IntoBytes::as_bytes(&eqe))
         {
-            Ok(()) => self.raise(irq, abi::vector::ASYNC_EVENT),
+            Ok(()) => {
+                self.raise(irq, abi::vector::ASYNC_EVENT);
+            }
             Err(e) => warn!("async event {event_type} for {info} dropped: {e}"),
         }
     }
 
     /// Tells the driver that `cq` has a new completion: one CQ notification per arm.
-    fn notify_cq(&mut self, mem: &GuestRam, irq: &mut dyn Interrupts, cq: u32) {
+    /// Returns whether an interrupt went out.
+    fn notify_cq(&mut self, mem: &GuestRam, irq: &mut dyn Interrupts, cq: u32) -> bool {
         let Some(shared) = self.shared.as_mut() else {
-            return;
+            return false;
         };
         let cqne = abi::Cqne { info: cq };
         match shared
@@ -301,7 +346,10 @@ impl PvrdmaDevice {
             .push(mem, zerocopy::IntoBytes::as_bytes(&cqne))
         {
             Ok(()) => self.raise(irq, abi::vector::CQ_NOTIFY),
-            Err(e) => warn!("CQ notification for CQ {cq} dropped: {e}"),
+            Err(e) => {
+                warn!("CQ notification for CQ {cq} dropped: {e}");
+                false
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The objects a guest creates through commands, and the tables that hold them.
 
 use super::caps::Limits;
+use super::profile::QpStats;
 use super::ring::Ring;
 use super::table::HandleTable;
 use crate::abi::{QpAttr, SrqAttr};
@@ -108,6 +109,12 @@ pub struct Qp {
     /// The send queue's head waits for the peer to post a receive (RNR): retried when any
     /// device of the fabric gets a receive doorbell.
     pub stalled: bool,
+    /// The profiler's counters and histograms.
+    pub stats: QpStats,
+    /// The WQE at the send queue's head was already counted as an RNR stall.
+    pub rnr_counted: bool,
+    /// When the last send doorbell rang (profiling on only).
+    pub doorbell_ns: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

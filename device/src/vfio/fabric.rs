@@ -8,13 +8,42 @@
 //! also takes the lock) can never pull memory out from under a copy.
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use log::{debug, warn};
 use pvrdma_backend::memcpy::MemcpyFabric;
 use pvrdma_backend::{Outcome, RemoteError, Request, Responder};
 
 use super::irqs::MsixEventfds;
-use crate::pvrdma::{DeviceConfig, GuestRam, Interrupts, PvrdmaDevice};
+use crate::profiler::{DeviceSnapshot, Snapshot};
+use crate::pvrdma::{Clock, DeviceConfig, GuestRam, Interrupts, PvrdmaDevice};
+
+/// The server's clock for the profiler: monotonic nanoseconds since the clock was made.
+#[derive(Debug, Clone, Copy)]
+pub struct MonotonicClock {
+    origin: Instant,
+}
+
+impl MonotonicClock {
+    pub fn new() -> MonotonicClock {
+        MonotonicClock {
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for MonotonicClock {
+    #[inline]
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
 
 /// One device's state that peers reach.
 #[derive(Debug)]
@@ -30,8 +59,10 @@ pub struct Slot {
 
 impl Slot {
     fn new(config: DeviceConfig) -> Slot {
+        let mut device = PvrdmaDevice::new(config);
+        device.set_clock(Arc::new(MonotonicClock::new()));
         Slot {
-            device: PvrdmaDevice::new(config),
+            device,
             ram: GuestRam::default(),
             no_ram: GuestRam::default(),
             msix: MsixEventfds::default(),
@@ -94,6 +125,33 @@ impl Fabric {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Turns the profiler's stage timing on or off on every device.
+    pub fn set_profiling(&self, on: bool) {
+        let mut fabric = self.lock();
+        for index in fabric.indices() {
+            fabric.with_endpoint(index, |slot, _| slot.device.set_profiling(on));
+        }
+    }
+
+    /// A copy of every device's profiler figures, taken under the lock and nothing else.
+    pub fn profile(&self) -> Snapshot {
+        let mut fabric = self.lock();
+        let mut profiling = false;
+        let devices = fabric
+            .indices()
+            .filter_map(|index| {
+                fabric.with_endpoint(index, |slot, _| {
+                    profiling |= slot.device.profiling();
+                    DeviceSnapshot {
+                        index,
+                        qps: slot.device.qp_stats(),
+                    }
+                })
+            })
+            .collect();
+        Snapshot { profiling, devices }
     }
 
     /// Runs `work` on slot `index` with the rest of the fabric as its network, then lets

@@ -211,6 +211,8 @@ pub struct SocketServer {
     pid: Pid,
     dir: PathBuf,
     sockets: Vec<PathBuf>,
+    /// The profiler's control socket (`--control`).
+    control: PathBuf,
     log: Mutex<ServerLog>,
     watchdog: Watchdog,
 }
@@ -240,10 +242,12 @@ impl SocketServer {
         let sockets: Vec<PathBuf> = (0..count)
             .map(|i| dir.join(format!("fn{i}.sock")))
             .collect();
+        let control = dir.join("control.sock");
         let mut command = Command::new(env!("CARGO_BIN_EXE_vfio-user-pvrdma"));
         for socket in &sockets {
             command.arg("--socket").arg(socket);
         }
+        command.arg("--control").arg(&control);
         let spawned = command
             .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
@@ -279,6 +283,7 @@ impl SocketServer {
                 cursors: vec![0; count],
             }),
             sockets,
+            control,
             watchdog: Watchdog::start(pid),
         });
         for (i, socket) in server.sockets.iter().enumerate() {
@@ -286,6 +291,11 @@ impl SocketServer {
             assert!(socket.exists(), "{} was not created", socket.display());
         }
         server
+    }
+
+    /// The path of the profiler's control socket (bound before any `--socket` listens).
+    pub fn control(&self) -> &Path {
+        &self.control
     }
 
     /// The path of socket `index`.

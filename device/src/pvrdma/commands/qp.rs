@@ -114,6 +114,9 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
         max_send_sge: req.max_send_sge,
         max_recv_sge: req.max_recv_sge,
         stalled: false,
+        stats: Default::default(),
+        doorbell_ns: 0,
+        rnr_counted: false,
         attr: QpAttr {
             qp_state: qp_state::RESET,
             cap,

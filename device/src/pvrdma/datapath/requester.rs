@@ -13,27 +13,43 @@ use crate::abi::{self, Cqe, qp_state, qp_type, send_flags, wc_status, wr_opcode}
 use crate::pvrdma::completion::{self, send_completion_opcode};
 use crate::pvrdma::memory::GuestRam;
 use crate::pvrdma::objects::KERNEL_CONTEXT;
+use crate::pvrdma::profile::Stage;
 use crate::pvrdma::{Interrupts, PvrdmaDevice};
+
+/// The profiler's view of one pass over a send queue: when its doorbell rang, and when the
+/// device last finished something (the next WQE is picked up then).
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub doorbell_ns: u64,
+    pub last_ns: u64,
+}
 
 /// Processes the send queue of `qp_handle` until it is empty, stalls on a receiver that is
 /// not ready, or fails. Bounded by the queue size, so a guest cannot keep the device busy.
+/// `started` is when the pass began (profiling on only): the doorbell, or the resumption of
+/// a stalled queue.
 pub fn process_send_queue(
     device: &mut PvrdmaDevice,
     mem: &GuestRam,
     irq: &mut dyn Interrupts,
     net: &mut dyn Network,
     qp_handle: u32,
+    started: Option<u64>,
 ) {
-    let Some(bound) = device
+    let Some((bound, doorbell_ns)) = device
         .objects
         .qps
         .get(qp_handle)
-        .map(|qp| qp.sq.indices().max())
+        .map(|qp| (qp.sq.indices().max(), qp.doorbell_ns))
     else {
         return;
     };
+    let mut timing = started.map(|last_ns| Timing {
+        doorbell_ns,
+        last_ns,
+    });
     for _ in 0..bound {
-        if !step(device, mem, irq, net, qp_handle) {
+        if !step(device, mem, irq, net, qp_handle, &mut timing) {
             break;
         }
     }
@@ -57,7 +73,8 @@ pub fn resume_stalled(
         if let Some(qp) = device.objects.qps.get_mut(handle) {
             qp.stalled = false;
         }
-        process_send_queue(device, mem, irq, net, handle);
+        let started = device.profiler.now();
+        process_send_queue(device, mem, irq, net, handle, started);
     }
 }
 
@@ -79,6 +96,7 @@ fn step(
     irq: &mut dyn Interrupts,
     net: &mut dyn Network,
     qp_handle: u32,
+    timing: &mut Option<Timing>,
 ) -> bool {
     let Some(qp) = device.objects.qps.get(qp_handle) else {
         return false;
@@ -221,6 +239,11 @@ fn step(
     } else {
         net.deliver(&request)
     };
+    let placed_ns = if timing.is_some() {
+        device.profiler.now()
+    } else {
+        None
+    };
     let datagram = matches!(plan.service, Service::Datagram { .. });
     let rnr_retry = device
         .objects
@@ -232,7 +255,12 @@ fn step(
         // Datagrams are unreliable: a drop is a successful send.
         Err(_) if datagram => wc_status::SUCCESS,
         // RNR with rnr_retry 0: the first RNR NAK fails the request (IB).
-        Err(RemoteError::ReceiverNotReady) if rnr_retry == 0 => wc_status::RNR_RETRY_EXC_ERR,
+        Err(RemoteError::ReceiverNotReady) if rnr_retry == 0 => {
+            if let Some(qp) = device.objects.qps.get_mut(qp_handle) {
+                qp.stats.rnr_stalls += 1;
+            }
+            wc_status::RNR_RETRY_EXC_ERR
+        }
         Err(RemoteError::ReceiverNotReady) => {
             // RNR: keep the WQE at the head and retry when a receive is posted anywhere in
             // the fabric. There is no timer to count retry intervals, so any non-zero
@@ -240,6 +268,11 @@ fn step(
             // guest tool sets) does. docs/backends.md.
             if let Some(qp) = device.objects.qps.get_mut(qp_handle) {
                 qp.stalled = true;
+                // Once per WQE, however often the fabric retries it.
+                if !qp.rnr_counted {
+                    qp.stats.rnr_stalls += 1;
+                    qp.rnr_counted = true;
+                }
             }
             return false;
         }
@@ -266,6 +299,22 @@ fn step(
     if qp.sq.consume(mem).is_err() {
         return false;
     }
+    qp.rnr_counted = false;
+    let moved = result.map_or(0, |outcome| outcome.bytes);
+    let stats = &mut qp.stats;
+    stats.wqes_posted += 1;
+    stats.wqes_completed += 1;
+    match header.opcode {
+        wr_opcode::RDMA_READ | wr_opcode::ATOMIC_CMP_AND_SWP | wr_opcode::ATOMIC_FETCH_AND_ADD => {
+            stats.bytes_received += moved;
+        }
+        _ => stats.bytes_sent += moved,
+    }
+    if let (Some(t), Some(placed)) = (timing.as_mut(), placed_ns) {
+        stats.record(Stage::Pickup, t.last_ns.saturating_sub(t.doorbell_ns));
+        stats.record(Stage::Place, placed.saturating_sub(t.last_ns));
+        t.last_ns = placed;
+    }
     let cq = qp.send_cq;
     if plan.signaled {
         let byte_len = u32::try_from(plan.local.len()).unwrap_or(u32::MAX);
@@ -276,7 +325,19 @@ fn step(
             byte_len,
             ..Cqe::default()
         };
-        completion::complete(device, mem, irq, cq, &cqe, false);
+        let written = completion::complete(device, mem, irq, cq, &cqe, false, timing.is_some());
+        if let (Some(t), Some(w)) = (timing.as_mut(), written)
+            && let Some(qp) = device.objects.qps.get_mut(qp_handle)
+        {
+            qp.stats
+                .record(Stage::Complete, w.cqe_ns.saturating_sub(t.last_ns));
+            t.last_ns = w.cqe_ns;
+            if let Some(irq_ns) = w.irq_ns {
+                qp.stats
+                    .record(Stage::Interrupt, irq_ns.saturating_sub(w.cqe_ns));
+                t.last_ns = irq_ns;
+            }
+        }
     }
     true
 }
@@ -310,6 +371,8 @@ fn local_memory_op(
             if qp.sq.consume(mem).is_err() {
                 return false;
             }
+            qp.stats.wqes_posted += 1;
+            qp.stats.wqes_completed += 1;
             let cq = qp.send_cq;
             if signaled {
                 let cqe = Cqe {
@@ -318,7 +381,7 @@ fn local_memory_op(
                     opcode: send_completion_opcode(header.opcode),
                     ..Cqe::default()
                 };
-                completion::complete(device, mem, irq, cq, &cqe, false);
+                completion::complete(device, mem, irq, cq, &cqe, false, false);
             }
             true
         }
@@ -433,7 +496,10 @@ fn fail(
     let Some(qp) = device.objects.qps.get_mut(qp_handle) else {
         return;
     };
-    let _ = qp.sq.consume(mem);
+    if qp.sq.consume(mem).is_ok() {
+        qp.stats.wqes_posted += 1;
+    }
+    qp.rnr_counted = false;
     let cq = qp.send_cq;
     let cqe = Cqe {
         wr_id,
@@ -442,7 +508,7 @@ fn fail(
         status,
         ..Cqe::default()
     };
-    completion::complete(device, mem, irq, cq, &cqe, false);
+    completion::complete(device, mem, irq, cq, &cqe, false, false);
     to_error(device, qp_handle);
     completion::flush_qp(device, mem, irq, qp_handle);
 }

@@ -140,6 +140,7 @@ pub fn respond(
             )
             .map_err(|_| RemoteError::AccessError)?;
             copy(request.memory, payload, mem, &target).map_err(|_| RemoteError::AccessError)?;
+            count_bytes(device, qpn, 0, payload.len());
             if imm.is_some() {
                 let empty = Sgl::new();
                 receive(
@@ -176,6 +177,7 @@ pub fn respond(
             .map_err(|_| RemoteError::AccessError)?;
             let bytes =
                 copy(mem, &source, request.memory, reply).map_err(|_| RemoteError::AccessError)?;
+            count_bytes(device, qpn, bytes, 0);
             Ok(Outcome { bytes })
         }
         Operation::Atomic {
@@ -221,8 +223,17 @@ pub fn respond(
             let scratch = original.to_le_bytes();
             write_sgl(request.memory, &reply.prefix(8), &scratch)
                 .map_err(|_| RemoteError::OperationError)?;
+            count_bytes(device, qpn, 8, 0);
             Ok(Outcome { bytes: 8 })
         }
+    }
+}
+
+/// Adds to the profiler's byte counters of QP `qpn`.
+fn count_bytes(device: &mut PvrdmaDevice, qpn: u32, sent: u64, received: u64) {
+    if let Some(qp) = device.objects.qps.get_mut(qpn) {
+        qp.stats.bytes_sent += sent;
+        qp.stats.bytes_received += received;
     }
 }
 
@@ -288,6 +299,9 @@ fn has_receive(device: &PvrdmaDevice, mem: &GuestRam, qpn: u32) -> bool {
 }
 
 fn consume_receive(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut dyn Interrupts, qpn: u32) {
+    if let Some(qp) = device.objects.qps.get_mut(qpn) {
+        qp.stats.wqes_posted += 1;
+    }
     match recv_queue(device, qpn) {
         Some(RecvQueue::Own) => {
             if let Some(rq) = device
@@ -448,7 +462,11 @@ fn receive(
         wc_flags: flags,
         ..base
     };
-    completion::complete(device, mem, irq, cq, &cqe, solicited);
+    if let Some(qp) = device.objects.qps.get_mut(qpn) {
+        qp.stats.wqes_completed += 1;
+        qp.stats.bytes_received += payload.len();
+    }
+    completion::complete(device, mem, irq, cq, &cqe, solicited, false);
     Ok(Outcome {
         bytes: payload.len(),
     })
@@ -466,7 +484,7 @@ fn fail_receive(
     refused: RemoteError,
 ) -> RemoteError {
     consume_receive(device, mem, irq, qpn);
-    completion::complete(device, mem, irq, cq, cqe, true);
+    completion::complete(device, mem, irq, cq, cqe, true, false);
     refused
 }
 

@@ -1,0 +1,241 @@
+//! The queue-pair profiler's reporting half: a copy of every device's per-QP figures
+//! ([`Snapshot`], taken under the fabric lock by `Fabric::profile`), printed as a text table,
+//! as JSON, or as an SVG histogram of one QP ([`svg`]), and the control socket that serves
+//! them from a running server ([`control`]). docs/profiler.md.
+
+pub mod control;
+pub mod svg;
+
+use std::fmt::Write as _;
+
+use serde_json::{Map, Value, json};
+
+use crate::pvrdma::profile::{Histogram, QpStats, Stage};
+
+/// Every device's QPs and their figures, copied out of the fabric.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Whether stage timing is on (counters are always kept).
+    pub profiling: bool,
+    pub devices: Vec<DeviceSnapshot>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeviceSnapshot {
+    /// The device's index: the order of its `--socket` on the command line, from 0.
+    pub index: usize,
+    /// QP handle and figures, by handle.
+    pub qps: Vec<(u32, QpStats)>,
+}
+
+impl Snapshot {
+    /// The figures of QP `qp` of device `device`.
+    pub fn qp(&self, device: usize, qp: u32) -> Option<&QpStats> {
+        self.devices
+            .iter()
+            .find(|d| d.index == device)?
+            .qps
+            .iter()
+            .find(|(handle, _)| *handle == qp)
+            .map(|(_, stats)| stats)
+    }
+
+    /// The human-readable form: one row of counters per QP, then one row per QP and stage
+    /// that has samples.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "profiling: {} (stage timing; counters are always kept)",
+            if self.profiling { "on" } else { "off" }
+        );
+        let _ = writeln!(
+            out,
+            "{:>3} {:>5} {:>10} {:>10} {:>10} {:>7} {:>14} {:>14} {:>8}",
+            "dev",
+            "qp",
+            "doorbells",
+            "posted",
+            "completed",
+            "errors",
+            "bytes sent",
+            "bytes recv",
+            "rnr"
+        );
+        let mut any = false;
+        for d in &self.devices {
+            for (qp, s) in &d.qps {
+                any = true;
+                let _ = writeln!(
+                    out,
+                    "{:>3} {:>5} {:>10} {:>10} {:>10} {:>7} {:>14} {:>14} {:>8}",
+                    d.index,
+                    qp,
+                    s.doorbells,
+                    s.wqes_posted,
+                    s.wqes_completed,
+                    s.completion_errors,
+                    s.bytes_sent,
+                    s.bytes_received,
+                    s.rnr_stalls
+                );
+            }
+        }
+        if !any {
+            let _ = writeln!(out, "(no QPs)");
+            return out;
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:>3} {:>5} {:<8} {:<32} {:>10} {:>9} {:>9} {:>9} {:>9}",
+            "dev", "qp", "stage", "span", "samples", "mean µs", "p50 µs", "p99 µs", "max µs"
+        );
+        let mut timed = false;
+        for d in &self.devices {
+            for (qp, s) in &d.qps {
+                for stage in Stage::ALL {
+                    let h = s.stage(stage);
+                    if h.count == 0 {
+                        continue;
+                    }
+                    timed = true;
+                    let _ = writeln!(
+                        out,
+                        "{:>3} {:>5} {:<8} {:<32} {:>10} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+                        d.index,
+                        qp,
+                        stage.name(),
+                        stage.span(),
+                        h.count,
+                        h.mean_ns() / 1e3,
+                        h.quantile_ns(0.5) as f64 / 1e3,
+                        h.quantile_ns(0.99) as f64 / 1e3,
+                        h.max_ns as f64 / 1e3
+                    );
+                }
+            }
+        }
+        if !timed {
+            let _ = writeln!(out, "(no stage samples yet)");
+        }
+        out
+    }
+
+    /// The machine-readable form: one JSON object.
+    pub fn json(&self) -> String {
+        let devices: Vec<Value> = self
+            .devices
+            .iter()
+            .map(|d| {
+                let qps: Vec<Value> = d.qps.iter().map(|(qp, s)| qp_json(*qp, s)).collect();
+                json!({ "device": d.index, "qps": qps })
+            })
+            .collect();
+        let value = json!({
+            "profiling": self.profiling,
+            "bucket_unit": "ns",
+            "bucket_rule": "bucket i holds [2^i, 2^(i+1)) ns; bucket 0 also holds 0; the last holds everything above",
+            "devices": devices,
+        });
+        serde_json::to_string_pretty(&value).expect("JSON of plain numbers")
+    }
+}
+
+fn qp_json(qp: u32, s: &QpStats) -> Value {
+    let mut stages = Map::new();
+    for stage in Stage::ALL {
+        stages.insert(
+            stage.name().to_string(),
+            histogram_json(stage, s.stage(stage)),
+        );
+    }
+    json!({
+        "qp": qp,
+        "doorbells": s.doorbells,
+        "wqes_posted": s.wqes_posted,
+        "wqes_completed": s.wqes_completed,
+        "completion_errors": s.completion_errors,
+        "bytes_sent": s.bytes_sent,
+        "bytes_received": s.bytes_received,
+        "rnr_stalls": s.rnr_stalls,
+        "stages": stages,
+    })
+}
+
+fn histogram_json(stage: Stage, h: &Histogram) -> Value {
+    json!({
+        "span": stage.span(),
+        "count": h.count,
+        "sum_ns": h.sum_ns,
+        "min_ns": h.min_ns(),
+        "max_ns": h.max_ns,
+        "mean_ns": (h.mean_ns() * 10.0).round() / 10.0,
+        "p50_ns": h.quantile_ns(0.5),
+        "p99_ns": h.quantile_ns(0.99),
+        "buckets": h.buckets.to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Snapshot {
+        let mut s = QpStats {
+            doorbells: 3,
+            wqes_posted: 10,
+            wqes_completed: 9,
+            completion_errors: 1,
+            bytes_sent: 640,
+            bytes_received: 64,
+            rnr_stalls: 2,
+            ..QpStats::default()
+        };
+        s.stages[Stage::Place as usize].record(1500);
+        s.stages[Stage::Place as usize].record(3000);
+        Snapshot {
+            profiling: true,
+            devices: vec![
+                DeviceSnapshot {
+                    index: 0,
+                    qps: vec![(2, s)],
+                },
+                DeviceSnapshot {
+                    index: 1,
+                    qps: vec![],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn the_table_has_counters_and_stage_rows() {
+        let table = sample().table();
+        assert!(table.starts_with("profiling: on"), "{table}");
+        assert!(table.contains("  0     2          3         10          9       1            640             64        2"), "{table}");
+        assert!(table.contains("place"), "{table}");
+        assert!(
+            !table.contains("pickup"),
+            "empty stages are left out:\n{table}"
+        );
+        assert!(Snapshot::default().table().contains("(no QPs)"));
+    }
+
+    #[test]
+    fn the_json_carries_every_counter_and_bucket() {
+        let v: Value = serde_json::from_str(&sample().json()).expect("valid JSON");
+        assert_eq!(v["profiling"], true);
+        let qp = &v["devices"][0]["qps"][0];
+        assert_eq!(qp["qp"], 2);
+        assert_eq!(qp["rnr_stalls"], 2);
+        assert_eq!(qp["completion_errors"], 1);
+        let place = &qp["stages"]["place"];
+        assert_eq!(place["count"], 2);
+        assert_eq!(place["min_ns"], 1500);
+        assert_eq!(place["buckets"].as_array().map(Vec::len), Some(32));
+        assert_eq!(place["buckets"][10], 1);
+        assert_eq!(place["buckets"][11], 1);
+        assert_eq!(v["devices"][1]["qps"].as_array().map(Vec::len), Some(0));
+    }
+}
