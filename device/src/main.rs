@@ -23,6 +23,7 @@ use vfio_user_pvrdma::pvrdma::{DeviceConfig, caps};
 use vfio_user_pvrdma::vfio::PciFunctionBackend;
 use vfio_user_pvrdma::vfio::fabric::Fabric;
 use vfio_user_pvrdma::vfio::listener::{self, ListenError};
+use vfio_user_pvrdma::vfio::uar::DoorbellMode;
 
 /// vfio-user server emulating a VMware paravirtual RDMA NIC (PVRDMA, PCI 15ad:0820).
 ///
@@ -76,6 +77,19 @@ struct Cli {
         default_missing_value = "on"
     )]
     profile: Switch,
+
+    /// How guests ring doorbells. `trapped`: every doorbell is an MMIO write QEMU forwards
+    /// as a vfio-user message (the default: exact and simple). `exit-free`: the UAR pages
+    /// are mapped into the guest and a poller thread watches them and the rings, so a
+    /// doorbell costs the guest no VM exit (docs/doorbells.md).
+    #[arg(long, value_enum, value_name = "MODE", default_value = "trapped")]
+    doorbells: Doorbells,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Doorbells {
+    Trapped,
+    ExitFree,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -200,7 +214,11 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
     let mut serving = Vec::new();
     for (index, (path, server)) in servers.into_iter().enumerate() {
         info!("listening on {}", path.display());
-        let mut backend = PciFunctionBackend::in_fabric(&fabric, device_config(index));
+        let mode = match cli.doorbells {
+            Doorbells::Trapped => DoorbellMode::Trapped,
+            Doorbells::ExitFree => DoorbellMode::ExitFree,
+        };
+        let mut backend = PciFunctionBackend::with_doorbells(&fabric, device_config(index), mode);
         let spawned = thread::Builder::new()
             .name(path.display().to_string())
             .spawn(move || listener::serve(&server, &mut backend));
@@ -234,7 +252,46 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
         info!("control socket listening on {}", path.display());
     }
 
+    if cli.doorbells == Doorbells::ExitFree {
+        let target = fabric.clone();
+        let spawned = thread::Builder::new()
+            .name("doorbell poller".into())
+            .spawn(move || poll_doorbells(&target));
+        if let Err(source) = spawned {
+            remove_sockets(&serving);
+            return Err(StartupError::Thread {
+                path: PathBuf::from("doorbell poller"),
+                source,
+            });
+        }
+        info!("doorbells are exit-free: polling the UAR pages");
+    }
+
     signals.wait().map_err(StartupError::SignalWait)
+}
+
+/// The exit-free poller: spins while guests are busy, then backs off to at most 1 ms between
+/// polls, so an idle server costs almost nothing and a busy one answers in microseconds.
+fn poll_doorbells(fabric: &Fabric) -> ! {
+    const SPIN_POLLS: u32 = 2_000;
+    const MAX_SLEEP: std::time::Duration = std::time::Duration::from_millis(1);
+    let mut idle_polls = 0u32;
+    loop {
+        if fabric.poll_doorbells() {
+            idle_polls = 0;
+            continue;
+        }
+        idle_polls = idle_polls.saturating_add(1);
+        if idle_polls < SPIN_POLLS {
+            std::hint::spin_loop();
+            if idle_polls.is_multiple_of(64) {
+                thread::yield_now();
+            }
+        } else {
+            let backoff = 1u32 << (idle_polls - SPIN_POLLS).min(10);
+            thread::sleep(MAX_SLEEP.min(std::time::Duration::from_micros(u64::from(backoff))));
+        }
+    }
 }
 
 /// The `stats` and `profile` subcommands: one request to a running server's control

@@ -75,7 +75,21 @@ fn pair(
 #[test]
 #[ignore = "boots QEMU guests; run by scripts/test after scripts/lab"]
 fn two_guests_talk_rdma_through_the_memcpy_fabric() {
-    let mut lab = Lab::start(LabConfig::new("fabric", 2, AGENT)).unwrap_or_else(|e| panic!("{e}"));
+    talk_rdma(LabConfig::new("fabric", 2, AGENT));
+}
+
+/// The same tools with exit-free doorbells: the UAR pages are mapped into the guests and the
+/// server polls them (docs/doorbells.md).
+#[test]
+#[ignore = "boots QEMU guests; run by scripts/test after scripts/lab"]
+fn two_guests_talk_rdma_with_exit_free_doorbells() {
+    let mut config = LabConfig::new("fabric-exit-free", 2, AGENT);
+    config.server_args = vec!["--doorbells".into(), "exit-free".into()];
+    talk_rdma(config);
+}
+
+fn talk_rdma(config: LabConfig) {
+    let mut lab = Lab::start(config).unwrap_or_else(|e| panic!("{e}"));
     let mut checks = Checks::default();
     let gid0 = prepare(lab.guest(0));
     let gid1 = prepare(lab.guest(1));

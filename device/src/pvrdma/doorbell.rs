@@ -67,10 +67,22 @@ pub(super) fn ring(
                 debug!("CQ doorbell {value:#x} for a CQ not owned by UAR page {page}");
                 return;
             };
-            if value & uar::CQ_ARM != 0 {
+            let armed = if value & uar::CQ_ARM != 0 {
                 cq.arm = Arm::NextCompletion;
+                true
             } else if value & uar::CQ_ARM_SOL != 0 && cq.arm != Arm::NextCompletion {
                 cq.arm = Arm::Solicited;
+                true
+            } else {
+                false
+            };
+            // An arm that finds completions the guest has not consumed yet notifies at once:
+            // they may have arrived after the guest last polled but before the device saw the
+            // arm (always possible with exit-free doorbells, which are seen late). A spurious
+            // notification is harmless; a missed one hangs a guest waiting for its event.
+            if armed && !cq.broken && cq.ring.unconsumed(mem).is_ok_and(|n| n > 0) {
+                cq.arm = Arm::Disarmed;
+                device.notify_cq(mem, irq, handle);
             }
             // POLL asks for completions the device still holds; this device writes every
             // CQE synchronously, so there is never anything to flush.

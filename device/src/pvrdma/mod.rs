@@ -14,6 +14,7 @@ mod dsr;
 pub mod memory;
 mod objects;
 mod pdir;
+mod poll;
 pub mod profile;
 mod ring;
 mod table;

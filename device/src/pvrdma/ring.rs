@@ -196,6 +196,12 @@ impl Ring {
 
     // ---- device as producer (CQ, async events, CQ notifications) ----
 
+    /// Elements the device produced that the guest has not consumed yet.
+    pub fn unconsumed(&self, mem: &GuestRam) -> Result<u32, RingError> {
+        let cons = self.checked(memory::load_u32(mem, self.cons_addr())?)?;
+        Ok(self.indices.pending(self.own, cons))
+    }
+
     /// Appends `bytes` as the next element and publishes it; `Full` leaves the ring untouched.
     pub fn push(&mut self, mem: &GuestRam, bytes: &[u8]) -> Result<(), RingError> {
         let cons = self.checked(memory::load_u32(mem, self.cons_addr())?)?;

@@ -14,10 +14,12 @@ use super::dma::{self, DmaWindows, Unmapped};
 use super::fabric::{Fabric, MsixSink, Slot};
 use super::guest_ram;
 use super::protocol::{self, DeviceBackend, Errno, IrqDescriptor, RegionDescriptor};
-use super::regions::{Region, server_irqs, server_regions};
+use super::regions::{Region, server_irqs, server_regions_with_uar};
+use super::uar::{DoorbellMode, UarPages};
 use crate::pci::{ConfigSpace, ids};
 use crate::pvrdma::{DeviceConfig, GuestRam};
 use pvrdma_backend::Network;
+use std::sync::Arc;
 
 // We advertise the DMA table's capacity as `max_dma_maps`.
 const _: () = assert!(dma::MAX_WINDOWS == protocol::MAX_DMA_MAPS as usize);
@@ -48,12 +50,33 @@ impl PciFunctionBackend {
 
     /// A function whose device joins `fabric`: its guests reach the other devices there.
     pub fn in_fabric(fabric: &Fabric, config: DeviceConfig) -> Self {
+        Self::with_doorbells(fabric, config, DoorbellMode::Trapped)
+    }
+
+    /// As [`PciFunctionBackend::in_fabric`], with doorbells trapped or exit-free. If the UAR
+    /// memfd cannot be made, the function falls back to trapped doorbells (with a warning).
+    pub fn with_doorbells(fabric: &Fabric, config: DeviceConfig, mode: DoorbellMode) -> Self {
+        let slot = fabric.add_device(config);
+        let uar = match mode {
+            DoorbellMode::Trapped => None,
+            DoorbellMode::ExitFree => match UarPages::new() {
+                Ok(uar) => Some(Arc::new(uar)),
+                Err(e) => {
+                    warn!("exit-free doorbells unavailable ({e}); doorbells stay trapped");
+                    None
+                }
+            },
+        };
+        let uar_fd = uar.as_ref().and_then(|uar| uar.fd().ok());
+        if let Some(uar) = uar {
+            fabric.set_uar(slot, uar);
+        }
         Self {
             config: ConfigSpace::default(),
             dma: DmaWindows::default(),
-            slot: fabric.add_device(config),
+            slot,
             fabric: fabric.clone(),
-            regions: server_regions(),
+            regions: server_regions_with_uar(uar_fd),
             irqs: server_irqs(),
         }
     }
@@ -88,6 +111,9 @@ impl PciFunctionBackend {
             .with_slot(|slot, _| {
                 let objects = slot.device.object_count();
                 slot.device.reset();
+                if let Some(uar) = &slot.uar {
+                    uar.clear();
+                }
                 slot.ram = GuestRam::default();
                 (objects, slot.msix.clear())
             })
@@ -279,6 +305,9 @@ impl DeviceBackend for PciFunctionBackend {
         self.with_slot(|slot, _| {
             slot.msix.clear();
             slot.device.reset();
+            if let Some(uar) = &slot.uar {
+                uar.clear();
+            }
             slot.bus_master = false;
         });
         Ok(())

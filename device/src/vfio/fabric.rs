@@ -15,6 +15,7 @@ use pvrdma_backend::memcpy::MemcpyFabric;
 use pvrdma_backend::{Outcome, RemoteError, Request, Responder};
 
 use super::irqs::MsixEventfds;
+use super::uar::UarPages;
 use crate::profiler::{DeviceSnapshot, Snapshot};
 use crate::pvrdma::{Clock, DeviceConfig, GuestRam, Interrupts, PvrdmaDevice};
 
@@ -55,6 +56,8 @@ pub struct Slot {
     pub no_ram: GuestRam,
     pub msix: MsixEventfds,
     pub bus_master: bool,
+    /// The UAR pages, when doorbells are exit-free.
+    pub uar: Option<Arc<UarPages>>,
 }
 
 impl Slot {
@@ -67,6 +70,7 @@ impl Slot {
             no_ram: GuestRam::default(),
             msix: MsixEventfds::default(),
             bus_master: false,
+            uar: None,
         }
     }
 
@@ -117,6 +121,52 @@ impl Fabric {
     /// Adds a device; returns its slot index.
     pub fn add_device(&self, config: DeviceConfig) -> usize {
         self.lock().add(Slot::new(config))
+    }
+
+    /// Makes slot `index`'s doorbells exit-free: the poller reads them from `uar`.
+    pub fn set_uar(&self, index: usize, uar: Arc<UarPages>) {
+        self.lock()
+            .with_endpoint(index, |slot, _| slot.uar = Some(uar));
+    }
+
+    /// One poll of every exit-free device's doorbells; whether anything happened.
+    pub fn poll_doorbells(&self) -> bool {
+        let mut fabric = self.lock();
+        let mut activity = false;
+        for index in fabric.indices() {
+            fabric.with_endpoint(index, |slot, net| {
+                let Some(uar) = slot.uar.clone() else { return };
+                if !slot.bus_master {
+                    return;
+                }
+                let mut irq = MsixSink {
+                    msix: &slot.msix,
+                    bus_master: slot.bus_master,
+                };
+                activity |= slot
+                    .device
+                    .poll_uar(&slot.ram, &mut irq, net, &mut |offset| uar.take(offset));
+            });
+        }
+        if activity {
+            for index in fabric.indices() {
+                fabric.with_endpoint(index, |slot, net| {
+                    if slot.device.has_stalled_work() {
+                        let mem = if slot.bus_master {
+                            &slot.ram
+                        } else {
+                            &slot.no_ram
+                        };
+                        let mut irq = MsixSink {
+                            msix: &slot.msix,
+                            bus_master: slot.bus_master,
+                        };
+                        slot.device.resume_stalled(mem, &mut irq, net);
+                    }
+                });
+            }
+        }
+        activity
     }
 
     /// The fabric, locked. A thread that panicked while holding the lock leaves the fabric

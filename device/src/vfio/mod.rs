@@ -19,5 +19,6 @@ pub mod irqs;
 pub mod listener;
 pub mod protocol;
 pub mod regions;
+pub mod uar;
 
 pub use backend::PciFunctionBackend;

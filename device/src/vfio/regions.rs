@@ -75,7 +75,24 @@ fn reg_bar_page() -> Option<OwnedFd> {
     Some(fd)
 }
 
-/// The region table: one entry per vfio PCI region index.
+/// The region table: one entry per vfio PCI region index. With `uar`, BAR2 is one mmap-able
+/// area backed by that file (exit-free doorbells).
+pub fn server_regions_with_uar(uar: Option<OwnedFd>) -> Vec<RegionDescriptor> {
+    let mut regions = server_regions();
+    if let Some(fd) = uar
+        && let Some(region) = regions.get_mut(ids::UAR_BAR)
+    {
+        region.region_info.flags |= VFIO_REGION_INFO_FLAG_MMAP;
+        region.sparse_areas = vec![vfio_region_sparse_mmap_area {
+            offset: 0,
+            size: ids::UAR_BAR_SIZE,
+        }];
+        region.mmap_fd = Some(fd);
+    }
+    regions
+}
+
+/// The region table with every doorbell trapped.
 pub fn server_regions() -> Vec<RegionDescriptor> {
     (0..VFIO_PCI_NUM_REGIONS)
         .map(|index| {

@@ -49,6 +49,8 @@ pub struct LabConfig {
     pub boot_timeout: Duration,
     /// Let a guest reboot restart the guest instead of ending its QEMU.
     pub allow_reboot: bool,
+    /// Extra arguments for the server (e.g. `--doorbells exit-free`).
+    pub server_args: Vec<String>,
 }
 
 impl LabConfig {
@@ -60,6 +62,7 @@ impl LabConfig {
             memory_mib: 1024,
             boot_timeout: Duration::from_secs(180),
             allow_reboot: false,
+            server_args: Vec::new(),
         }
     }
 }
@@ -121,6 +124,7 @@ impl Lab {
         lab.server = Some(ServerProcess::start(
             &server_binary,
             sockets,
+            &config.server_args,
             lab.run_dir.join("server.log"),
         )?);
 

@@ -20,13 +20,19 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     /// Starts `binary` with one `--socket` per path and waits until every socket exists.
-    pub fn start(binary: &Path, sockets: Vec<PathBuf>, log: PathBuf) -> Result<ServerProcess> {
+    pub fn start(
+        binary: &Path,
+        sockets: Vec<PathBuf>,
+        args: &[String],
+        log: PathBuf,
+    ) -> Result<ServerProcess> {
         let log_file =
             File::create(&log).map_err(LabError::io(format!("creating {}", log.display())))?;
         let mut command = Command::new(binary);
         for socket in &sockets {
             command.arg("--socket").arg(socket);
         }
+        command.args(args);
         command
             .env(
                 "RUST_LOG",
