@@ -115,7 +115,20 @@ fn ipv4_gid(ip: &str) -> String {
 #[test]
 #[ignore = "boots QEMU guests; run by scripts/test after scripts/lab"]
 fn unmodified_driver_probes_the_device_and_reports_an_active_port() {
-    let mut config = LabConfig::new("device", 2, AGENT);
+    probe_and_survive(LabConfig::new("device", 2, AGENT));
+}
+
+/// The same with exit-free doorbells (docs/doorbells.md): the kernel's own CQ arming and
+/// receive doorbells (the MAD layer) go through the polled UAR page.
+#[test]
+#[ignore = "boots QEMU guests; run by scripts/test after scripts/lab"]
+fn unmodified_driver_works_with_exit_free_doorbells() {
+    let mut config = LabConfig::new("device-exit-free", 2, AGENT);
+    config.server_args = vec!["--doorbells".into(), "exit-free".into()];
+    probe_and_survive(config);
+}
+
+fn probe_and_survive(mut config: LabConfig) {
     config.allow_reboot = true;
     let mut lab = Lab::start(config).unwrap_or_else(|e| panic!("{e}"));
     eprintln!(

@@ -84,7 +84,20 @@ fn count(output: &str) -> Counts {
 #[test]
 #[ignore = "boots a QEMU guest and runs rdma-core's pyverbs suite; run by scripts/test"]
 fn rdma_core_pyverbs_suite_against_the_device() {
-    let mut lab = Lab::start(LabConfig::new("pyverbs", 1, AGENT)).unwrap_or_else(|e| panic!("{e}"));
+    run_suite(LabConfig::new("pyverbs", 1, AGENT));
+}
+
+/// The same suite with exit-free doorbells (docs/doorbells.md).
+#[test]
+#[ignore = "boots a QEMU guest and runs rdma-core's pyverbs suite; run by scripts/test"]
+fn rdma_core_pyverbs_suite_with_exit_free_doorbells() {
+    let mut config = LabConfig::new("pyverbs-exit-free", 1, AGENT);
+    config.server_args = vec!["--doorbells".into(), "exit-free".into()];
+    run_suite(config);
+}
+
+fn run_suite(config: LabConfig) {
+    let mut lab = Lab::start(config).unwrap_or_else(|e| panic!("{e}"));
     let guest = lab.guest(0);
     let gid = guest
         .check(
