@@ -11,7 +11,7 @@ use log::{debug, info, warn};
 use vfio_user::DmaMapFlags;
 
 use super::dma::{self, DmaWindows, Unmapped};
-use super::fabric::{Fabric, MsixSink, Slot};
+use super::fabric::{Fabric, Slot};
 use super::guest_ram;
 use super::protocol::{self, DeviceBackend, Errno, IrqDescriptor, RegionDescriptor};
 use super::regions::{Region, server_irqs, server_regions_with_uar};
@@ -93,13 +93,19 @@ impl PciFunctionBackend {
 
     /// Whether MSI-X `vector` has an eventfd.
     pub fn msix_assigned(&self, vector: u16) -> bool {
-        self.with_slot(|slot, _| slot.msix.is_assigned(vector))
+        self.read_slot(|slot| slot.msix.is_assigned(vector))
             .unwrap_or(false)
     }
 
-    /// Runs `work` on this function's slot of the fabric.
+    /// Runs `work`, which changes this function's slot, then lets stalled senders anywhere in
+    /// the fabric retry: a receive may have been posted, or a peer may have gone away.
     fn with_slot<R>(&self, work: impl FnOnce(&mut Slot, &mut dyn Network) -> R) -> Option<R> {
-        self.fabric.with_slot(self.slot, work)
+        self.fabric.with_slot_resuming(self.slot, work)
+    }
+
+    /// Runs `work`, which only reads this function's slot.
+    fn read_slot<R>(&self, work: impl FnOnce(&mut Slot) -> R) -> Option<R> {
+        self.fabric.with_slot(self.slot, |slot, _| work(slot))
     }
 
     /// Forgets everything tied to the client that just disconnected: its DMA
@@ -132,7 +138,7 @@ impl PciFunctionBackend {
 
     /// Objects the guest has created on this function's device.
     pub fn device_objects(&self) -> usize {
-        self.with_slot(|slot, _| slot.device.object_count())
+        self.read_slot(|slot| slot.device.object_count())
             .unwrap_or(0)
     }
 
@@ -150,20 +156,11 @@ impl PciFunctionBackend {
         let bus_master = self.config.bus_master_enabled();
         self.with_slot(|slot, net| {
             slot.bus_master = bus_master;
-            let mem = if slot.bus_master {
-                &slot.ram
-            } else {
-                &slot.no_ram
-            };
-            let mut irq = MsixSink {
-                msix: &slot.msix,
-                bus_master: slot.bus_master,
-            };
+            let (device, mem, mut irq) = slot.parts();
             if bar == ids::REG_BAR {
-                slot.device.write_register(mem, &mut irq, offset, value);
+                device.write_register(mem, &mut irq, offset, value);
             } else {
-                slot.device
-                    .write_doorbell(mem, &mut irq, net, offset, value);
+                device.write_doorbell(mem, &mut irq, net, offset, value);
             }
         });
     }
@@ -213,7 +210,7 @@ impl DeviceBackend for PciFunctionBackend {
             // Registers are 32 bits; other widths read as 0.
             Region::Bar(ids::REG_BAR) if data.len() == 4 => {
                 let value = self
-                    .with_slot(|slot, _| slot.device.read_register(offset))
+                    .read_slot(|slot| slot.device.read_register(offset))
                     .unwrap_or(0);
                 data.copy_from_slice(&value.to_le_bytes());
             }

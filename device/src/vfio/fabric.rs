@@ -74,6 +74,20 @@ impl Slot {
         }
     }
 
+    /// The device, the memory it may use now and its interrupt sink, borrowed apart.
+    pub fn parts(&mut self) -> (&mut PvrdmaDevice, &GuestRam, MsixSink<'_>) {
+        let mem = if self.bus_master {
+            &self.ram
+        } else {
+            &self.no_ram
+        };
+        let irq = MsixSink {
+            msix: &self.msix,
+            bus_master: self.bus_master,
+        };
+        (&mut self.device, mem, irq)
+    }
+
     /// The memory the device may use now: none until the driver enables bus mastering.
     pub fn memory(&self) -> &GuestRam {
         if self.bus_master {
@@ -90,16 +104,8 @@ impl Responder for Slot {
     }
 
     fn respond(&mut self, request: &Request<'_>) -> Result<Outcome, RemoteError> {
-        let mem = if self.bus_master {
-            &self.ram
-        } else {
-            &self.no_ram
-        };
-        let mut irq = MsixSink {
-            msix: &self.msix,
-            bus_master: self.bus_master,
-        };
-        self.device.respond(mem, &mut irq, request)
+        let (device, mem, mut irq) = self.parts();
+        device.respond(mem, &mut irq, request)
     }
 }
 
@@ -139,32 +145,12 @@ impl Fabric {
                 if !slot.bus_master {
                     return;
                 }
-                let mut irq = MsixSink {
-                    msix: &slot.msix,
-                    bus_master: slot.bus_master,
-                };
-                activity |= slot
-                    .device
-                    .poll_uar(&slot.ram, &mut irq, net, &mut |offset| uar.take(offset));
+                let (device, mem, mut irq) = slot.parts();
+                activity |= device.poll_uar(mem, &mut irq, net, &mut |offset| uar.take(offset));
             });
         }
         if activity {
-            for index in fabric.indices() {
-                fabric.with_endpoint(index, |slot, net| {
-                    if slot.device.has_stalled_work() {
-                        let mem = if slot.bus_master {
-                            &slot.ram
-                        } else {
-                            &slot.no_ram
-                        };
-                        let mut irq = MsixSink {
-                            msix: &slot.msix,
-                            bus_master: slot.bus_master,
-                        };
-                        slot.device.resume_stalled(mem, &mut irq, net);
-                    }
-                });
-            }
+            resume_stalled(&mut fabric);
         }
         activity
     }
@@ -204,35 +190,38 @@ impl Fabric {
         Snapshot { profiling, devices }
     }
 
-    /// Runs `work` on slot `index` with the rest of the fabric as its network, then lets
-    /// every device whose senders wait for a receiver retry (the work may have posted one).
+    /// Runs `work` on slot `index` with the rest of the fabric as its network.
     pub fn with_slot<R>(
+        &self,
+        index: usize,
+        work: impl FnOnce(&mut Slot, &mut dyn pvrdma_backend::Network) -> R,
+    ) -> Option<R> {
+        self.lock().with_endpoint(index, work)
+    }
+
+    /// As [`Fabric::with_slot`], then lets every device whose senders wait for a receiver
+    /// retry: the work (a doorbell, a command) may have posted one.
+    pub fn with_slot_resuming<R>(
         &self,
         index: usize,
         work: impl FnOnce(&mut Slot, &mut dyn pvrdma_backend::Network) -> R,
     ) -> Option<R> {
         let mut fabric = self.lock();
         let result = fabric.with_endpoint(index, work)?;
-        for other in fabric.indices() {
-            fabric.with_endpoint(other, |slot, net| {
-                if slot.device.has_stalled_work() {
-                    let mem = if slot.bus_master {
-                        &slot.ram
-                    } else {
-                        &slot.no_ram
-                    };
-                    slot.device.resume_stalled(
-                        mem,
-                        &mut MsixSink {
-                            msix: &slot.msix,
-                            bus_master: slot.bus_master,
-                        },
-                        net,
-                    );
-                }
-            });
-        }
+        resume_stalled(&mut fabric);
         Some(result)
+    }
+}
+
+/// Retries, on every device, the send queues that wait for a receiver.
+fn resume_stalled(fabric: &mut MemcpyFabric<Slot>) {
+    for index in fabric.indices() {
+        fabric.with_endpoint(index, |slot, net| {
+            if slot.device.has_stalled_work() {
+                let (device, mem, mut irq) = slot.parts();
+                device.resume_stalled(mem, &mut irq, net);
+            }
+        });
     }
 }
 
