@@ -34,6 +34,10 @@ pub struct PciFunctionBackend {
     slot: usize,
     regions: Vec<RegionDescriptor>,
     irqs: Vec<IrqDescriptor>,
+    /// The last access was to configuration space or the registers: the driver does those
+    /// in bursts (a command is a REQUEST write and an ERR read; probing reads many
+    /// registers), unlike doorbells, whose next one waits on the guest's work.
+    register_burst: bool,
 }
 
 impl Default for PciFunctionBackend {
@@ -78,6 +82,7 @@ impl PciFunctionBackend {
             fabric: fabric.clone(),
             regions: server_regions_with_uar(uar_fd),
             irqs: server_irqs(),
+            register_burst: false,
         }
     }
 
@@ -201,8 +206,14 @@ impl DeviceBackend for PciFunctionBackend {
         true
     }
 
+    fn expects_follow_up(&self) -> bool {
+        self.register_burst
+    }
+
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
-        match Self::check_access(region, offset, data.len())? {
+        let access = Self::check_access(region, offset, data.len())?;
+        self.register_burst = matches!(access, Region::Config | Region::Bar(ids::REG_BAR));
+        match access {
             Region::Config => self.config.read(offset, data),
             // The client emulates the MSI-X table; the PBA reads all-clear
             // because no vector is ever held pending here.
@@ -224,7 +235,9 @@ impl DeviceBackend for PciFunctionBackend {
     }
 
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
-        match Self::check_access(region, offset, data.len())? {
+        let access = Self::check_access(region, offset, data.len())?;
+        self.register_burst = matches!(access, Region::Config | Region::Bar(ids::REG_BAR));
+        match access {
             Region::Config => {
                 debug!("config write {offset:#04x} <- {data:02x?}");
                 self.config.write(offset, data);

@@ -147,8 +147,9 @@ fn remove_stale_socket(path: &Path) -> Result<(), ListenError> {
     }
 }
 
-/// Serves clients on `listener` one after the other, forever.
-pub fn serve(listener: &Listener, backend: &mut PciFunctionBackend) -> ! {
+/// Serves clients on `listener` one after the other, forever, spinning for up to `spin`
+/// after each reply for the client's next message before sleeping.
+pub fn serve(listener: &Listener, backend: &mut PciFunctionBackend, spin: Duration) -> ! {
     loop {
         let stream = match listener.accept() {
             Ok(stream) => stream,
@@ -160,7 +161,7 @@ pub fn serve(listener: &Listener, backend: &mut PciFunctionBackend) -> ! {
             }
         };
         info!("client connected");
-        if let Err(e) = protocol::serve_client(&stream, backend) {
+        if let Err(e) = protocol::serve_client_spinning(&stream, backend, spin) {
             warn!("client connection failed: {}", error_chain(&e));
         }
         // Closes our end before cleaning up, so the client sees the end now.

@@ -207,3 +207,21 @@ fn tables_and_raw_flags() {
     );
     assert!(b.dma_windows().is_empty());
 }
+
+#[test]
+fn only_register_and_config_accesses_ask_the_loop_to_spin() {
+    let mut b = PciFunctionBackend::new();
+    assert!(!b.expects_follow_up(), "nothing happened yet");
+    let mut word = [0u8; 4];
+    b.region_read(VFIO_PCI_BAR1_REGION_INDEX, 0, &mut word)
+        .expect("register read");
+    assert!(b.expects_follow_up(), "a register read");
+    b.region_write(VFIO_PCI_BAR2_REGION_INDEX, 0, &[0; 4])
+        .expect("doorbell write");
+    assert!(!b.expects_follow_up(), "a doorbell");
+    read_config_u32(&mut b, 0);
+    assert!(b.expects_follow_up(), "a config read");
+    b.region_read(VFIO_PCI_BAR0_REGION_INDEX, 0x2000, &mut word)
+        .expect("PBA read");
+    assert!(!b.expects_follow_up(), "the MSI-X BAR");
+}

@@ -27,7 +27,7 @@ mod socket;
 mod version;
 pub mod wire;
 
-pub use server::{ConnectionError, serve_client};
+pub use server::{ConnectionError, serve_client, serve_client_spinning};
 
 /// Most descriptors we accept with one message (our `max_msg_fds`), the
 /// most QEMU will use (vfio-user.md §1.3). Extra ones are closed and the
@@ -138,6 +138,13 @@ pub trait DeviceBackend {
         count: u32,
         fds: Vec<File>,
     ) -> Result<(), Errno>;
+
+    /// Whether the client will likely send its next message within microseconds of the
+    /// reply to the last one (a register write that starts a command, read back at once),
+    /// so the server should spin for it rather than sleep. Default: never.
+    fn expects_follow_up(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

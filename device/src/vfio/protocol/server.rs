@@ -9,6 +9,7 @@
 use std::io::{self, Read};
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
 use log::{debug, warn};
 use thiserror::Error;
@@ -49,9 +50,24 @@ pub fn serve_client<B: DeviceBackend + ?Sized>(
     stream: &UnixStream,
     backend: &mut B,
 ) -> Result<(), ConnectionError> {
+    serve_client_spinning(stream, backend, Duration::ZERO)
+}
+
+/// [`serve_client`], spinning for up to `spin` for the client's next message before
+/// blocking after each reply the backend expects a quick follow-up to
+/// ([`DeviceBackend::expects_follow_up`], see [`socket::spin_until_readable`]): the thread
+/// burns at most `spin` of CPU per such message and none while the client is quiet.
+pub fn serve_client_spinning<B: DeviceBackend + ?Sized>(
+    stream: &UnixStream,
+    backend: &mut B,
+    spin: Duration,
+) -> Result<(), ConnectionError> {
     let mut session = Session::default();
     while let Some(incoming) = read_header(stream)? {
         serve_message(stream, backend, &mut session, incoming)?;
+        if backend.expects_follow_up() {
+            socket::spin_until_readable(stream, spin);
+        }
     }
     Ok(())
 }
