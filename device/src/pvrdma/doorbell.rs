@@ -37,11 +37,11 @@ pub(super) fn ring(
             // Work posted to a QP in the error state completes at once, flushed (§9.1).
             let in_error = qp.attr.qp_state == qp_state::ERR;
             let send = value & uar::QP_SEND != 0;
-            let rang = if send { device.profiler.now() } else { None };
+            let rang = if send { device.profiler.sample() } else { None };
             if let Some(qp) = device.objects.qps.get_mut(handle) {
                 qp.stats.doorbells += 1;
-                if let Some(ns) = rang {
-                    qp.doorbell_ns = ns;
+                if send {
+                    qp.doorbell_ns = rang;
                 }
             }
             if in_error {

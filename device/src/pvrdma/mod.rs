@@ -24,7 +24,7 @@ use pvrdma_backend::{Network, Outcome, RemoteError, Request};
 
 pub use caps::Limits;
 pub use memory::GuestRam;
-pub use profile::{Clock, Histogram, QpStats, Stage};
+pub use profile::{Clock, DEFAULT_SAMPLE_EVERY, Histogram, QpStats, Stage};
 
 use crate::abi::{self, regs};
 use dsr::SharedRegion;
@@ -84,6 +84,8 @@ pub struct PvrdmaDevice {
     objects: Objects,
     /// Kept across resets, like the configuration.
     profiler: Profiler,
+    /// The exit-free poller's reusable lists and counter (see `poll`).
+    poll_state: poll::PollState,
 }
 
 impl PvrdmaDevice {
@@ -100,6 +102,7 @@ impl PvrdmaDevice {
             imr: u32::MAX,
             mac: [0; 2],
             profiler: Profiler::default(),
+            poll_state: poll::PollState::default(),
         }
     }
 
@@ -123,6 +126,11 @@ impl PvrdmaDevice {
 
     pub fn profiling(&self) -> bool {
         self.profiler.enabled
+    }
+
+    /// Times one pass over a send queue in `every` (1: every pass; 0 counts as 1).
+    pub fn set_profile_sampling(&mut self, every: u32) {
+        self.profiler.set_sampling(every);
     }
 
     /// The profiler's figures for every QP, by handle.

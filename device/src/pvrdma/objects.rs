@@ -113,8 +113,9 @@ pub struct Qp {
     pub stats: QpStats,
     /// The WQE at the send queue's head was already counted as an RNR stall.
     pub rnr_counted: bool,
-    /// When the last send doorbell rang (profiling on only).
-    pub doorbell_ns: u64,
+    /// When the last send doorbell rang, if that doorbell's pass is timed (profiling on,
+    /// sampled).
+    pub doorbell_ns: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

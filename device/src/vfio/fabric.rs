@@ -163,6 +163,14 @@ impl Fabric {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Times one pass over a send queue in `every` on every device (1: all).
+    pub fn set_profile_sampling(&self, every: u32) {
+        let mut fabric = self.lock();
+        for index in fabric.indices() {
+            fabric.with_endpoint(index, |slot, _| slot.device.set_profile_sampling(every));
+        }
+    }
+
     /// Turns the profiler's stage timing on or off on every device.
     pub fn set_profiling(&self, on: bool) {
         let mut fabric = self.lock();

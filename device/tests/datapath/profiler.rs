@@ -138,6 +138,26 @@ where
     assert_eq!((b.wqes_posted, b.wqes_completed), (6, 6));
     assert_eq!(b.bytes_received, 6 * 64);
     assert!(b.stages.iter().all(|h| h.count == 0));
+
+    // Sampling: one pass in three is timed, from the next one; counters still count all.
+    p.net.with_device(dev_a, |d| {
+        d.set_profiling(true);
+        d.set_profile_sampling(3);
+    });
+    for round in 0..6 {
+        for i in 0..3 {
+            p.recv_b(100 + round * 3 + i, &[dst.sge(0, 64)]);
+        }
+        p.post_a(&batch);
+        assert_eq!(p.sends_a().len(), 1);
+    }
+    // Passes 1 and 4 are timed: the doorbell, 3 placed, the CQE (the CQ is not armed).
+    assert_eq!(clock.reads(), 6 + 2 * 5);
+    let sampled = stats(&mut p.net, dev_a, p.qa.handle);
+    assert_eq!(sampled.stage(Stage::Place).count, 3 + 2 * 3);
+    assert_eq!(sampled.stage(Stage::Complete).count, 1 + 2);
+    assert_eq!(sampled.wqes_completed, 6 + 18);
+    assert_eq!(sampled.doorbells, 1 + 1 + 6);
 }
 
 fn counters_count_bytes_errors_and_rnr_stalls<B: Bus>(net: Net<B>)

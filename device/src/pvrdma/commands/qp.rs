@@ -115,7 +115,7 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
         max_recv_sge: req.max_recv_sge,
         stalled: false,
         stats: Default::default(),
-        doorbell_ns: 0,
+        doorbell_ns: None,
         rnr_counted: false,
         attr: QpAttr {
             qp_state: qp_state::RESET,

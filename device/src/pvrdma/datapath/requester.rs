@@ -44,10 +44,13 @@ pub fn process_send_queue(
     else {
         return;
     };
-    let mut timing = started.map(|last_ns| Timing {
-        doorbell_ns,
-        last_ns,
-    });
+    // Timed only if the doorbell that queued this work was sampled.
+    let mut timing = started
+        .zip(doorbell_ns)
+        .map(|(last_ns, doorbell_ns)| Timing {
+            doorbell_ns,
+            last_ns,
+        });
     for _ in 0..bound {
         if !step(device, mem, irq, net, qp_handle, &mut timing) {
             break;
