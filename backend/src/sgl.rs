@@ -112,25 +112,31 @@ pub fn copy(
             .min(u64::from(d.len) - doff)
             .min(total - done);
         let (from_addr, to_addr) = (s.addr + so, d.addr + doff);
-        // A merged segment may span two mapped regions (DMA windows that are adjacent in
-        // guest-physical space); such a run is copied page by page.
         let whole = src_mem
             .get_slice(GuestAddress(from_addr), chunk as usize)
-            .is_ok()
-            && dst_mem
-                .get_slice(GuestAddress(to_addr), chunk as usize)
-                .is_ok();
-        if !whole {
-            chunk = chunk
-                .min(PAGE - from_addr % PAGE)
-                .min(PAGE - to_addr % PAGE);
-        }
-        let from = src_mem
-            .get_slice(GuestAddress(from_addr), chunk as usize)
-            .map_err(|_| CopyError::Unmapped(from_addr))?;
-        let to = dst_mem
-            .get_slice(GuestAddress(to_addr), chunk as usize)
-            .map_err(|_| CopyError::Unmapped(to_addr))?;
+            .and_then(|from| {
+                Ok((
+                    from,
+                    dst_mem.get_slice(GuestAddress(to_addr), chunk as usize)?,
+                ))
+            });
+        let (from, to) = match whole {
+            Ok(slices) => slices,
+            // A merged segment may span two mapped regions (DMA windows that are adjacent
+            // in guest-physical space); such a run is copied page by page.
+            Err(_) => {
+                chunk = chunk
+                    .min(PAGE - from_addr % PAGE)
+                    .min(PAGE - to_addr % PAGE);
+                let from = src_mem
+                    .get_slice(GuestAddress(from_addr), chunk as usize)
+                    .map_err(|_| CopyError::Unmapped(from_addr))?;
+                let to = dst_mem
+                    .get_slice(GuestAddress(to_addr), chunk as usize)
+                    .map_err(|_| CopyError::Unmapped(to_addr))?;
+                (from, to)
+            }
+        };
         from.copy_to_volatile_slice(to);
         done += chunk;
         so += chunk;

@@ -20,17 +20,35 @@ mod suite;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: scripts/bench [--json] [--quick]
-  --json   print one JSON object (machine-readable) instead of the table
-  --quick  a short run (a few seconds; rougher figures), for smoke tests";
+const USAGE: &str = "usage: scripts/bench [--json] [--quick] [--doorbells trapped|exit-free|both]
+  --json       print one JSON object per doorbell mode, one per line (JSON Lines),
+               instead of the tables
+  --quick      a short run (a few seconds; rougher figures), for smoke tests
+  --doorbells  run the server with trapped or exit-free doorbells, or both one after
+               the other (the default)";
 
 fn main() -> ExitCode {
     let mut json = false;
     let mut quick = false;
-    for arg in std::env::args().skip(1) {
+    let mut modes = suite::BOTH_MODES;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
         match arg.as_str() {
             "--json" => json = true,
             "--quick" => quick = true,
+            "--doorbells" => {
+                modes = match args.next().as_deref() {
+                    Some("trapped") => &[guests::Mode::Trapped],
+                    Some("exit-free") => &[guests::Mode::ExitFree],
+                    Some("both") => suite::BOTH_MODES,
+                    other => {
+                        eprintln!(
+                            "error: --doorbells takes trapped, exit-free or both, not {other:?}\n{USAGE}"
+                        );
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             // cargo bench passes --bench to every bench target.
             "--bench" => {}
             "-h" | "--help" => {
@@ -43,11 +61,19 @@ fn main() -> ExitCode {
             }
         }
     }
-    let results = suite::run(&suite::Config::new(quick));
-    if json {
-        println!("{}", results.json());
-    } else {
-        print!("{}", results.table());
+    let config = suite::Config {
+        modes,
+        ..suite::Config::new(quick)
+    };
+    for (i, results) in suite::run(&config).iter().enumerate() {
+        if json {
+            println!("{}", results.json());
+        } else {
+            if i > 0 {
+                println!();
+            }
+            print!("{}", results.table());
+        }
     }
     ExitCode::SUCCESS
 }

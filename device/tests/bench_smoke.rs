@@ -36,7 +36,6 @@ const NUMBERS: &[&str] = &[
     "msg_rate_64_profiler_on_mpps",
     "msg_rate_64_profiler_off_mpps",
     "profiler_cost_percent",
-    "trapped_doorbell_rtt_us_p50",
     "command_us_p50",
     "mr_reregister_1gib_ms",
     "ratio_rc_send_64_rtt_to_raw_unix",
@@ -69,39 +68,74 @@ fn a_short_benchmark_run_reports_every_figure() {
         idle_time: Duration::from_millis(100),
         ..suite::Config::new(true)
     };
-    let results = suite::run(&config);
+    let runs = suite::run(&config);
+    let modes: Vec<&str> = runs.iter().map(|r| r.mode.name()).collect();
+    assert_eq!(
+        modes,
+        ["trapped", "exit-free"],
+        "both doorbell modes, trapped first"
+    );
 
-    let json: serde_json::Value =
-        serde_json::from_str(&results.json()).expect("the JSON output parses");
-    for key in NUMBERS {
-        let value = &json[*key];
-        assert!(
-            value.as_f64().is_some_and(f64::is_finite),
-            "{key} is not a finite number: {value}"
+    for results in &runs {
+        let mode = results.mode.name();
+        let line = results.json();
+        assert!(!line.contains('\n'), "{mode}: one JSON object per line");
+        let json: serde_json::Value = serde_json::from_str(&line).expect("the JSON output parses");
+        let mut numbers = NUMBERS.to_vec();
+        if mode == "trapped" {
+            numbers.push("trapped_doorbell_rtt_us_p50");
+        } else {
+            assert!(
+                json.get("trapped_doorbell_rtt_us_p50").is_none(),
+                "exit-free has no trapped doorbell figure"
+            );
+        }
+        for key in numbers {
+            let value = &json[key];
+            assert!(
+                value.as_f64().is_some_and(f64::is_finite),
+                "{mode}: {key} is not a finite number: {value}"
+            );
+        }
+        assert_eq!(json["doorbell_mode"], mode);
+        assert_eq!(json["mr_register_bytes"], 16 << 20);
+        assert_eq!(json["rc_send_64_rtt_samples"], 300);
+        for key in TARGETS {
+            assert!(
+                json["targets_met"][*key].is_boolean(),
+                "{mode}: targets_met.{key}"
+            );
+        }
+        let bound = if mode == "trapped" {
+            "ratio_rc_send_64_rtt_to_raw_unix_max"
+        } else {
+            "ratio_rc_send_64_rtt_to_raw_cacheline_max"
+        };
+        assert_eq!(
+            json["targets"][bound], 2.0,
+            "{mode}: the RC target's baseline"
         );
-    }
-    assert_eq!(json["doorbell_mode"], "trapped");
-    assert_eq!(json["mr_register_bytes"], 16 << 20);
-    assert_eq!(json["rc_send_64_rtt_samples"], 300);
-    for key in TARGETS {
-        assert!(json["targets_met"][*key].is_boolean(), "targets_met.{key}");
-    }
 
-    let table = results.table();
-    for row in [
-        "RC SEND 64 B round trip p50",
-        "RDMA WRITE 64 KiB",
-        "64 B SEND rate",
-        "64 B SEND rate profiler on / off",
-        "RC QP create → RTS",
-        "16 MiB MR registration",
-        "Server CPU while idle",
-        "cache-line ping-pong",
-        "Targets met:",
-    ] {
+        let table = results.table();
         assert!(
-            table.contains(row),
-            "the table has no {row:?} row:\n{table}"
+            table.contains(&format!("doorbell mode: {mode}")),
+            "the table names its mode:\n{table}"
         );
+        for row in [
+            "RC SEND 64 B round trip p50",
+            "RDMA WRITE 64 KiB",
+            "64 B SEND rate",
+            "64 B SEND rate profiler on / off",
+            "RC QP create → RTS",
+            "16 MiB MR registration",
+            "Server CPU while idle",
+            "cache-line ping-pong",
+            "Targets met:",
+        ] {
+            assert!(
+                table.contains(row),
+                "the {mode} table has no {row:?} row:\n{table}"
+            );
+        }
     }
 }

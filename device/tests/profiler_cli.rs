@@ -47,7 +47,9 @@ fn qp_json(json: &Value, device: usize, qp: u32) -> &Value {
 
 #[test]
 fn stats_subcommand_reads_a_running_server() {
-    let mut fabric = guests::Fabric::start(1 << 20);
+    // Every pass timed, so the stage counts can be checked against the counters exactly.
+    let mut fabric =
+        guests::Fabric::start_with(1 << 20, guests::Mode::Trapped, &["--profile-every", "1"]);
     let control = fabric.server.control().to_path_buf();
     let (qa, qb) = (fabric.a.qp.handle, fabric.b.qp.handle);
     assert_eq!(

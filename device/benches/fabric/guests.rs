@@ -4,15 +4,19 @@
 //! waits for its reply). The server joins both functions into its memcpy fabric, so what
 //! guest A posts is copied straight into guest B's memory.
 //!
-//! Every doorbell here is *trapped*: a REGION_WRITE to BAR2 sent over the socket, the
-//! client blocked until the server has processed it and replied, as QEMU's vCPU is with
-//! posted writes off.
+//! Doorbells are *trapped* or *exit-free*, as the server runs ([`Mode`]). Trapped: a
+//! REGION_WRITE to BAR2 sent over the socket, the client blocked until the server has
+//! processed it and replied, as QEMU's vCPU is with posted writes off. Exit-free: a plain
+//! store into BAR2 mapped from the memfd the server sent (as QEMU maps it into the guest),
+//! which the server's poller finds. Commands stay trapped register accesses in both modes.
 
 use std::hint::spin_loop;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use vfio_user_pvrdma::abi::{
     Command, Cqe, CreateMrRequest, GID_TYPE_ROCE_V1, PAGE_SIZE, QpAttr, SendWqeHeader, Sge, access,
@@ -29,6 +33,23 @@ use crate::driver::verbs::{self, QpSpec, RC_INIT_MASK, RC_RTR_MASK, RC_RTS_MASK,
 use crate::driver::{Cq, Driver, Mr, Qp, Uc};
 
 pub type D = Driver<SocketBus>;
+
+/// How the server takes doorbells (its `--doorbells`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Trapped,
+    ExitFree,
+}
+
+impl Mode {
+    /// The name `--doorbells` and the JSON use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Trapped => "trapped",
+            Mode::ExitFree => "exit-free",
+        }
+    }
+}
 
 /// The benchmark QPs: room for a batch of 32 sends, and 512 pre-posted receives (the depth
 /// `ibv_rc_pingpong` uses), one SGE each.
@@ -87,13 +108,23 @@ pub struct Guest {
     /// BAR2 offset and value of this QP's SQ and RQ doorbells.
     sq_bell: (u64, u32),
     rq_bell: (u64, u32),
+    /// BAR2 mapped from the server's memfd (exit-free doorbells), or `None` (trapped).
+    uar: Option<GuestMemoryMmap>,
     /// Receives posted and not yet consumed.
     rx_posted: u32,
 }
 
 impl Guest {
-    fn new(mut d: D, ip: [u8; 4]) -> Guest {
+    fn new(mut d: D, ip: [u8; 4], mode: Mode) -> Guest {
         let gid = ipv4_gid(ip);
+        let uar = match mode {
+            Mode::Trapped => None,
+            Mode::ExitFree => Some(
+                d.bus
+                    .map_region(BAR_UAR)
+                    .expect("an exit-free server sends BAR2's memfd with its REGION_INFO"),
+            ),
+        };
         d.probe();
         d.create_bind(0, gid, GID_TYPE_ROCE_V1)
             .expect("CREATE_BIND");
@@ -111,6 +142,7 @@ impl Guest {
         Guest {
             sq_bell: (page + uar::QP_OFFSET, qp.handle | uar::QP_SEND),
             rq_bell: (page + uar::QP_OFFSET, qp.handle | uar::QP_RECV),
+            uar,
             d,
             gid,
             uc,
@@ -123,9 +155,16 @@ impl Guest {
         }
     }
 
-    /// A trapped doorbell: one REGION_WRITE of BAR2 and its reply, straight on the client
-    /// (as QEMU forwards a vCPU's MMIO write).
+    /// A doorbell. Trapped: one REGION_WRITE of BAR2 and its reply, straight on the client
+    /// (as QEMU forwards a vCPU's MMIO write). Exit-free: one store into the mapped BAR2,
+    /// ordered after the WQE and index writes before it (release), as the guest's MMIO
+    /// write is.
     fn doorbell(&mut self, (offset, value): (u64, u32)) {
+        if let Some(uar) = &self.uar {
+            uar.store(value, GuestAddress(offset), Ordering::Release)
+                .expect("the doorbell lies in BAR2");
+            return;
+        }
         self.d
             .bus
             .client()
@@ -179,6 +218,21 @@ impl Guest {
         if self.rx_posted <= RX_DEPTH - REPOST {
             self.post_receives(RX_DEPTH - self.rx_posted);
         }
+    }
+
+    /// The answering side of the ping-pong's round trip `i`: waits for the SEND, answers
+    /// with one (every [`SIGNAL_EVERY`]th signaled, and its completion reaped), re-posts
+    /// receives when due.
+    fn answer(&mut self, i: u64, plain: &[u8], signaled: &[u8], abort: &AtomicBool) {
+        let cqe = self.wait(Which::Recv, abort);
+        assert_eq!((cqe.opcode, cqe.byte_len), (wc_opcode::RECV, 64));
+        let signal = (i + 1).is_multiple_of(SIGNAL_EVERY);
+        self.push_send(if signal { signaled } else { plain });
+        self.ring_sq();
+        if signal {
+            self.wait(Which::Send, abort);
+        }
+        self.consumed_receive();
     }
 
     /// The next CQE of the send or receive CQ (`which`), polling guest memory (spinning,
@@ -236,6 +290,15 @@ fn spec(uc: Uc, pd: u32, scq: &Cq, rcq: &Cq) -> QpSpec {
     }
 }
 
+/// The ping-pong's SENDs of 64 bytes from `g`'s buffer: unsignaled and signaled.
+fn pingpong_wqes(g: &Guest) -> (Vec<u8>, Vec<u8>) {
+    let sge = g.sge(SEND_AT, 64);
+    (
+        wqe(0, wr_opcode::SEND, 0, sge, None),
+        wqe(1, wr_opcode::SEND, send_flags::SIGNALED, sge, None),
+    )
+}
+
 /// A send WQE of one SGE; `remote` is `(remote_addr, rkey)` for RDMA opcodes.
 fn wqe(wr_id: u64, opcode: u32, flags: u32, sge: Sge, remote: Option<(u64, u32)>) -> Vec<u8> {
     let mut hdr = SendWqeHeader {
@@ -286,9 +349,16 @@ pub struct Fabric {
 impl Fabric {
     /// Starts the server with two sockets and sets both guests up. Guest A's RAM has
     /// `big_mr` bytes more than the driver's working RAM, kept for [`Fabric::register_big_mr`].
-    pub fn start(big_mr: u64) -> Fabric {
+    pub fn start(big_mr: u64, mode: Mode) -> Fabric {
+        Fabric::start_with(big_mr, mode, &[])
+    }
+
+    /// [`Fabric::start`] with more arguments for the server.
+    pub fn start_with(big_mr: u64, mode: Mode, args: &[&str]) -> Fabric {
         assert!(big_mr.is_multiple_of(PAGE_SIZE) && big_mr > 0);
-        let server = SocketServer::start_logging(2, QUIET_LOG);
+        let mut all_args = vec!["--doorbells", mode.name()];
+        all_args.extend_from_slice(args);
+        let server = SocketServer::start_with(2, QUIET_LOG, &all_args);
         let base = memory::DEFAULT_BASE;
         let ram_a = GuestMemory::new(base, WORK_RAM + big_mr);
         let mut da = Driver::new(SocketBus::connect(&server, 0, ram_a));
@@ -299,8 +369,8 @@ impl Fabric {
             1,
             GuestMemory::new(base, WORK_RAM),
         ));
-        let mut a = Guest::new(da, [10, 0, 0, 1]);
-        let mut b = Guest::new(db, [10, 0, 0, 2]);
+        let mut a = Guest::new(da, [10, 0, 0, 1], mode);
+        let mut b = Guest::new(db, [10, 0, 0, 2], mode);
         connect(&mut a.d, &a.qp, b.gid, b.qp.qpn);
         connect(&mut b.d, &b.qp, a.gid, a.qp.qpn);
         a.post_receives(RX_DEPTH);
@@ -333,44 +403,54 @@ impl Fabric {
 
     /// `ibv_rc_pingpong` with 64-byte messages: A posts a SEND and rings its SQ doorbell,
     /// B spins on its receive CQ (guest memory), answers with a SEND, A spins on its receive
-    /// CQ. Each guest runs on its own thread, as each guest's vCPU would; receives are
-    /// re-posted in batches after answering, off the critical path. Returns the round trips
-    /// (ns) A saw, after `warmup` unrecorded ones.
-    pub fn rc_send_pingpong(&mut self, warmup: usize, iterations: usize) -> Vec<u64> {
+    /// CQ; receives are re-posted in batches after answering, off the critical path.
+    /// Returns the round trips (ns) A saw, after `warmup` unrecorded ones.
+    ///
+    /// With `threads` 2 each guest runs on its own thread, as each guest's vCPU would. With
+    /// 1, one thread plays both: when the server's exit-free poller is a busy thread too,
+    /// two cores cannot run three spinning threads, and the figure would measure the
+    /// scheduler's time slices instead of the device.
+    pub fn rc_send_pingpong(
+        &mut self,
+        warmup: usize,
+        iterations: usize,
+        threads: usize,
+    ) -> Vec<u64> {
         let total = (warmup + iterations) as u64;
         let abort = AtomicBool::new(false);
         let Fabric { a, b, .. } = self;
+        if threads < 2 {
+            let (a_plain, a_signaled) = pingpong_wqes(a);
+            let (b_plain, b_signaled) = pingpong_wqes(b);
+            let mut samples = Vec::with_capacity(iterations);
+            for i in 0..total {
+                let signal = (i + 1).is_multiple_of(SIGNAL_EVERY);
+                let start = Instant::now();
+                a.push_send(if signal { &a_signaled } else { &a_plain });
+                a.ring_sq();
+                b.answer(i, &b_plain, &b_signaled, &abort);
+                let cqe = a.wait(Which::Recv, &abort);
+                let rtt = start.elapsed();
+                assert_eq!((cqe.opcode, cqe.byte_len), (wc_opcode::RECV, 64));
+                if i >= warmup as u64 {
+                    samples.push(rtt.as_nanos() as u64);
+                }
+                if signal {
+                    a.wait(Which::Send, &abort);
+                }
+                a.consumed_receive();
+            }
+            return samples;
+        }
         thread::scope(|s| {
             let abort = &abort;
             s.spawn(move || {
-                let plain = wqe(0, wr_opcode::SEND, 0, b.sge(SEND_AT, 64), None);
-                let signaled = wqe(
-                    1,
-                    wr_opcode::SEND,
-                    send_flags::SIGNALED,
-                    b.sge(SEND_AT, 64),
-                    None,
-                );
+                let (plain, signaled) = pingpong_wqes(b);
                 for i in 0..total {
-                    let cqe = b.wait(Which::Recv, abort);
-                    assert_eq!((cqe.opcode, cqe.byte_len), (wc_opcode::RECV, 64));
-                    let signal = (i + 1).is_multiple_of(SIGNAL_EVERY);
-                    b.push_send(if signal { &signaled } else { &plain });
-                    b.ring_sq();
-                    if signal {
-                        b.wait(Which::Send, abort);
-                    }
-                    b.consumed_receive();
+                    b.answer(i, &plain, &signaled, abort);
                 }
             });
-            let plain = wqe(0, wr_opcode::SEND, 0, a.sge(SEND_AT, 64), None);
-            let signaled = wqe(
-                1,
-                wr_opcode::SEND,
-                send_flags::SIGNALED,
-                a.sge(SEND_AT, 64),
-                None,
-            );
+            let (plain, signaled) = pingpong_wqes(a);
             let mut samples = Vec::with_capacity(iterations);
             for i in 0..total {
                 let signal = (i + 1).is_multiple_of(SIGNAL_EVERY);
@@ -429,10 +509,15 @@ impl Fabric {
     }
 
     /// RDMA WRITEs of `size` bytes from A's buffer into B's, `batch` per SQ doorbell (the
-    /// last one signaled), for at least `duration`. Every WRITE copies the same source to
-    /// the same target, like the memcpy baseline and `ib_write_bw`. Returns bytes per second.
+    /// last one signaled), for at least `duration`. Like `ib_write_bw`, A keeps the send
+    /// queue full: it posts the next batches while earlier ones are being copied, up to
+    /// the SQ's depth, and reaps one completion per batch. Every WRITE copies the same
+    /// source to the same target, like the memcpy baseline and `ib_write_bw`. Returns bytes
+    /// per second.
     pub fn write_bandwidth(&mut self, size: u32, batch: u32, duration: Duration) -> f64 {
         assert!(u64::from(size) <= RECV_AT - RDMA_AT && batch <= SIZES.max_send_wr);
+        // Whole batches that fit in the SQ with one slot to spare (a full ring is refused).
+        let in_flight_max = ((SIZES.max_send_wr - 1) / batch).max(1);
         let abort = AtomicBool::new(false);
         let (a, b) = (&mut self.a, &mut self.b);
         // A pattern in the source; the target checked after the first batch.
@@ -454,21 +539,34 @@ impl Fabric {
                 a.push_send(if i + 1 == batch { &last } else { &plain });
             }
             a.ring_sq();
+        };
+        let reap = |a: &mut Guest| {
             let cqe = a.wait(Which::Send, &abort);
             assert_eq!(cqe.opcode, wc_opcode::RDMA_WRITE);
         };
         post_batch(a);
+        reap(a);
         assert!(
             read_virtual(b, RDMA_AT, size as usize) == pattern,
             "the RDMA WRITE of {size} bytes did not land in B's buffer"
         );
         let mut bytes = 0u64;
+        let mut in_flight = 0u32;
         let start = Instant::now();
         loop {
-            post_batch(a);
+            while in_flight < in_flight_max {
+                post_batch(a);
+                in_flight += 1;
+            }
+            reap(a);
+            in_flight -= 1;
             bytes += u64::from(size) * u64::from(batch);
             let elapsed = start.elapsed();
             if elapsed >= duration {
+                // Drain, so the next measurement starts from an empty queue.
+                for _ in 0..in_flight {
+                    reap(a);
+                }
                 return bytes as f64 / elapsed.as_secs_f64();
             }
         }

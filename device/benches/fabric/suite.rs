@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use vfio_user_pvrdma::profiler::control;
 
 use crate::baseline;
-use crate::guests::{self, Fabric};
-use crate::report::{Dist, Results};
+use crate::guests::{self, Fabric, Mode};
+use crate::report::{Baselines, Dist, Results};
 
 /// How long and how often each figure is measured.
 #[derive(Debug, Clone, Copy)]
@@ -33,7 +33,12 @@ pub struct Config {
     pub big_mr: u64,
     /// Idle time over which the server's CPU use is measured.
     pub idle_time: Duration,
+    /// The doorbell modes to run the server in, one after the other.
+    pub modes: &'static [Mode],
 }
+
+/// Both doorbell modes, trapped (the server's default) first.
+pub const BOTH_MODES: &[Mode] = &[Mode::Trapped, Mode::ExitFree];
 
 impl Config {
     /// The full run (about 15 s on two cores), or with `quick` a short one for smoke tests
@@ -52,6 +57,7 @@ impl Config {
                 qps: 20,
                 big_mr: 1 << 30,
                 idle_time: Duration::from_millis(500),
+                modes: BOTH_MODES,
             }
         } else {
             Config {
@@ -66,6 +72,7 @@ impl Config {
                 qps: 100,
                 big_mr: 1 << 30,
                 idle_time: Duration::from_secs(3),
+                modes: BOTH_MODES,
             }
         }
     }
@@ -113,11 +120,19 @@ fn step(started: Instant, what: &str) {
     eprintln!("[bench +{:.1}s] {what}", started.elapsed().as_secs_f64());
 }
 
-/// Runs every measurement once.
-pub fn run(config: &Config) -> Results {
+/// Measures the baselines, then runs every measurement once per doorbell mode.
+pub fn run(config: &Config) -> Vec<Results> {
     let started = Instant::now();
-    let c = config;
+    let baselines = measure_baselines(config, started);
+    config
+        .modes
+        .iter()
+        .map(|&mode| run_mode(config, mode, &baselines, started))
+        .collect()
+}
 
+/// The raw baselines, once for all modes.
+fn measure_baselines(c: &Config, started: Instant) -> Baselines {
     step(
         started,
         "baseline: cache-line ping-pong between two threads",
@@ -141,11 +156,24 @@ pub fn run(config: &Config) -> Results {
     } else {
         unix_cross
     };
+    Baselines {
+        cacheline,
+        memcpy,
+        unix,
+        unix_same,
+        unix_cross,
+        clock_read_ns: baseline::clock_read_ns(),
+    }
+}
 
-    step(started, "starting the server and two guests");
-    let mut fabric = Fabric::start(c.big_mr);
+/// One server in `mode` and its two guests, every figure once.
+fn run_mode(c: &Config, mode: Mode, baselines: &Baselines, started: Instant) -> Results {
+    let mode_started = Instant::now();
+    let step = |what: &str| step(started, &format!("{}: {what}", mode.name()));
+    step("starting the server and two guests");
+    let mut fabric = Fabric::start(c.big_mr, mode);
 
-    step(started, "server CPU use while idle");
+    step("server CPU use while idle");
     let (ns0, ticks0) = guests::server_cpu(&fabric.server);
     let idle_start = Instant::now();
     std::thread::sleep(c.idle_time);
@@ -154,19 +182,27 @@ pub fn run(config: &Config) -> Results {
     let idle_cpu_percent = (ticks1 - ticks0) as f64 / USER_HZ / idle_secs * 100.0;
     let idle_cpu_percent_schedstat = (ns1 - ns0) as f64 / 1e9 / idle_secs * 100.0;
 
-    step(started, "trapped doorbell round trip (empty SQ)");
-    let doorbell = Dist::of(fabric.empty_doorbell(c.warmup, c.round_trips));
-    step(started, "RC SEND 64 B ping-pong between the guests");
-    let rc_send = Dist::of(fabric.rc_send_pingpong(c.warmup, c.round_trips));
-    step(started, "64 B SEND message rate");
+    let doorbell = (mode == Mode::Trapped).then(|| {
+        step("trapped doorbell round trip (empty SQ)");
+        Dist::of(fabric.empty_doorbell(c.warmup, c.round_trips))
+    });
+    // Exit-free, the server's poller is a busy thread: with fewer than three CPUs one thread
+    // plays both guests (see `rc_send_pingpong`).
+    let rc_threads = match mode {
+        Mode::ExitFree if baseline::cpus() < 3 => 1,
+        _ => 2,
+    };
+    step(&format!(
+        "RC SEND 64 B ping-pong between the guests ({rc_threads} guest thread{})",
+        if rc_threads == 1 { "" } else { "s" }
+    ));
+    let rc_send = Dist::of(fabric.rc_send_pingpong(c.warmup, c.round_trips, rc_threads));
+    step("64 B SEND message rate");
     fabric.send_rate(SEND_BATCH, c.rate_time / 10);
     let msg_rate = median(RUNS, || {
         fabric.send_rate(SEND_BATCH, c.rate_time / RUNS as u32)
     });
-    step(
-        started,
-        "64 B SEND message rate with the profiler's timing on and off",
-    );
+    step("64 B SEND message rate with the profiler's timing on and off");
     let control_path = fabric.server.control().to_path_buf();
     let (mut on, mut off, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for pair in 0..PROFILER_PAIRS {
@@ -186,7 +222,6 @@ pub fn run(config: &Config) -> Results {
     };
     let (msg_rate_profiler_on, msg_rate_profiler_off) = (median_of(&mut on), median_of(&mut off));
     let profiler_cost_percent = (1.0 - median_of(&mut ratios)) * 100.0;
-    let clock_read_ns = baseline::clock_read_ns();
     if let Some(path) = std::env::var_os(SVG_ENV) {
         set_profiling(&control_path, true);
         // The table goes to stderr with the progress lines.
@@ -197,7 +232,7 @@ pub fn run(config: &Config) -> Results {
         let request = format!("svg 0 {}", fabric.a.qp.handle);
         match control::request(&control_path, &request, Duration::from_secs(10)) {
             Ok(svg) if svg.starts_with("<svg") => match std::fs::write(&path, svg) {
-                Ok(()) => step(started, &format!("wrote {}", Path::new(&path).display())),
+                Ok(()) => step(&format!("wrote {}", Path::new(&path).display())),
                 Err(e) => eprintln!("cannot write {}: {e}", Path::new(&path).display()),
             },
             Ok(answer) => eprintln!("{request}: {answer}"),
@@ -206,34 +241,33 @@ pub fn run(config: &Config) -> Results {
     }
     // The server's default.
     set_profiling(&control_path, false);
-    step(started, "RDMA WRITE bandwidth");
+    step("RDMA WRITE bandwidth");
     let write = WRITE_SIZES.map(|(size, batch)| {
         fabric.write_bandwidth(size as u32, batch, c.write_time / 10);
         median(RUNS, || {
             fabric.write_bandwidth(size as u32, batch, c.write_time / RUNS as u32) / 1e9
         })
     });
-    step(started, "one command (QUERY_PORT)");
+    step("one command (QUERY_PORT)");
     let command = Dist::of(fabric.query_port_commands(c.qps / 10, c.qps));
-    step(started, "QP create to RTS");
+    step("QP create to RTS");
     let qp = Dist::of(fabric.qp_create_to_rts(c.qps));
-    step(started, "big MR registration");
+    step("big MR registration");
     let (mr_first, mr_again) = fabric.register_big_mr();
-    step(started, "done");
+    step("done");
     drop(fabric);
 
     Results {
-        doorbell_mode: "trapped",
+        mode,
         quick: c.quick,
         rc_send,
+        rc_threads,
         doorbell,
         write,
-        memcpy,
         msg_rate,
         msg_rate_profiler_on,
         msg_rate_profiler_off,
         profiler_cost_percent,
-        clock_read_ns,
         command,
         qp,
         mr_bytes: c.big_mr,
@@ -242,10 +276,7 @@ pub fn run(config: &Config) -> Results {
         idle_cpu_percent,
         idle_cpu_percent_schedstat,
         idle_secs,
-        cacheline,
-        unix,
-        unix_same,
-        unix_cross,
-        seconds: started.elapsed().as_secs_f64(),
+        baselines: *baselines,
+        seconds: mode_started.elapsed().as_secs_f64(),
     }
 }

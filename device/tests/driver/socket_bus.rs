@@ -228,6 +228,12 @@ impl SocketServer {
     /// lines the bus waits for: info everywhere and debug for `vfio_user_pvrdma::vfio` (DMA
     /// maps, SET_IRQS), as [`QUIET_LOG`] does.
     pub fn start_logging(count: usize, rust_log: &str) -> Arc<SocketServer> {
+        SocketServer::start_with(count, rust_log, &[])
+    }
+
+    /// [`SocketServer::start_logging`] with more command-line arguments for the server
+    /// (`--doorbells exit-free`, …).
+    pub fn start_with(count: usize, rust_log: &str, args: &[&str]) -> Arc<SocketServer> {
         assert!(count >= 1);
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let nanos = std::time::SystemTime::now()
@@ -247,7 +253,7 @@ impl SocketServer {
         for socket in &sockets {
             command.arg("--socket").arg(socket);
         }
-        command.arg("--control").arg(&control);
+        command.arg("--control").arg(&control).args(args);
         let spawned = command
             .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
@@ -598,6 +604,24 @@ impl SocketBus {
 
     pub fn is_connected(&self) -> bool {
         self.client.is_some()
+    }
+
+    /// Maps region `index` from the file the server sent with its REGION_INFO, as QEMU maps
+    /// a sparse-mmap BAR into the guest (offsets from 0 are region offsets); `None` if the
+    /// region came without one (trapped).
+    pub fn map_region(&mut self, index: u32) -> Option<vm_memory::GuestMemoryMmap> {
+        use vm_memory::{FileOffset, GuestAddress};
+        let region = self.client().region(index)?;
+        let file_offset = region.file_offset.as_ref()?;
+        let size = usize::try_from(region.size).expect("region size fits usize");
+        let file = file_offset.file().try_clone().expect("dup the region's fd");
+        let mapped = vm_memory::GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            size,
+            Some(FileOffset::new(file, file_offset.start())),
+        )])
+        .unwrap_or_else(|e| panic!("mmap region {index}: {e}"));
+        Some(mapped)
     }
 
     pub fn server(&self) -> &Arc<SocketServer> {
