@@ -9,7 +9,9 @@
 use super::{Network, Outcome, RemoteError, Request, Responder};
 
 pub struct MemcpyFabric<E> {
-    endpoints: Vec<Option<E>>,
+    /// Boxed, so that taking one out for work moves a pointer, not the endpoint (a device
+    /// is several hundred bytes, and the exit-free poller takes each one on every poll).
+    endpoints: Vec<Option<Box<E>>>,
 }
 
 impl<E> Default for MemcpyFabric<E> {
@@ -27,7 +29,7 @@ impl<E: Responder> MemcpyFabric<E> {
 
     /// Adds an endpoint; returns its index.
     pub fn add(&mut self, endpoint: E) -> usize {
-        self.endpoints.push(Some(endpoint));
+        self.endpoints.push(Some(Box::new(endpoint)));
         self.endpoints.len() - 1
     }
 
@@ -65,7 +67,7 @@ impl<E: Responder> MemcpyFabric<E> {
 
 /// The endpoints other than the one at work.
 struct Peers<'f, E> {
-    endpoints: &'f mut [Option<E>],
+    endpoints: &'f mut [Option<Box<E>>],
 }
 
 impl<E: Responder> Network for Peers<'_, E> {

@@ -28,6 +28,12 @@ impl Sgl {
         Sgl::default()
     }
 
+    /// Room for `segments` more segments without reallocating (a buffer of n pages needs
+    /// at most n).
+    pub fn reserve(&mut self, segments: usize) {
+        self.segments.reserve(segments);
+    }
+
     /// Appends `[addr, addr + len)`, merged with the last segment when it continues it.
     /// `None` if it wraps.
     pub fn push(&mut self, addr: u64, len: u64) -> Option<()> {

@@ -98,6 +98,12 @@ struct Cli {
     /// quiet client costs nothing.
     #[arg(long, value_name = "US", default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     spin_us: u64,
+
+    /// With --doorbells exit-free: run the poller thread on this CPU only (as SPDK pins
+    /// its reactors). A busy poller and a guest's vCPU sharing a core take turns in
+    /// scheduler time slices; give the poller a core of its own when you have one.
+    #[arg(long, value_name = "CPU")]
+    poller_cpu: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -268,11 +274,20 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
         info!("control socket listening on {}", path.display());
     }
 
+    if cli.doorbells == Doorbells::Trapped && cli.poller_cpu.is_some() {
+        warn!("--poller-cpu has no effect with trapped doorbells (there is no poller)");
+    }
     if cli.doorbells == Doorbells::ExitFree {
         let target = fabric.clone();
+        let cpu = cli.poller_cpu;
         let spawned = thread::Builder::new()
             .name("doorbell poller".into())
-            .spawn(move || poll_doorbells(&target));
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    pin_to(cpu);
+                }
+                poll_doorbells(&target)
+            });
         if let Err(source) = spawned {
             remove_sockets(&serving);
             return Err(StartupError::Thread {
@@ -297,11 +312,17 @@ fn poll_doorbells(fabric: &Fabric) -> ! {
             idle_polls = 0;
             continue;
         }
-        if idle_polls == 0 {
+        idle_polls = idle_polls.saturating_add(1);
+        if idle_polls == SPIN_POLLS {
             idle_since = std::time::Instant::now();
         }
-        idle_polls = idle_polls.saturating_add(1);
-        match idle_sleep(idle_polls, idle_since.elapsed()) {
+        // The clock is read only once spinning is over: a read costs as much as a poll.
+        let idle_for = if idle_polls >= SPIN_POLLS {
+            idle_since.elapsed()
+        } else {
+            Duration::ZERO
+        };
+        match idle_sleep(idle_polls, idle_for) {
             None => {
                 std::hint::spin_loop();
                 if idle_polls.is_multiple_of(64) {
@@ -311,6 +332,19 @@ fn poll_doorbells(fabric: &Fabric) -> ! {
             }
             Some(pause) => thread::sleep(pause),
         }
+    }
+}
+
+/// Pins the calling thread to `cpu`; a CPU this process may not use is logged and ignored.
+fn pin_to(cpu: usize) {
+    use nix::sched::{CpuSet, sched_setaffinity};
+    let mut set = CpuSet::new();
+    let pinned = set
+        .set(cpu)
+        .and_then(|()| sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
+    match pinned {
+        Ok(()) => info!("doorbell poller pinned to CPU {cpu}"),
+        Err(e) => warn!("cannot pin the doorbell poller to CPU {cpu} ({e}); it runs anywhere"),
     }
 }
 

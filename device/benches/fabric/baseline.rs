@@ -18,11 +18,20 @@ use nix::sched::{CpuSet, sched_setaffinity};
 use nix::unistd::Pid;
 
 /// Pins the calling thread to `cpu` (best effort: without it the figure is merely noisier).
-fn pin(cpu: usize) {
+pub fn pin(cpu: usize) {
     let mut set = CpuSet::new();
     if set.set(cpu).is_ok() {
         let _ = sched_setaffinity(Pid::from_raw(0), &set);
     }
+}
+
+/// Lets the calling thread run on every CPU again.
+pub fn unpin() {
+    let mut set = CpuSet::new();
+    for cpu in 0..cpus() {
+        let _ = set.set(cpu);
+    }
+    let _ = sched_setaffinity(Pid::from_raw(0), &set);
 }
 
 /// How many CPUs this process may use.

@@ -347,13 +347,9 @@ pub struct Fabric {
 }
 
 impl Fabric {
-    /// Starts the server with two sockets and sets both guests up. Guest A's RAM has
-    /// `big_mr` bytes more than the driver's working RAM, kept for [`Fabric::register_big_mr`].
-    pub fn start(big_mr: u64, mode: Mode) -> Fabric {
-        Fabric::start_with(big_mr, mode, &[])
-    }
-
-    /// [`Fabric::start`] with more arguments for the server.
+    /// Starts the server (doorbells in `mode`, and `args` more arguments) with two sockets
+    /// and sets both guests up. Guest A's RAM has `big_mr` bytes more than the driver's
+    /// working RAM, kept for [`Fabric::register_big_mr`].
     pub fn start_with(big_mr: u64, mode: Mode, args: &[&str]) -> Fabric {
         assert!(big_mr.is_multiple_of(PAGE_SIZE) && big_mr > 0);
         let mut all_args = vec!["--doorbells", mode.name()];

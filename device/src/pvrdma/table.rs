@@ -8,6 +8,9 @@ pub struct HandleTable<T> {
     slots: Vec<Option<T>>,
     first: u32,
     len: usize,
+    /// One past the highest occupied slot: iteration stops there, so visiting every object
+    /// (the exit-free poller does, on every poll) costs what is in use, not the capacity.
+    high: usize,
 }
 
 impl<T> HandleTable<T> {
@@ -19,6 +22,7 @@ impl<T> HandleTable<T> {
             slots,
             first,
             len: 0,
+            high: 0,
         }
     }
 
@@ -28,6 +32,7 @@ impl<T> HandleTable<T> {
         let index = start + self.slots.get(start..)?.iter().position(Option::is_none)?;
         self.slots[index] = Some(value);
         self.len += 1;
+        self.high = self.high.max(index + 1);
         u32::try_from(index).ok()
     }
 
@@ -37,6 +42,7 @@ impl<T> HandleTable<T> {
             Some(slot @ None) => {
                 *slot = Some(value);
                 self.len += 1;
+                self.high = self.high.max(handle as usize + 1);
                 true
             }
             _ => false,
@@ -55,6 +61,9 @@ impl<T> HandleTable<T> {
         let value = self.slots.get_mut(handle as usize)?.take();
         if value.is_some() {
             self.len -= 1;
+            while self.high > 0 && self.slots[self.high - 1].is_none() {
+                self.high -= 1;
+            }
         }
         value
     }
@@ -64,7 +73,7 @@ impl<T> HandleTable<T> {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
-        self.slots
+        self.slots[..self.high]
             .iter()
             .enumerate()
             .filter_map(|(i, slot)| Some((u32::try_from(i).ok()?, slot.as_ref()?)))
@@ -73,6 +82,7 @@ impl<T> HandleTable<T> {
     pub fn clear(&mut self) {
         self.slots.iter_mut().for_each(|slot| *slot = None);
         self.len = 0;
+        self.high = 0;
     }
 }
 
@@ -98,5 +108,32 @@ mod tests {
         assert_eq!(table.len(), 4);
         table.clear();
         assert_eq!(table.len(), 0);
+    }
+
+    #[test]
+    fn iteration_sees_exactly_the_objects_in_use_whatever_the_order_of_removal() {
+        let mut table = HandleTable::new(1, 64);
+        let keys = |t: &HandleTable<u32>| t.iter().map(|(h, v)| (h, *v)).collect::<Vec<_>>();
+        for v in 0..5 {
+            table.insert(v * 10);
+        }
+        assert!(table.insert_at(40, 400));
+        assert_eq!(
+            keys(&table),
+            [(1, 0), (2, 10), (3, 20), (4, 30), (5, 40), (40, 400)]
+        );
+        table.remove(40);
+        table.remove(3);
+        assert_eq!(keys(&table), [(1, 0), (2, 10), (4, 30), (5, 40)]);
+        table.remove(5);
+        table.remove(4);
+        assert_eq!(keys(&table), [(1, 0), (2, 10)]);
+        assert_eq!(table.insert(7), Some(3), "the lowest free handle");
+        assert!(table.insert_at(63, 630), "the last handle");
+        assert_eq!(keys(&table), [(1, 0), (2, 10), (3, 7), (63, 630)]);
+        table.clear();
+        assert_eq!(keys(&table), []);
+        assert_eq!(table.insert(1), Some(1));
+        assert_eq!(keys(&table), [(1, 1)]);
     }
 }

@@ -4,11 +4,11 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::unistd::ftruncate;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{FileOffset, MmapRegion, VolatileMemory};
 
 use crate::pci::ids;
 
@@ -26,8 +26,9 @@ pub enum DoorbellMode {
 pub struct UarPages {
     /// The memfd behind BAR2, shared with the client for its sparse mmap.
     fd: OwnedFd,
-    /// The server's own mapping of it, addressed from 0 like BAR2 offsets.
-    map: GuestMemoryMmap,
+    /// The server's own mapping of it, addressed from 0 like BAR2 offsets. A bare region, not
+    /// guest memory: a doorbell word is one atomic, found without an address lookup.
+    map: MmapRegion,
 }
 
 impl UarPages {
@@ -37,12 +38,8 @@ impl UarPages {
         let file = File::from(fd.try_clone()?);
         let size =
             usize::try_from(ids::UAR_BAR_SIZE).map_err(|_| std::io::Error::other("BAR2 size"))?;
-        let map = GuestMemoryMmap::from_ranges_with_files([(
-            GuestAddress(0),
-            size,
-            Some(FileOffset::new(file, 0)),
-        )])
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let map = MmapRegion::from_file(FileOffset::new(file, 0), size)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(UarPages { fd, map })
     }
 
@@ -51,27 +48,27 @@ impl UarPages {
         self.fd.try_clone()
     }
 
-    /// The doorbell word at `offset` of BAR2, cleared so the next write is seen as new. A
-    /// guest store between the load and the clear is lost; the device's ring scan covers
-    /// lost send doorbells (see `pvrdma::poll`).
+    /// The doorbell word at `offset` of BAR2, cleared so the next write is seen as new.
+    /// A plain load first, which leaves the cache line shared with the guest while the word
+    /// is 0 (the common case); a non-zero word is taken with an atomic swap, so a guest store
+    /// racing with the clear is never lost. 0 outside the BAR or unaligned.
     pub fn take(&self, offset: u64) -> u32 {
-        let addr = GuestAddress(offset);
-        match self.map.load::<u32>(addr, Ordering::Acquire) {
-            Ok(0) | Err(_) => 0,
-            Ok(value) => {
-                let _ = self.map.store(0u32, addr, Ordering::Release);
-                value
-            }
+        let Some(word) = usize::try_from(offset)
+            .ok()
+            .and_then(|at| self.map.get_atomic_ref::<AtomicU32>(at).ok())
+        else {
+            return 0;
+        };
+        if word.load(Ordering::Acquire) == 0 {
+            return 0;
         }
+        word.swap(0, Ordering::AcqRel)
     }
 
     /// Forgets every doorbell word (a reset: stale words must not reach new objects).
     pub fn clear(&self) {
-        let zeroes = vec![0u8; usize::try_from(ids::UAR_PAGE_SIZE).unwrap_or(4096)];
-        for page in 0..ids::UAR_PAGES {
-            let _ = self
-                .map
-                .write_slice(&zeroes, GuestAddress(page * ids::UAR_PAGE_SIZE));
+        if let Ok(all) = self.map.get_slice(0, self.map.len()) {
+            all.copy_from(&vec![0u8; all.len()]);
         }
     }
 }
@@ -79,6 +76,7 @@ impl UarPages {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     #[test]
     fn take_returns_each_word_once_and_clear_forgets_them() {
@@ -102,5 +100,11 @@ mod tests {
         uar.clear();
         assert_eq!(uar.take(0x2004), 0);
         assert_eq!(uar.take(ids::UAR_BAR_SIZE), 0, "past the BAR");
+        assert_eq!(uar.take(u64::MAX), 0, "far past the BAR");
+        guest
+            .store(9u32, GuestAddress(0x3000), Ordering::Release)
+            .unwrap();
+        assert_eq!(uar.take(0x3001), 0, "unaligned");
+        assert_eq!(uar.take(0x3000), 9);
     }
 }

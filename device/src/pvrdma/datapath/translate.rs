@@ -65,6 +65,9 @@ fn append_pages(
     }
     let mut offset = addr - start + start % PAGE_SIZE;
     let mut left = len;
+    // One segment per page at most; reserving up front saves the growth reallocations
+    // (capped: a hostile length must not make us reserve much).
+    sgl.reserve(usize::try_from((len / PAGE_SIZE).saturating_add(2).min(1024)).unwrap_or(1024));
     while left > 0 {
         let index = usize::try_from(offset / PAGE_SIZE).map_err(|_| KeyError::OutOfBounds)?;
         let page = pages.get(index).ok_or(KeyError::OutOfBounds)?;
