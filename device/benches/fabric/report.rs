@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::baseline::cpus;
 use crate::guests::Mode;
+use vfio_user_pvrdma::pvrdma::DEFAULT_SAMPLE_EVERY;
 use crate::suite::{SEND_BATCH, WRITE_SIZES};
 
 /// RC 64 B round trip ≤ 2× a raw UNIX-socket round trip (trapped doorbells).
@@ -144,11 +145,12 @@ impl Results {
         self.profiler_cost_percent
     }
 
-    /// The cost the clock reads alone explain, in percent of the time of one message: about
-    /// 1 + 3/32 reads per 64 B SEND (data placed; the doorbell, CQE and interrupt of each
-    /// batch).
+    /// The cost the clock reads alone explain, in percent of the time of one message: the
+    /// server times one doorbell's pass in [`DEFAULT_SAMPLE_EVERY`], and a timed pass of 32
+    /// SENDs reads the clock 1 + 32 + 2 times (the doorbell, each data placement, the CQE
+    /// and interrupt of the batch).
     pub fn profiler_clock_percent(&self) -> f64 {
-        let reads = 1.0 + 3.0 / f64::from(SEND_BATCH);
+        let reads = (1.0 + 3.0 / f64::from(SEND_BATCH)) / f64::from(DEFAULT_SAMPLE_EVERY);
         reads * self.baselines.clock_read_ns * self.msg_rate_profiler_off / 1e9 * 100.0
     }
 
