@@ -30,6 +30,8 @@ const NUMBERS: &[&str] = &[
     "rc_send_64_rtt_us_p999",
     "write_4k_gbytes_per_s",
     "write_1m_gbytes_per_s",
+    "write_64k_contiguous_gbytes_per_s",
+    "ratio_write_64k_contiguous_to_memcpy",
     "raw_memcpy_4k_gbytes_per_s",
     "raw_memcpy_1m_gbytes_per_s",
     "msg_rate_64_mpps",

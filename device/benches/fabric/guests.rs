@@ -71,6 +71,20 @@ const SIGNAL_EVERY: u64 = 64;
 
 /// The guests' registered buffer: user virtual address and length.
 const BUF_VA: u64 = 0x7f3a_0000_0000;
+/// The second, physically contiguous buffer (RDMA WRITE only): its address and length.
+const CONTIG_VA: u64 = 0x7f3b_0000_0000;
+const CONTIG_LEN: u64 = 1 << 20;
+
+/// Which registered buffer an RDMA WRITE uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Buffer {
+    /// 4 KiB pages scattered in guest-physical memory (in reverse order), as a malloc'ed
+    /// buffer of a guest with 4 KiB pages is: one copy per page.
+    Scattered,
+    /// Pages contiguous and in order, as a buffer inside one huge page of a guest whose RAM
+    /// and application use huge pages: the copy runs in one piece.
+    Contiguous,
+}
 const BUF_LEN: u64 = 2 << 20;
 /// Offsets in the buffer: RDMA WRITE source (A) and target (B), up to 1 MiB …
 const RDMA_AT: u64 = 0;
@@ -105,6 +119,8 @@ pub struct Guest {
     pub rcq: Cq,
     pub qp: Qp,
     pub mr: Mr,
+    /// A second MR over physically contiguous pages ([`Buffer::Contiguous`]).
+    pub contiguous: Mr,
     /// BAR2 offset and value of this QP's SQ and RQ doorbells.
     sq_bell: (u64, u32),
     rq_bell: (u64, u32),
@@ -138,6 +154,9 @@ impl Guest {
         let mr = d
             .reg_user_mr(pd, BUF_VA, BUF_LEN, ALL_ACCESS)
             .expect("CREATE_MR");
+        let contiguous = d
+            .reg_contiguous_user_mr(pd, CONTIG_VA, CONTIG_LEN, ALL_ACCESS)
+            .expect("CREATE_MR (contiguous)");
         let page = u64::from(uc.uar) * PAGE_SIZE;
         Guest {
             sq_bell: (page + uar::QP_OFFSET, qp.handle | uar::QP_SEND),
@@ -151,6 +170,7 @@ impl Guest {
             rcq,
             qp,
             mr,
+            contiguous,
             rx_posted: 0,
         }
     }
@@ -176,20 +196,33 @@ impl Guest {
         self.doorbell(self.sq_bell);
     }
 
-    /// Guest address behind byte `offset` of the registered buffer.
-    fn phys(&self, offset: u64) -> u64 {
-        self.mr
-            .buffer
+    /// A registered buffer: its MR and user virtual address.
+    fn buffer(&self, which: Buffer) -> (&Mr, u64) {
+        match which {
+            Buffer::Scattered => (&self.mr, BUF_VA),
+            Buffer::Contiguous => (&self.contiguous, CONTIG_VA),
+        }
+    }
+
+    /// Guest address behind byte `offset` of a registered buffer.
+    fn phys(&self, which: Buffer, offset: u64) -> u64 {
+        let (mr, va) = self.buffer(which);
+        mr.buffer
             .as_ref()
             .expect("a user MR")
-            .translate(BUF_VA + offset)
+            .translate(va + offset)
     }
 
     fn sge(&self, offset: u64, len: u32) -> Sge {
+        self.sge_in(Buffer::Scattered, offset, len)
+    }
+
+    fn sge_in(&self, which: Buffer, offset: u64, len: u32) -> Sge {
+        let (mr, va) = self.buffer(which);
         Sge {
-            addr: BUF_VA + offset,
+            addr: va + offset,
             length: len,
-            lkey: self.mr.lkey,
+            lkey: mr.lkey,
         }
     }
 
@@ -510,8 +543,15 @@ impl Fabric {
     /// the SQ's depth, and reaps one completion per batch. Every WRITE copies the same
     /// source to the same target, like the memcpy baseline and `ib_write_bw`. Returns bytes
     /// per second.
-    pub fn write_bandwidth(&mut self, size: u32, batch: u32, duration: Duration) -> f64 {
+    pub fn write_bandwidth(
+        &mut self,
+        size: u32,
+        batch: u32,
+        duration: Duration,
+        buffer: Buffer,
+    ) -> f64 {
         assert!(u64::from(size) <= RECV_AT - RDMA_AT && batch <= SIZES.max_send_wr);
+        assert!(u64::from(size) <= CONTIG_LEN);
         // Whole batches that fit in the SQ with one slot to spare (a full ring is refused).
         let in_flight_max = ((SIZES.max_send_wr - 1) / batch).max(1);
         let abort = AtomicBool::new(false);
@@ -520,14 +560,16 @@ impl Fabric {
         let pattern: Vec<u8> = (0..size)
             .map(|i| (i % 251) as u8 ^ (size >> 10) as u8)
             .collect();
-        write_virtual(a, RDMA_AT, &pattern);
-        let remote = Some((BUF_VA + RDMA_AT, b.mr.rkey));
-        let plain = wqe(0, wr_opcode::RDMA_WRITE, 0, a.sge(RDMA_AT, size), remote);
+        write_virtual(a, buffer, RDMA_AT, &pattern);
+        let (b_mr, b_va) = b.buffer(buffer);
+        let remote = Some((b_va + RDMA_AT, b_mr.rkey));
+        let source = a.sge_in(buffer, RDMA_AT, size);
+        let plain = wqe(0, wr_opcode::RDMA_WRITE, 0, source, remote);
         let last = wqe(
             1,
             wr_opcode::RDMA_WRITE,
             send_flags::SIGNALED,
-            a.sge(RDMA_AT, size),
+            source,
             remote,
         );
         let post_batch = |a: &mut Guest| {
@@ -543,7 +585,7 @@ impl Fabric {
         post_batch(a);
         reap(a);
         assert!(
-            read_virtual(b, RDMA_AT, size as usize) == pattern,
+            read_virtual(b, buffer, RDMA_AT, size as usize) == pattern,
             "the RDMA WRITE of {size} bytes did not land in B's buffer"
         );
         let mut bytes = 0u64;
@@ -651,22 +693,22 @@ impl Fabric {
     }
 }
 
-/// Writes `bytes` at byte `offset` of `g`'s registered buffer (page by page).
-fn write_virtual(g: &Guest, offset: u64, bytes: &[u8]) {
+/// Writes `bytes` at byte `offset` of one of `g`'s registered buffers (page by page).
+fn write_virtual(g: &Guest, which: Buffer, offset: u64, bytes: &[u8]) {
     for (i, chunk) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
         let at = offset + i as u64 * PAGE_SIZE;
         assert!(at.is_multiple_of(PAGE_SIZE), "page-aligned offsets only");
-        memory::write_bytes(g.d.ram(), g.phys(at), chunk);
+        memory::write_bytes(g.d.ram(), g.phys(which, at), chunk);
     }
 }
 
-/// Reads `len` bytes at byte `offset` of `g`'s registered buffer.
-fn read_virtual(g: &Guest, offset: u64, len: usize) -> Vec<u8> {
+/// Reads `len` bytes at byte `offset` of one of `g`'s registered buffers.
+fn read_virtual(g: &Guest, which: Buffer, offset: u64, len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];
     for (i, chunk) in out.chunks_mut(PAGE_SIZE as usize).enumerate() {
         let at = offset + i as u64 * PAGE_SIZE;
         assert!(at.is_multiple_of(PAGE_SIZE), "page-aligned offsets only");
-        memory::read_bytes(g.d.ram(), g.phys(at), chunk);
+        memory::read_bytes(g.d.ram(), g.phys(which, at), chunk);
     }
     out
 }

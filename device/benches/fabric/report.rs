@@ -7,8 +7,8 @@ use serde_json::{Map, Value};
 
 use crate::baseline::cpus;
 use crate::guests::Mode;
-use vfio_user_pvrdma::pvrdma::DEFAULT_SAMPLE_EVERY;
 use crate::suite::{SEND_BATCH, WRITE_SIZES};
+use vfio_user_pvrdma::pvrdma::DEFAULT_SAMPLE_EVERY;
 
 /// RC 64 B round trip ≤ 2× a raw UNIX-socket round trip (trapped doorbells).
 pub const RC_RTT_TO_UNIX_MAX: f64 = 2.0;
@@ -78,8 +78,10 @@ pub struct Results {
     pub rc_threads: usize,
     /// A trapped doorbell that finds nothing to do (trapped mode only).
     pub doorbell: Option<Dist>,
-    /// RDMA WRITE GB/s at each of [`WRITE_SIZES`].
+    /// RDMA WRITE GB/s at each of [`WRITE_SIZES`], between buffers of 4 KiB pages scattered
+    /// in guest-physical memory (judged), and between physically contiguous buffers.
     pub write: [f64; 3],
+    pub write_contiguous: [f64; 3],
     /// 64 B SENDs per second.
     pub msg_rate: f64,
     /// The same, in the interleaved runs with the profiler's stage timing on and off.
@@ -234,6 +236,14 @@ impl Results {
             put(
                 &format!("ratio_write_{name}_to_memcpy"),
                 num(self.write_to_memcpy(i)),
+            );
+            put(
+                &format!("write_{name}_contiguous_gbytes_per_s"),
+                num(self.write_contiguous[i]),
+            );
+            put(
+                &format!("ratio_write_{name}_contiguous_to_memcpy"),
+                num(self.write_contiguous[i] / b.memcpy[i]),
             );
         }
         put("msg_rate_64_mpps", num(self.msg_rate / 1e6));
@@ -391,6 +401,19 @@ impl Results {
                     &ratio(self.write_to_memcpy(i)),
                     if i == 1 { "≥ 0.8×" } else { "" },
                     if i == 1 { verdict(1) } else { "" },
+                ],
+            );
+        }
+        for (i, (size, _)) in WRITE_SIZES.iter().enumerate() {
+            row(
+                &mut out,
+                [
+                    &format!("  contiguous pages, {}", size_label(*size)),
+                    &gbs(self.write_contiguous[i]),
+                    "",
+                    &ratio(self.write_contiguous[i] / b.memcpy[i]),
+                    "",
+                    "",
                 ],
             );
         }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use vfio_user_pvrdma::profiler::control;
 
 use crate::baseline;
-use crate::guests::{self, Fabric, Mode};
+use crate::guests::{self, Buffer, Fabric, Mode};
 use crate::report::{Baselines, Dist, Results};
 
 /// How long and how often each figure is measured.
@@ -250,12 +250,17 @@ fn run_mode(c: &Config, mode: Mode, baselines: &Baselines, started: Instant) -> 
     // The server's default.
     set_profiling(&control_path, false);
     step("RDMA WRITE bandwidth");
-    let write = WRITE_SIZES.map(|(size, batch)| {
-        fabric.write_bandwidth(size as u32, batch, c.write_time / 10);
-        median(RUNS, || {
-            fabric.write_bandwidth(size as u32, batch, c.write_time / RUNS as u32) / 1e9
+    let mut write_gbytes = |buffer: Buffer| {
+        WRITE_SIZES.map(|(size, batch)| {
+            fabric.write_bandwidth(size as u32, batch, c.write_time / 10, buffer);
+            median(RUNS, || {
+                fabric.write_bandwidth(size as u32, batch, c.write_time / RUNS as u32, buffer) / 1e9
+            })
         })
-    });
+    };
+    let write = write_gbytes(Buffer::Scattered);
+    step("RDMA WRITE bandwidth, physically contiguous buffers");
+    let write_contiguous = write_gbytes(Buffer::Contiguous);
     step("one command (QUERY_PORT)");
     let command = Dist::of(fabric.query_port_commands(c.qps / 10, c.qps));
     step("QP create to RTS");
@@ -275,6 +280,7 @@ fn run_mode(c: &Config, mode: Mode, baselines: &Baselines, started: Instant) -> 
         rc_threads,
         doorbell,
         write,
+        write_contiguous,
         msg_rate,
         msg_rate_profiler_on,
         msg_rate_profiler_off,

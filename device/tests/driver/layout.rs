@@ -376,6 +376,24 @@ impl UserBuffer {
         }
     }
 
+    /// A buffer whose pages are contiguous and in order in guest-physical memory, as a
+    /// buffer inside one huge page of a huge-page-backed guest is.
+    pub fn contiguous(
+        alloc: &mut PageAllocator,
+        ram: &GuestRam,
+        start: u64,
+        length: u64,
+    ) -> UserBuffer {
+        let npages = pages_for((start % PAGE_SIZE) + length);
+        let first = alloc.block(ram, npages);
+        let pages = (0..npages).map(|i| first + i * PAGE_SIZE).collect();
+        UserBuffer {
+            start,
+            length,
+            pdir: PageDir::build(alloc, ram, pages),
+        }
+    }
+
     pub fn nchunks(&self) -> u32 {
         self.pdir.count()
     }

@@ -256,6 +256,26 @@ impl<B: Bus> Driver<B> {
         })
     }
 
+    /// `ibv_reg_mr` of a buffer whose pages are contiguous in guest-physical memory (one
+    /// huge page's worth, in a huge-page-backed guest).
+    pub fn reg_contiguous_user_mr(
+        &mut self,
+        pd: u32,
+        start: u64,
+        length: u64,
+        access_flags: u32,
+    ) -> CmdResult<Mr> {
+        let ram = self.bus.ram();
+        let buffer = UserBuffer::contiguous(&mut self.alloc, ram, start, length);
+        let resp = self.create_mr(&Self::user_mr_request(pd, &buffer, access_flags))?;
+        Ok(Mr {
+            handle: resp.mr_handle,
+            lkey: resp.lkey,
+            rkey: resp.rkey,
+            buffer: Some(buffer),
+        })
+    }
+
     /// `get_dma_mr` (every kernel PD gets one).
     pub fn get_dma_mr(&mut self, pd: u32) -> CmdResult<Mr> {
         let resp = self.create_mr(&Self::dma_mr_request(pd))?;
