@@ -34,9 +34,11 @@ pub fn unpin() {
     let _ = sched_setaffinity(Pid::from_raw(0), &set);
 }
 
-/// How many CPUs this process may use.
+/// How many CPUs this process may use, as found at the first call (before the benchmark
+/// pins any thread of its own: a pinned thread sees one).
 pub fn cpus() -> usize {
-    thread::available_parallelism().map_or(1, usize::from)
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| thread::available_parallelism().map_or(1, usize::from))
 }
 
 /// A cache line of its own (128 bytes: adjacent-line prefetch pairs lines).
