@@ -760,6 +760,77 @@ fn functions_of_one_process_exchange_traffic_and_survive_a_peer_leaving() {
     healthy(&mut a);
 }
 
+/// A batch of SENDs behind one trapped doorbell is rung after the doorbell's reply (the
+/// client goes back to the guest while the server copies), but before the client's next
+/// message is handled; a lone SEND is rung before the reply.
+#[test]
+fn a_batch_doorbell_rings_after_its_reply_and_before_the_next_message() {
+    let server = SocketServer::start(2);
+    let mut a = Driver::on_socket(&server, 0);
+    let mut b = Driver::on_socket(&server, 1);
+    a.probe();
+    b.probe();
+    let sa = side(&mut a, [10, 0, 0, 1]);
+    let sb = side(&mut b, [10, 0, 0, 2]);
+    ok(a.rc_connect(&sa.qp, sb.qp.qpn, sb.gid, 0), &a);
+    ok(b.rc_connect(&sb.qp, sa.qp.qpn, sa.gid, 0), &b);
+    let src = sa.mr.buffer.as_ref().unwrap().translate(BUF_VA);
+    let dst = sb.mr.buffer.as_ref().unwrap().translate(BUF_VA);
+    let payload: Vec<u8> = (0..48u8).map(|i| i.wrapping_mul(7)).collect();
+    memory::write_bytes(a.ram(), src, &payload);
+
+    for round in 0..3u64 {
+        // Three SENDs of 16 bytes, one doorbell: a batch.
+        for i in 0..3u64 {
+            let at = BUF_VA + 16 * i;
+            b.post_recv(&sb.qp, 100 * round + i, &[sge(at, 16, sb.mr.lkey)])
+                .unwrap();
+            let wqe = send_wqe(
+                10 * round + i,
+                wr_opcode::SEND,
+                send_flags::SIGNALED,
+                &[sge(at, 16, sa.mr.lkey)],
+            );
+            a.post_send_raw(&sa.qp, &wqe).unwrap();
+        }
+        a.ring_qp(&sa.qp, uar::QP_SEND);
+        // Any message after the doorbell is handled after the batch: once its reply is
+        // back, every completion is in the rings.
+        assert_eq!(a.read_reg(regs::ERR), 0);
+        let sent = a.drain_cq(&sa.cq);
+        assert_eq!(
+            sent.iter().map(|c| (c.wr_id, c.status)).collect::<Vec<_>>(),
+            (0..3)
+                .map(|i| (10 * round + i, wc_status::SUCCESS))
+                .collect::<Vec<_>>(),
+            "round {round}"
+        );
+        let received = b.drain_cq(&sb.cq);
+        assert_eq!(received.len(), 3, "round {round}: {received:?}");
+        assert!(received.iter().all(|c| c.status == wc_status::SUCCESS));
+        assert_eq!(memory::snapshot(b.ram(), dst, 48), payload);
+        memory::write_bytes(b.ram(), dst, &[0; 48]);
+    }
+
+    // A lone SEND is rung before the reply: its completion is there when the doorbell
+    // write returns.
+    b.post_recv(&sb.qp, 999, &[sge(BUF_VA, 16, sb.mr.lkey)])
+        .unwrap();
+    a.post_send(
+        &sa.qp,
+        99,
+        wr_opcode::SEND,
+        send_flags::SIGNALED,
+        &[sge(BUF_VA, 16, sa.mr.lkey)],
+    )
+    .unwrap();
+    let sent = a.drain_cq(&sa.cq);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!((sent[0].wr_id, sent[0].status), (99, wc_status::SUCCESS));
+    healthy(&mut a);
+    healthy(&mut b);
+}
+
 // ---------------------------------------------------------------------------------------
 // What only the socket shows: DMA windows, vector 1, resets, unmaps, signals
 // ---------------------------------------------------------------------------------------

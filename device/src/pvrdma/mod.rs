@@ -26,7 +26,7 @@ pub use caps::Limits;
 pub use memory::GuestRam;
 pub use profile::{Clock, DEFAULT_SAMPLE_EVERY, Histogram, QpStats, Stage};
 
-use crate::abi::{self, regs};
+use crate::abi::{self, regs, uar};
 use dsr::SharedRegion;
 use objects::Objects;
 use profile::Profiler;
@@ -216,6 +216,20 @@ impl PvrdmaDevice {
             return;
         }
         doorbell::ring(self, mem, irq, net, offset, value);
+    }
+
+    /// The work requests a send doorbell (`value` at BAR2 `offset`) would find waiting in its
+    /// QP's send queue; 0 for any other doorbell, or one that names no QP. A hint for how
+    /// to schedule the doorbell (see `vfio::backend`), never a check: ringing it validates.
+    pub fn send_doorbell_backlog(&self, mem: &GuestRam, offset: u64, value: u32) -> u32 {
+        if !self.active || offset & 0xfff != uar::QP_OFFSET || value & uar::QP_SEND == 0 {
+            return 0;
+        }
+        self.objects
+            .qps
+            .get(value & uar::HANDLE_MASK)
+            .and_then(|qp| qp.sq.backlog(mem).ok())
+            .unwrap_or(0)
     }
 
     /// Whether this device's port has `gid` (a GID the driver bound with CREATE_BIND).

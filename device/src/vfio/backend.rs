@@ -38,6 +38,9 @@ pub struct PciFunctionBackend {
     /// in bursts (a command is a REQUEST write and an ERR read; probing reads many
     /// registers), unlike doorbells, whose next one waits on the guest's work.
     register_burst: bool,
+    /// A send doorbell with a batch behind it, rung once the client has its reply (see
+    /// [`PciFunctionBackend::region_write`]).
+    deferred_doorbell: Option<(u64, u32)>,
 }
 
 impl Default for PciFunctionBackend {
@@ -83,6 +86,7 @@ impl PciFunctionBackend {
             regions: server_regions_with_uar(uar_fd),
             irqs: server_irqs(),
             register_burst: false,
+            deferred_doorbell: None,
         }
     }
 
@@ -117,6 +121,8 @@ impl PciFunctionBackend {
     /// windows (closing their files) and its interrupt eventfds. Device state
     /// is kept; a new client resets the device through `DEVICE_RESET`.
     pub fn client_gone(&mut self) {
+        // A doorbell deferred past a reply the client never read dies with the client.
+        self.deferred_doorbell = None;
         let windows = self.dma.clear();
         let (objects, eventfds) = self
             .with_slot(|slot, _| {
@@ -170,6 +176,39 @@ impl PciFunctionBackend {
         });
     }
 
+    /// Send doorbells with a batch of work requests behind them are rung after the reply
+    /// (`after_reply`): the client, QEMU's vCPU waiting with posted writes off, goes back
+    /// to the guest while the server copies, and can post the next batch meanwhile, so a
+    /// bandwidth-bound queue keeps the server busy instead of paying a round trip per
+    /// batch. On real PCIe a doorbell write is posted anyway: the guest cannot tell, and
+    /// its next message (a poll, another doorbell, a command) is handled after the work.
+    /// A lone work request is latency-bound and rings at once, before the reply, so the
+    /// peer sees it without waiting for the reply to be sent. Returns whether the doorbell
+    /// was deferred.
+    fn defer_doorbell(&mut self, offset: u64, data: &[u8]) -> bool {
+        /// Work requests from which a send doorbell is a batch.
+        const BATCH: u32 = 2;
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return false;
+        };
+        let value = u32::from_le_bytes(bytes);
+        let backlog = self
+            .read_slot(|slot| {
+                let (device, mem, _) = slot.parts();
+                device.send_doorbell_backlog(mem, offset, value)
+            })
+            .unwrap_or(0);
+        if backlog < BATCH {
+            return false;
+        }
+        // Two doorbells in one message cannot happen, but never drop one.
+        if let Some((earlier, earlier_value)) = self.deferred_doorbell.take() {
+            self.device_write(ids::UAR_BAR, earlier, &earlier_value.to_le_bytes());
+        }
+        self.deferred_doorbell = Some((offset, value));
+        true
+    }
+
     /// Decodes the region and checks `[offset, offset + len)` lies inside it.
     fn check_access(region: u32, offset: u64, len: usize) -> Result<Region, Errno> {
         let decoded = Region::from_index(region).ok_or_else(|| {
@@ -210,6 +249,12 @@ impl DeviceBackend for PciFunctionBackend {
         self.register_burst
     }
 
+    fn after_reply(&mut self) {
+        if let Some((offset, value)) = self.deferred_doorbell.take() {
+            self.device_write(ids::UAR_BAR, offset, &value.to_le_bytes());
+        }
+    }
+
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
         let access = Self::check_access(region, offset, data.len())?;
         self.register_burst = matches!(access, Region::Config | Region::Bar(ids::REG_BAR));
@@ -245,6 +290,7 @@ impl DeviceBackend for PciFunctionBackend {
             Region::Bar(ids::MSIX_BAR) => {
                 debug!("ignored MSI-X BAR write {offset:#x} <- {data:02x?}");
             }
+            Region::Bar(ids::UAR_BAR) if self.defer_doorbell(offset, data) => {}
             Region::Bar(bar @ (ids::REG_BAR | ids::UAR_BAR)) => {
                 self.device_write(bar, offset, data)
             }

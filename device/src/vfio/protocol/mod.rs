@@ -145,6 +145,12 @@ pub trait DeviceBackend {
     fn expects_follow_up(&self) -> bool {
         false
     }
+
+    /// Runs after the reply to the last message has been sent (or, for a No_reply message,
+    /// after it was handled), before the next message is read: work the backend chose to
+    /// do once the client is no longer waiting. Its effects are in place before the next
+    /// message is handled, so the client's own requests still see them in order.
+    fn after_reply(&mut self) {}
 }
 
 #[cfg(test)]

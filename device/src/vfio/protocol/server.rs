@@ -65,6 +65,7 @@ pub fn serve_client_spinning<B: DeviceBackend + ?Sized>(
     let mut session = Session::default();
     while let Some(incoming) = read_header(stream)? {
         serve_message(stream, backend, &mut session, incoming)?;
+        backend.after_reply();
         if backend.expects_follow_up() {
             socket::spin_until_readable(stream, spin);
         }
