@@ -23,6 +23,7 @@ use vfio_user_pvrdma::pvrdma::{DeviceConfig, caps};
 use vfio_user_pvrdma::vfio::PciFunctionBackend;
 use vfio_user_pvrdma::vfio::fabric::Fabric;
 use vfio_user_pvrdma::vfio::listener::{self, ListenError};
+use vfio_user_pvrdma::vfio::poller;
 use vfio_user_pvrdma::vfio::uar::DoorbellMode;
 
 /// vfio-user server emulating a VMware paravirtual RDMA NIC (PVRDMA, PCI 15ad:0820).
@@ -284,12 +285,7 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
         let cpu = cli.poller_cpu;
         let spawned = thread::Builder::new()
             .name("doorbell poller".into())
-            .spawn(move || {
-                if let Some(cpu) = cpu {
-                    pin_to(cpu);
-                }
-                poll_doorbells(&target)
-            });
+            .spawn(move || poller::run(&target, cpu));
         if let Err(source) = spawned {
             remove_sockets(&serving);
             return Err(StartupError::Thread {
@@ -301,76 +297,6 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
     }
 
     signals.wait().map_err(StartupError::SignalWait)
-}
-
-/// The exit-free poller: spins while guests are busy, then sleeps between polls, longer the
-/// longer the device stays idle (see [`idle_sleep`]), so an idle server costs almost nothing
-/// and a busy one answers in microseconds.
-fn poll_doorbells(fabric: &Fabric) -> ! {
-    let mut idle_polls = 0u32;
-    let mut idle_since = std::time::Instant::now();
-    loop {
-        if fabric.poll_doorbells() {
-            idle_polls = 0;
-            continue;
-        }
-        idle_polls = idle_polls.saturating_add(1);
-        if idle_polls == SPIN_POLLS {
-            idle_since = std::time::Instant::now();
-        }
-        // The clock is read only once spinning is over: a read costs as much as a poll.
-        let idle_for = if idle_polls >= SPIN_POLLS {
-            idle_since.elapsed()
-        } else {
-            Duration::ZERO
-        };
-        match idle_sleep(idle_polls, idle_for) {
-            None => {
-                std::hint::spin_loop();
-                if idle_polls.is_multiple_of(64) {
-                    // Let a guest's vCPU have this core if it needs it.
-                    thread::yield_now();
-                }
-            }
-            Some(pause) => thread::sleep(pause),
-        }
-    }
-}
-
-/// Pins the calling thread to `cpu`; a CPU this process may not use is logged and ignored.
-fn pin_to(cpu: usize) {
-    use nix::sched::{CpuSet, sched_setaffinity};
-    let mut set = CpuSet::new();
-    let pinned = set
-        .set(cpu)
-        .and_then(|()| sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
-    match pinned {
-        Ok(()) => info!("doorbell poller pinned to CPU {cpu}"),
-        Err(e) => warn!("cannot pin the doorbell poller to CPU {cpu} ({e}); it runs anywhere"),
-    }
-}
-
-/// Empty polls the poller spins through before it starts sleeping (a few hundred µs).
-const SPIN_POLLS: u32 = 2_000;
-/// The longest pause between polls in the first [`SHORT_IDLE`] of idleness: a doorbell
-/// then waits at most this long, while a waking timer costs ~30 µs of CPU on a VM.
-const SHORT_PAUSE: Duration = Duration::from_millis(1);
-const SHORT_IDLE: Duration = Duration::from_millis(100);
-/// The longest pause once the device has been idle longer: ~60 wake-ups per second, about
-/// 0.2 % of a core; the first doorbell after a quiet spell may wait this long.
-const LONG_PAUSE: Duration = Duration::from_millis(16);
-
-/// The pause before the next poll after `idle_polls` empty polls over `idle_for`: none
-/// while spinning, then doubling from 1 µs up to [`SHORT_PAUSE`], then [`LONG_PAUSE`].
-fn idle_sleep(idle_polls: u32, idle_for: Duration) -> Option<Duration> {
-    let past_spin = idle_polls.checked_sub(SPIN_POLLS)?;
-    let cap = if idle_for < SHORT_IDLE {
-        SHORT_PAUSE
-    } else {
-        LONG_PAUSE
-    };
-    let doubling = Duration::from_micros(1u64 << past_spin.min(20));
-    Some(doubling.min(cap))
 }
 
 /// The `stats` and `profile` subcommands: one request to a running server's control
@@ -475,25 +401,4 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_idle_poller_spins_then_doubles_its_pause_up_to_a_cap_that_grows_with_idleness() {
-        assert_eq!(idle_sleep(1, Duration::ZERO), None);
-        assert_eq!(idle_sleep(SPIN_POLLS - 1, Duration::ZERO), None);
-        assert_eq!(
-            idle_sleep(SPIN_POLLS, Duration::ZERO),
-            Some(Duration::from_micros(1))
-        );
-        assert_eq!(
-            idle_sleep(SPIN_POLLS + 3, Duration::ZERO),
-            Some(Duration::from_micros(8))
-        );
-        assert_eq!(idle_sleep(u32::MAX, Duration::ZERO), Some(SHORT_PAUSE));
-        assert_eq!(idle_sleep(u32::MAX, SHORT_IDLE), Some(LONG_PAUSE));
-    }
 }

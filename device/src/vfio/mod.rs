@@ -7,6 +7,8 @@
 //! * [`irqs`] — decoding of `SET_IRQS` and the MSI-X eventfd table.
 //! * [`backend`] — the `DeviceBackend` that routes requests to the function.
 //! * [`listener`] — socket creation and the accept-serve-accept loop.
+//! * [`uar`] and [`poller`] — exit-free doorbells: BAR2 shared with the client, and the
+//!   thread that polls it.
 //!
 //! Errors returned by the backend become error replies carrying their
 //! errno, so the values chosen here are what QEMU sees.
@@ -17,6 +19,7 @@ pub mod fabric;
 pub mod guest_ram;
 pub mod irqs;
 pub mod listener;
+pub mod poller;
 pub mod protocol;
 pub mod regions;
 pub mod uar;
