@@ -39,7 +39,7 @@ pub struct PciFunctionBackend {
     /// registers), unlike doorbells, whose next one waits on the guest's work.
     register_burst: bool,
     /// A send doorbell with a batch behind it, rung once the client has its reply (see
-    /// [`PciFunctionBackend::region_write`]).
+    /// `PciFunctionBackend::doorbell`).
     deferred_doorbell: Option<(u64, u32)>,
 }
 
@@ -164,49 +164,53 @@ impl PciFunctionBackend {
             return;
         };
         let value = u32::from_le_bytes(bytes);
+        if bar == ids::UAR_BAR {
+            self.doorbell(offset, value, true);
+            return;
+        }
         let bus_master = self.config.bus_master_enabled();
-        self.with_slot(|slot, net| {
+        self.with_slot(|slot, _| {
             slot.bus_master = bus_master;
             let (device, mem, mut irq) = slot.parts();
-            if bar == ids::REG_BAR {
-                device.write_register(mem, &mut irq, offset, value);
-            } else {
-                device.write_doorbell(mem, &mut irq, net, offset, value);
-            }
+            device.write_register(mem, &mut irq, offset, value);
         });
     }
 
-    /// Send doorbells with a batch of work requests behind them are rung after the reply
-    /// (`after_reply`): the client, QEMU's vCPU waiting with posted writes off, goes back
-    /// to the guest while the server copies, and can post the next batch meanwhile, so a
-    /// bandwidth-bound queue keeps the server busy instead of paying a round trip per
-    /// batch. On real PCIe a doorbell write is posted anyway: the guest cannot tell, and
-    /// its next message (a poll, another doorbell, a command) is handled after the work.
-    /// A lone work request is latency-bound and rings at once, before the reply, so the
-    /// peer sees it without waiting for the reply to be sent. Returns whether the doorbell
-    /// was deferred.
-    fn defer_doorbell(&mut self, offset: u64, data: &[u8]) -> bool {
+    /// Rings the doorbell `value` at BAR2 `offset`.
+    ///
+    /// With `may_defer`, a send doorbell with a batch of work requests behind it is kept
+    /// instead, and rung after the reply (`after_reply`): the client, QEMU's vCPU waiting
+    /// with posted writes off, goes back to the guest while the server copies, and can post
+    /// the next batch meanwhile, so a bandwidth-bound queue keeps the server busy instead
+    /// of paying a round trip per batch. On real PCIe a doorbell write is posted anyway: the
+    /// guest cannot tell, and its next message (a poll, another doorbell, a command) is
+    /// handled after the work. A lone work request is latency-bound and rings at once,
+    /// before the reply, so the peer sees it without waiting for the reply to be sent.
+    fn doorbell(&mut self, offset: u64, value: u32, may_defer: bool) {
         /// Work requests from which a send doorbell is a batch.
         const BATCH: u32 = 2;
-        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            return false;
-        };
-        let value = u32::from_le_bytes(bytes);
-        let backlog = self
-            .read_slot(|slot| {
-                let (device, mem, _) = slot.parts();
-                device.send_doorbell_backlog(mem, offset, value)
+        // A doorbell kept from an earlier message rings first: doorbells keep their order.
+        self.after_reply();
+        let bus_master = self.config.bus_master_enabled();
+        let deferred = self
+            .with_slot(|slot, net| {
+                slot.bus_master = bus_master;
+                let (device, mem, mut irq) = slot.parts();
+                if may_defer && device.send_doorbell_backlog(mem, offset, value) >= BATCH {
+                    return true;
+                }
+                device.write_doorbell(mem, &mut irq, net, offset, value);
+                false
             })
-            .unwrap_or(0);
-        if backlog < BATCH {
-            return false;
+            .unwrap_or(false);
+        if deferred {
+            self.deferred_doorbell = Some((offset, value));
         }
-        // Two doorbells in one message cannot happen, but never drop one.
-        if let Some((earlier, earlier_value)) = self.deferred_doorbell.take() {
-            self.device_write(ids::UAR_BAR, earlier, &earlier_value.to_le_bytes());
-        }
-        self.deferred_doorbell = Some((offset, value));
-        true
+    }
+
+    /// Config space and the registers are accessed in bursts; see `register_burst`.
+    fn starts_burst(access: Region) -> bool {
+        matches!(access, Region::Config | Region::Bar(ids::REG_BAR))
     }
 
     /// Decodes the region and checks `[offset, offset + len)` lies inside it.
@@ -251,13 +255,13 @@ impl DeviceBackend for PciFunctionBackend {
 
     fn after_reply(&mut self) {
         if let Some((offset, value)) = self.deferred_doorbell.take() {
-            self.device_write(ids::UAR_BAR, offset, &value.to_le_bytes());
+            self.doorbell(offset, value, false);
         }
     }
 
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
         let access = Self::check_access(region, offset, data.len())?;
-        self.register_burst = matches!(access, Region::Config | Region::Bar(ids::REG_BAR));
+        self.register_burst = Self::starts_burst(access);
         match access {
             Region::Config => self.config.read(offset, data),
             // The client emulates the MSI-X table; the PBA reads all-clear
@@ -281,7 +285,7 @@ impl DeviceBackend for PciFunctionBackend {
 
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
         let access = Self::check_access(region, offset, data.len())?;
-        self.register_burst = matches!(access, Region::Config | Region::Bar(ids::REG_BAR));
+        self.register_burst = Self::starts_burst(access);
         match access {
             Region::Config => {
                 debug!("config write {offset:#04x} <- {data:02x?}");
@@ -290,7 +294,6 @@ impl DeviceBackend for PciFunctionBackend {
             Region::Bar(ids::MSIX_BAR) => {
                 debug!("ignored MSI-X BAR write {offset:#x} <- {data:02x?}");
             }
-            Region::Bar(ids::UAR_BAR) if self.defer_doorbell(offset, data) => {}
             Region::Bar(bar @ (ids::REG_BAR | ids::UAR_BAR)) => {
                 self.device_write(bar, offset, data)
             }

@@ -67,8 +67,12 @@ impl UarPages {
 
     /// Forgets every doorbell word (a reset: stale words must not reach new objects).
     pub fn clear(&self) {
-        if let Ok(all) = self.map.get_slice(0, self.map.len()) {
-            all.copy_from(&vec![0u8; all.len()]);
+        const ZEROES: [u8; ids::UAR_PAGE_SIZE as usize] = [0; ids::UAR_PAGE_SIZE as usize];
+        for page in 0..ids::UAR_PAGES {
+            let at = usize::try_from(page * ids::UAR_PAGE_SIZE).unwrap_or(usize::MAX);
+            if let Ok(slice) = self.map.get_slice(at, ZEROES.len()) {
+                slice.copy_from(&ZEROES);
+            }
         }
     }
 }
