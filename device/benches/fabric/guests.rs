@@ -253,6 +253,38 @@ impl Guest {
         }
     }
 
+    /// The pinging side of the ping-pong: `total` round trips of a 64-byte SEND and the
+    /// answer's receive CQE, calling `between(i)` after each post (the answering guest,
+    /// when one thread plays both). Returns the round trips (ns) after `warmup`.
+    fn ping(
+        &mut self,
+        warmup: usize,
+        total: u64,
+        abort: &AtomicBool,
+        mut between: impl FnMut(u64),
+    ) -> Vec<u64> {
+        let (plain, signaled) = pingpong_wqes(self);
+        let mut samples = Vec::with_capacity((total as usize).saturating_sub(warmup));
+        for i in 0..total {
+            let signal = (i + 1).is_multiple_of(SIGNAL_EVERY);
+            let start = Instant::now();
+            self.push_send(if signal { &signaled } else { &plain });
+            self.ring_sq();
+            between(i);
+            let cqe = self.wait(Which::Recv, abort);
+            let rtt = start.elapsed();
+            assert_eq!((cqe.opcode, cqe.byte_len), (wc_opcode::RECV, 64));
+            if i >= warmup as u64 {
+                samples.push(rtt.as_nanos() as u64);
+            }
+            if signal {
+                self.wait(Which::Send, abort);
+            }
+            self.consumed_receive();
+        }
+        samples
+    }
+
     /// The answering side of the ping-pong's round trip `i`: waits for the SEND, answers
     /// with one (every [`SIGNAL_EVERY`]th signaled, and its completion reaped), re-posts
     /// receives when due.
@@ -449,27 +481,10 @@ impl Fabric {
         let abort = AtomicBool::new(false);
         let Fabric { a, b, .. } = self;
         if threads < 2 {
-            let (a_plain, a_signaled) = pingpong_wqes(a);
-            let (b_plain, b_signaled) = pingpong_wqes(b);
-            let mut samples = Vec::with_capacity(iterations);
-            for i in 0..total {
-                let signal = (i + 1).is_multiple_of(SIGNAL_EVERY);
-                let start = Instant::now();
-                a.push_send(if signal { &a_signaled } else { &a_plain });
-                a.ring_sq();
-                b.answer(i, &b_plain, &b_signaled, &abort);
-                let cqe = a.wait(Which::Recv, &abort);
-                let rtt = start.elapsed();
-                assert_eq!((cqe.opcode, cqe.byte_len), (wc_opcode::RECV, 64));
-                if i >= warmup as u64 {
-                    samples.push(rtt.as_nanos() as u64);
-                }
-                if signal {
-                    a.wait(Which::Send, &abort);
-                }
-                a.consumed_receive();
-            }
-            return samples;
+            let (plain, signaled) = pingpong_wqes(b);
+            return a.ping(warmup, total, &abort, |i| {
+                b.answer(i, &plain, &signaled, &abort)
+            });
         }
         thread::scope(|s| {
             let abort = &abort;
@@ -479,25 +494,7 @@ impl Fabric {
                     b.answer(i, &plain, &signaled, abort);
                 }
             });
-            let (plain, signaled) = pingpong_wqes(a);
-            let mut samples = Vec::with_capacity(iterations);
-            for i in 0..total {
-                let signal = (i + 1).is_multiple_of(SIGNAL_EVERY);
-                let start = Instant::now();
-                a.push_send(if signal { &signaled } else { &plain });
-                a.ring_sq();
-                let cqe = a.wait(Which::Recv, abort);
-                let rtt = start.elapsed();
-                assert_eq!((cqe.opcode, cqe.byte_len), (wc_opcode::RECV, 64));
-                if i >= warmup as u64 {
-                    samples.push(rtt.as_nanos() as u64);
-                }
-                if signal {
-                    a.wait(Which::Send, abort);
-                }
-                a.consumed_receive();
-            }
-            samples
+            a.ping(warmup, total, abort, |_| {})
         })
     }
 
