@@ -2,11 +2,12 @@
 # Shared settings and helpers of the lab scripts. Source it; it sets `-euo pipefail`.
 #
 # Everything the lab builds lives in LAB_CACHE (outside the checkout), in folders named after
-# the pinned versions (pins.sh) and a recipe hash, so a second run finds its artifacts and a
+# the resolved versions (pins.sh, versions.sh) and a recipe hash, so a second run finds its artifacts and a
 # change of version or recipe builds fresh ones beside the old.
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/pins.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/versions.sh"
 
 lab_top=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # A recipe's key is a hash of the files that decide what it produces, so editing one of them
@@ -18,9 +19,14 @@ LAB_QEMU_RECIPE=$(recipe_key qemu/provision)
 LAB_GUEST_RECIPE=$(recipe_key guest-tests/image/build guest-tests/image/init)
 
 LAB_CACHE=${VFIO_USER_PVRDMA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vfio-user-pvrdma}
-LAB_QEMU_DIR="$LAB_CACHE/qemu-${LAB_QEMU_VERSION//[:~+]/_}-r$LAB_QEMU_RECIPE"
-LAB_GUEST_DIR="$LAB_CACHE/guest-$LAB_KERNEL_ABI-r$LAB_GUEST_RECIPE"
 LAB_ENV_FILE="$LAB_CACHE/lab.env"
+
+# The artifact folders, named after the resolved versions (lab_resolve_versions) and the
+# recipe: a new Debian revision or an edited recipe builds beside the old, never over it.
+lab_set_dirs() {
+    LAB_QEMU_DIR="$LAB_CACHE/qemu-${LAB_QEMU_VERSION//[:~+]/_}-r$LAB_QEMU_RECIPE"
+    LAB_GUEST_DIR="$LAB_CACHE/guest-${LAB_KERNEL_VERSION//[:~+]/_}-r$LAB_GUEST_RECIPE"
+}
 
 # One clock for a script and the scripts it runs, so progress lines read as one timeline.
 export LAB_STARTED_AT=${LAB_STARTED_AT:-$(date +%s)}
@@ -92,15 +98,41 @@ require_free_space() {
 run_logged() {
     local log=$1
     shift
-    if ! "$@" >"$log" 2>&1; then
-        printf 'error: %s failed; the last lines of %s:\n' "$1" "$log" >&2
-        tail -n 25 "$log" >&2
-        if grep -qiE 'could not resolve|connection (refused|timed out)|failed to fetch|unable to connect' "$log"; then
-            printf 'error: the Debian package mirror looks unreachable from this machine.\n' >&2
-        fi
-        if grep -qi 'no space left' "$log"; then
-            printf 'error: the disk is full.\n' >&2
-        fi
-        exit 1
+    "$@" >"$log" 2>&1 || explain_failure "$log" "$1"
+}
+
+# Runs a command that downloads packages, with its output in LOG. Network trouble is retried
+# (3 attempts, a pause between); a final failure says what was being fetched, and from where.
+# RESET, when not empty, is a folder removed before each attempt (mmdebstrap wants a new one).
+#
+# Usage: run_fetching LOG WHAT RESET command...
+run_fetching() {
+    local log=$1 what=$2 reset=$3 attempt
+    shift 3
+    for attempt in 1 2 3; do
+        [ -z "$reset" ] || rm -rf "$reset"
+        "$@" >"$log" 2>&1 && return 0
+        network_trouble "$log" || break
+        step "fetching $what: network trouble (attempt $attempt of 3)"
+        [ "$attempt" -eq 3 ] || sleep "${LAB_RETRY_PAUSE:-10}"
+    done
+    explain_failure "$log" "fetching $what"
+}
+
+network_trouble() {
+    grep -qiE 'could not resolve|connection (refused|timed out|failed)|failed to fetch|unable to connect|temporary failure|hash sum mismatch|503|504' "$1"
+}
+
+explain_failure() {
+    local log=$1 what=$2
+    printf 'error: %s failed; the last lines of %s:\n' "$what" "$log" >&2
+    tail -n 25 "$log" >&2
+    if network_trouble "$log"; then
+        printf 'error: %s: the Debian package mirror %s did not answer (after retries):\n' "$what" "$(debian_mirror)" >&2
+        grep -iE 'failed to fetch|^err:' "$log" | head -n 5 >&2 || true
     fi
+    if grep -qi 'no space left' "$log"; then
+        printf 'error: the disk is full.\n' >&2
+    fi
+    exit 1
 }

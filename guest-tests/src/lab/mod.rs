@@ -87,6 +87,8 @@ impl Lab {
     pub fn start(config: LabConfig) -> Result<Lab> {
         let started = Instant::now();
         let env = LabEnv::load()?;
+        // Shown with the test's output, so a failure can be tied to the versions it ran on.
+        eprintln!("lab {}: {}", config.name, env.versions);
         let server_binary = server_binary()?;
         let run_dir = std::env::temp_dir().join(format!(
             "pvrdma-lab-{}-{}-{}",
