@@ -124,6 +124,11 @@ pub enum RemoteError {
 /// Carries requests to peers. The device calls it once per work request that leaves it.
 pub trait Network {
     fn deliver(&mut self, request: &Request<'_>) -> Result<Outcome, RemoteError>;
+
+    /// Whether a port other than the asking device holds `gid`. A GID names exactly one
+    /// port of the whole fabric: a device may not bind one that another holds, or it would
+    /// receive (and could send as) that tenant's traffic.
+    fn gid_taken(&self, gid: &Gid) -> bool;
 }
 
 /// The responder side, implemented by the device model: executes a request against its
@@ -142,5 +147,9 @@ pub struct Isolated;
 impl Network for Isolated {
     fn deliver(&mut self, _request: &Request<'_>) -> Result<Outcome, RemoteError> {
         Err(RemoteError::Unreachable)
+    }
+
+    fn gid_taken(&self, _gid: &Gid) -> bool {
+        false
     }
 }

@@ -6,7 +6,7 @@
 //! taken out of the fabric and the others are reachable through a [`Network`]; a device that
 //! sends to itself (loopback) answers its own requests without the network.
 
-use super::{Network, Outcome, RemoteError, Request, Responder};
+use super::{Gid, Network, Outcome, RemoteError, Request, Responder};
 
 pub struct MemcpyFabric<E> {
     /// Boxed, so that taking one out for work moves a pointer, not the endpoint (a device
@@ -72,13 +72,26 @@ struct Peers<'f, E> {
 
 impl<E: Responder> Network for Peers<'_, E> {
     fn deliver(&mut self, request: &Request<'_>) -> Result<Outcome, RemoteError> {
-        let peer = self
+        let gid = &request.destination.gid;
+        let mut holders = self
             .endpoints
             .iter_mut()
             .flatten()
-            .find(|endpoint| endpoint.has_gid(&request.destination.gid))
-            .ok_or(RemoteError::Unreachable)?;
+            .filter(|endpoint| endpoint.has_gid(gid));
+        let peer = holders.next().ok_or(RemoteError::Unreachable)?;
+        // Binding refuses a GID another port holds (`gid_taken`), so two holders cannot
+        // arise; if they ever did, neither gets the traffic rather than the wrong one.
+        if holders.next().is_some() {
+            return Err(RemoteError::Unreachable);
+        }
         peer.respond(request)
+    }
+
+    fn gid_taken(&self, gid: &Gid) -> bool {
+        self.endpoints
+            .iter()
+            .flatten()
+            .any(|endpoint| endpoint.has_gid(gid))
     }
 }
 
@@ -145,5 +158,52 @@ mod tests {
         let answered_b = fabric.with_endpoint(b, |port, _| port.answered).unwrap();
         assert_eq!(answered_b, 1);
         assert!(fabric.with_endpoint(9, |_, _| ()).is_none());
+    }
+
+    #[test]
+    fn a_gid_held_twice_reaches_neither_holder_and_is_reported_taken() {
+        let mut fabric = MemcpyFabric::new();
+        let sender = fabric.add(Port {
+            gid: [1; 16],
+            answered: 0,
+        });
+        let holders = [[2; 16], [2; 16]].map(|gid| fabric.add(Port { gid, answered: 0 }));
+        let mem = GuestMemory::default();
+        let payload = Sgl::new();
+        let request = Request {
+            source: Source {
+                gid: [1; 16],
+                qpn: 2,
+            },
+            destination: Destination {
+                gid: [2; 16],
+                qpn: 7,
+            },
+            service: Service::Datagram { qkey: 1 },
+            memory: &mem,
+            operation: Operation::Send {
+                payload: &payload,
+                imm: None,
+                invalidate: None,
+                solicited: false,
+            },
+        };
+        let sent = fabric
+            .with_endpoint(sender, |_, net| {
+                (
+                    net.gid_taken(&[2; 16]),
+                    net.gid_taken(&[1; 16]),
+                    net.deliver(&request),
+                )
+            })
+            .unwrap();
+        // The sender's own GID is not "taken" from its point of view: it holds it itself.
+        assert_eq!(sent, (true, false, Err(RemoteError::Unreachable)));
+        for holder in holders {
+            assert_eq!(
+                fabric.with_endpoint(holder, |port, _| port.answered),
+                Some(0)
+            );
+        }
     }
 }

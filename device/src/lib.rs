@@ -13,8 +13,9 @@
 //! channel and the data path will be added as further modules next to `pci`
 //! and plugged into [`vfio::PciFunctionBackend`].
 
-// `deny`, not `forbid`: exactly one module, `vfio::protocol::socket`, may
-// opt out, to take ownership of file descriptors received over the socket.
+// `deny`, not `forbid`: exactly two modules may opt out: `vfio::protocol::socket`, to take
+// ownership of file descriptors received over the socket, and `vfio::memory_fault`, whose
+// SIGBUS handler keeps a truncated DMA window from killing the process.
 #![deny(unsafe_code)]
 
 pub mod abi;

@@ -31,6 +31,8 @@ macro_rules! both_topologies {
 
 #[path = "datapath/errors.rs"]
 mod errors;
+#[path = "datapath/gid_ownership.rs"]
+mod gid_ownership;
 #[path = "datapath/harness.rs"]
 mod harness;
 #[path = "datapath/hostile.rs"]

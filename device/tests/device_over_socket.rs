@@ -679,6 +679,31 @@ fn side(d: &mut D, ip: [u8; 4]) -> Side {
     Side { cq, mr, qp, gid }
 }
 
+/// Hardening: GID interception between tenants. A guest that binds its neighbour's GID
+/// would receive the neighbour's datagrams; the server refuses the bind.
+#[test]
+fn a_guest_cannot_bind_the_gid_of_another_function() {
+    let server = SocketServer::start(2);
+    let mut victim = Driver::on_socket(&server, 0);
+    let mut attacker = Driver::on_socket(&server, 1);
+    victim.probe();
+    attacker.probe();
+    let gid = ipv4_gid([10, 0, 0, 1]);
+    ok(victim.create_bind(0, gid, GID_TYPE_ROCE_V1), &victim);
+    let errno = fails(
+        attacker.create_bind(3, gid, GID_TYPE_ROCE_V1),
+        &attacker,
+        "binding the victim's GID",
+    );
+    assert_eq!(errno, libc::EADDRINUSE as u32);
+    server.wait_for_line(1, "another port holds it");
+    // When the victim's client goes, its GIDs go with it, and the GID is free again.
+    drop(victim);
+    server.wait_for_line(0, "released ");
+    ok(attacker.create_bind(3, gid, GID_TYPE_ROCE_V1), &attacker);
+    healthy(&mut attacker);
+}
+
 #[test]
 fn functions_of_one_process_exchange_traffic_and_survive_a_peer_leaving() {
     let server = SocketServer::start(2);

@@ -49,6 +49,7 @@ pub mod errno {
     pub const EINVAL: u32 = 22;
     pub const ENOSPC: u32 = 28;
     pub const EOPNOTSUPP: u32 = 95;
+    pub const EADDRINUSE: u32 = 98;
 }
 
 /// `ERR` before any successful DSR load, as QEMU's device had it.
@@ -184,6 +185,7 @@ impl PvrdmaDevice {
         &mut self,
         mem: &GuestRam,
         irq: &mut dyn Interrupts,
+        net: &dyn Network,
         offset: u64,
         value: u32,
     ) {
@@ -194,7 +196,7 @@ impl PvrdmaDevice {
                 self.load_dsr(mem);
             }
             regs::CTL => self.control(value),
-            regs::REQUEST => self.request(mem, irq, value),
+            regs::REQUEST => self.request(mem, irq, net, value),
             regs::IMR => self.imr = value,
             regs::MAC_LOW => self.mac[0] = value,
             regs::MAC_HIGH => self.mac[1] = value & 0xffff,
@@ -309,13 +311,13 @@ impl PvrdmaDevice {
         };
     }
 
-    fn request(&mut self, mem: &GuestRam, irq: &mut dyn Interrupts, value: u32) {
+    fn request(&mut self, mem: &GuestRam, irq: &mut dyn Interrupts, net: &dyn Network, value: u32) {
         if value != 0 {
             debug!("REQUEST write of {value:#x} ignored (only 0 executes)");
             return;
         }
         let mut flush = Vec::new();
-        self.err = match commands::execute(self, mem, &mut flush) {
+        self.err = match commands::execute(self, mem, net, &mut flush) {
             Ok(()) => 0,
             Err(errno) => errno,
         };

@@ -41,6 +41,8 @@ pub struct PciFunctionBackend {
     /// A send doorbell with a batch behind it, rung once the client has its reply (see
     /// `PciFunctionBackend::doorbell`).
     deferred_doorbell: Option<(u64, u32)>,
+    /// The fabric's failure count when this function last looked (see `failure`).
+    failures_seen: usize,
 }
 
 impl Default for PciFunctionBackend {
@@ -87,6 +89,7 @@ impl PciFunctionBackend {
             irqs: server_irqs(),
             register_burst: false,
             deferred_doorbell: None,
+            failures_seen: fabric.failure_count(),
         }
     }
 
@@ -131,7 +134,8 @@ impl PciFunctionBackend {
                 if let Some(uar) = &slot.uar {
                     uar.clear();
                 }
-                slot.ram = GuestRam::default();
+                slot.set_ram(GuestRam::default());
+                slot.failed = None;
                 (objects, slot.msix.clear())
             })
             .unwrap_or_default();
@@ -144,7 +148,7 @@ impl PciFunctionBackend {
     /// Maps the current DMA windows for the device.
     fn remap(&self) {
         let ram = guest_ram::build(&self.dma);
-        self.with_slot(|slot, _| slot.ram = ram);
+        self.with_slot(|slot, _| slot.set_ram(ram));
     }
 
     /// Objects the guest has created on this function's device.
@@ -169,10 +173,10 @@ impl PciFunctionBackend {
             return;
         }
         let bus_master = self.config.bus_master_enabled();
-        self.with_slot(|slot, _| {
+        self.with_slot(|slot, net| {
             slot.bus_master = bus_master;
             let (device, mem, mut irq) = slot.parts();
-            device.write_register(mem, &mut irq, offset, value);
+            device.write_register(mem, &mut irq, net, offset, value);
         });
     }
 
@@ -257,6 +261,16 @@ impl DeviceBackend for PciFunctionBackend {
         if let Some((offset, value)) = self.deferred_doorbell.take() {
             self.doorbell(offset, value, false);
         }
+    }
+
+    fn failure(&mut self) -> Option<String> {
+        // One atomic load while nothing failed anywhere; the lock only after a failure.
+        let failures = self.fabric.failure_count();
+        if failures == self.failures_seen {
+            return None;
+        }
+        self.failures_seen = failures;
+        self.read_slot(|slot| slot.failed.clone()).flatten()
     }
 
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), Errno> {

@@ -67,6 +67,35 @@ pub enum DmaError {
     /// Dirty-page bitmaps, vaddr updates or unknown unmap flags.
     #[error("unsupported DMA unmap flags {0:#x}")]
     UnmapFlags(u32),
+    /// The window's fd is not a regular file (a pipe, a socket, a device such as
+    /// `/dev/null`): it cannot back guest RAM, and mapping it would fail or fault later.
+    #[error("DMA window {address:#x}+{size:#x}: its fd is {kind}, not a regular file or memfd")]
+    NotAFile {
+        /// Start of the rejected window.
+        address: u64,
+        /// Size of the rejected window.
+        size: u64,
+        /// What the fd is.
+        kind: &'static str,
+    },
+    /// The window reaches past the end of its file: touching that part would kill the
+    /// process with SIGBUS.
+    #[error(
+        "DMA window {address:#x}+{size:#x} at file offset {offset:#x} needs {needed} bytes of \
+         its file, which has {length}"
+    )]
+    FileTooShort {
+        /// Start of the rejected window.
+        address: u64,
+        /// Size of the rejected window.
+        size: u64,
+        /// File offset of the rejected window.
+        offset: u64,
+        /// Bytes the window needs the file to have.
+        needed: u64,
+        /// Bytes the file has.
+        length: u64,
+    },
 }
 
 impl DmaError {
@@ -77,9 +106,61 @@ impl DmaError {
             Self::NotMapped { .. } => libc::ENOENT,
             Self::TooMany => libc::ENOSPC,
             Self::UnmapFlags(_) => libc::ENOTSUP,
-            Self::Empty { .. } | Self::Wraps { .. } | Self::MapFlags(_) => libc::EINVAL,
+            Self::Empty { .. }
+            | Self::Wraps { .. }
+            | Self::MapFlags(_)
+            | Self::NotAFile { .. }
+            | Self::FileTooShort { .. } => libc::EINVAL,
         }
     }
+}
+
+/// Refuses a backing fd that cannot hold the window: anything but a regular file (memfds
+/// are regular files), or a file shorter than the window's last byte. A window that shrinks
+/// after this check is caught by `memory_fault` instead.
+fn check_backing(
+    file: &File,
+    address: u64,
+    size: u64,
+    offset: u64,
+    last_file_byte: u64,
+) -> Result<(), DmaError> {
+    let not_a_file = |kind| DmaError::NotAFile {
+        address,
+        size,
+        kind,
+    };
+    let metadata = file.metadata().map_err(|_| not_a_file("unreadable"))?;
+    let kind = metadata.file_type();
+    if !kind.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        return Err(not_a_file(if kind.is_fifo() {
+            "a pipe"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_dir() {
+            "a directory"
+        } else {
+            "not a file"
+        }));
+    }
+    // last_file_byte + 1 cannot wrap: `map` checked offset + size - 1 and size >= 1, but a
+    // window ending at u64::MAX is no file's anyway.
+    let needed = last_file_byte.saturating_add(1);
+    if metadata.len() < needed {
+        return Err(DmaError::FileTooShort {
+            address,
+            size,
+            offset,
+            needed,
+            length: metadata.len(),
+        });
+    }
+    Ok(())
 }
 
 /// One DMA window.
@@ -149,7 +230,15 @@ impl DmaWindows {
             offset,
         };
         let last = address.checked_add(last_offset).ok_or_else(wraps)?;
-        offset.checked_add(last_offset).ok_or_else(wraps)?;
+        let last_file_byte = offset.checked_add(last_offset).ok_or_else(wraps)?;
+        let readable = flags.contains(DmaMapFlags::READ);
+        let writable = flags.contains(DmaMapFlags::WRITE);
+        // Only read-write windows become guest RAM (guest_ram.rs); the fd of any other is
+        // closed at once, so windows the device never maps hold no descriptor.
+        let file = file.filter(|_| readable && writable);
+        if let Some(file) = &file {
+            check_backing(file, address, size, offset, last_file_byte)?;
+        }
 
         // Windows are disjoint and sorted, so the only candidate overlap is
         // the one with the greatest start not after our last byte.
@@ -171,8 +260,8 @@ impl DmaWindows {
             address,
             size,
             offset,
-            readable: flags.contains(DmaMapFlags::READ),
-            writable: flags.contains(DmaMapFlags::WRITE),
+            readable,
+            writable,
             file,
         };
         Ok(self.windows.entry(address).or_insert(window))

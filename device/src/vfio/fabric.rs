@@ -7,14 +7,16 @@
 //! responder's interrupts are consistent for its whole duration, and a DMA_UNMAP (which
 //! also takes the lock) can never pull memory out from under a copy.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use log::{debug, warn};
+use log::{debug, error, warn};
 use pvrdma_backend::memcpy::MemcpyFabric;
 use pvrdma_backend::{Outcome, RemoteError, Request, Responder};
 
 use super::irqs::MsixEventfds;
+use super::memory_fault::{self, GuardedRam};
 use super::uar::UarPages;
 use crate::profiler::{DeviceSnapshot, Snapshot};
 use crate::pvrdma::{Clock, DeviceConfig, GuestRam, Interrupts, PvrdmaDevice};
@@ -58,6 +60,10 @@ pub struct Slot {
     pub bus_master: bool,
     /// The UAR pages, when doorbells are exit-free.
     pub uar: Option<Arc<UarPages>>,
+    /// `ram`'s registration with the SIGBUS guard; replaced with it by [`Slot::set_ram`].
+    ram_guard: GuardedRam,
+    /// Why the device was failed (its guest memory vanished); its client is disconnected.
+    pub failed: Option<String>,
 }
 
 impl Slot {
@@ -71,7 +77,17 @@ impl Slot {
             msix: MsixEventfds::default(),
             bus_master: false,
             uar: None,
+            ram_guard: GuardedRam::default(),
+            failed: None,
         }
+    }
+
+    /// Replaces the device's mapped RAM, guarded against the client shrinking its files.
+    pub fn set_ram(&mut self, ram: GuestRam) {
+        // The old guard goes before the old mapping, so no stale range stays registered.
+        self.ram_guard = GuardedRam::default();
+        self.ram = ram;
+        self.ram_guard = GuardedRam::new(&self.ram);
     }
 
     /// The device, the memory it may use now and its interrupt sink, borrowed apart.
@@ -111,7 +127,12 @@ impl Responder for Slot {
 
 /// The fabric shared by every socket thread of the process.
 #[derive(Clone, Default)]
-pub struct Fabric(Arc<Mutex<MemcpyFabric<Slot>>>);
+pub struct Fabric {
+    shared: Arc<Mutex<MemcpyFabric<Slot>>>,
+    /// How many devices were failed so far: a socket thread compares it with the count it
+    /// saw last to learn, without the lock, whether to look at its slot's `failed`.
+    failures: Arc<AtomicUsize>,
+}
 
 impl std::fmt::Debug for Fabric {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -152,13 +173,41 @@ impl Fabric {
         if activity {
             resume_stalled(&mut fabric);
         }
+        self.contain_faults(&mut fabric);
         activity
+    }
+
+    /// Devices failed so far (see [`Fabric::failures`] field docs).
+    pub fn failure_count(&self) -> usize {
+        self.failures.load(Ordering::Acquire)
+    }
+
+    /// Fails every device whose guest memory faulted during the work just done: its RAM is
+    /// taken away (so nothing touches the lost pages again) and its client is to be dropped.
+    fn contain_faults(&self, fabric: &mut MemcpyFabric<Slot>) {
+        if !memory_fault::take_pending() {
+            return;
+        }
+        for index in fabric.indices() {
+            fabric.with_endpoint(index, |slot, _| {
+                if !slot.ram_guard.take_fault() {
+                    return;
+                }
+                let reason = "its guest memory shrank under the server (the client truncated \
+                              a DMA window's file)"
+                    .to_string();
+                error!("device {index} failed: {reason}; disconnecting its client");
+                slot.set_ram(GuestRam::default());
+                slot.failed = Some(reason);
+                self.failures.fetch_add(1, Ordering::AcqRel);
+            });
+        }
     }
 
     /// The fabric, locked. A thread that panicked while holding the lock leaves the fabric
     /// usable: every operation on it is self-contained.
     pub fn lock(&self) -> MutexGuard<'_, MemcpyFabric<Slot>> {
-        self.0
+        self.shared
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -204,7 +253,10 @@ impl Fabric {
         index: usize,
         work: impl FnOnce(&mut Slot, &mut dyn pvrdma_backend::Network) -> R,
     ) -> Option<R> {
-        self.lock().with_endpoint(index, work)
+        let mut fabric = self.lock();
+        let result = fabric.with_endpoint(index, work);
+        self.contain_faults(&mut fabric);
+        result
     }
 
     /// As [`Fabric::with_slot`], then lets every device whose senders wait for a receiver
@@ -215,9 +267,12 @@ impl Fabric {
         work: impl FnOnce(&mut Slot, &mut dyn pvrdma_backend::Network) -> R,
     ) -> Option<R> {
         let mut fabric = self.lock();
-        let result = fabric.with_endpoint(index, work)?;
-        resume_stalled(&mut fabric);
-        Some(result)
+        let result = fabric.with_endpoint(index, work);
+        if result.is_some() {
+            resume_stalled(&mut fabric);
+        }
+        self.contain_faults(&mut fabric);
+        result
     }
 }
 

@@ -82,9 +82,13 @@ impl Bus for InProcessBus {
     fn write32(&mut self, bar: u32, offset: u64, value: u32) {
         let ram = self.memory.ram();
         match bar {
-            BAR_REGS => self
-                .device
-                .write_register(ram, &mut self.irqs, offset, value),
+            BAR_REGS => self.device.write_register(
+                ram,
+                &mut self.irqs,
+                &pvrdma_backend::Isolated,
+                offset,
+                value,
+            ),
             BAR_UAR => self.device.write_doorbell(
                 ram,
                 &mut self.irqs,

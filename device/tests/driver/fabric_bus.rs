@@ -90,8 +90,10 @@ impl Bus for FabricBus {
 
     fn write32(&mut self, bar: u32, offset: u64, value: u32) {
         match bar {
-            BAR_REGS => self
-                .with_endpoint(|e, _| e.device.write_register(&e.ram, &mut e.irqs, offset, value)),
+            BAR_REGS => self.with_endpoint(|e, net| {
+                e.device
+                    .write_register(&e.ram, &mut e.irqs, net, offset, value)
+            }),
             BAR_UAR => {
                 self.with_endpoint(|e, net| {
                     e.device

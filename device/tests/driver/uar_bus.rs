@@ -120,8 +120,13 @@ impl Bus for ExitFreeBus {
         match bar {
             BAR_REGS => {
                 let ram = self.memory.ram();
-                self.device
-                    .write_register(ram, &mut self.irqs, offset, value);
+                self.device.write_register(
+                    ram,
+                    &mut self.irqs,
+                    &pvrdma_backend::Isolated,
+                    offset,
+                    value,
+                );
             }
             BAR_UAR => {
                 self.words.insert(offset, value);

@@ -10,6 +10,7 @@ mod qp;
 mod srq;
 
 use log::debug;
+use pvrdma_backend::Network;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use super::memory::{self, GuestRam};
@@ -51,6 +52,7 @@ fn header_only() -> Reply {
 pub(super) fn execute(
     device: &mut PvrdmaDevice,
     mem: &GuestRam,
+    net: &dyn Network,
     flush: &mut Vec<u32>,
 ) -> Result<(), u32> {
     let (cmd_slot, resp_slot) = match (&device.shared, device.active) {
@@ -69,7 +71,7 @@ pub(super) fn execute(
         debug!("unknown command {:#x}", header.cmd);
         errno::EINVAL
     })?;
-    let result = dispatch(device, mem, command, &request, flush);
+    let result = dispatch(device, mem, net, command, &request, flush);
     debug!(
         "command {command:?}: {}",
         match &result {
@@ -93,6 +95,7 @@ pub(super) fn execute(
 fn dispatch(
     device: &mut PvrdmaDevice,
     mem: &GuestRam,
+    net: &dyn Network,
     command: Command,
     request: &Request,
     flush: &mut Vec<u32>,
@@ -100,7 +103,7 @@ fn dispatch(
     match command {
         Command::QueryPort => port::query_port(device, request),
         Command::QueryPkey => port::query_pkey(request),
-        Command::CreateBind => port::create_bind(device, request),
+        Command::CreateBind => port::create_bind(device, net, request),
         Command::DestroyBind => port::destroy_bind(device, request),
         Command::CreateUc => context::create_uc(device, request),
         Command::DestroyUc => context::destroy_uc(device, request),

@@ -1,5 +1,8 @@
 //! QUERY_PORT, QUERY_PKEY and the GID table (CREATE_BIND, DESTROY_BIND).
 
+use log::warn;
+use pvrdma_backend::Network;
+
 use super::{Reply, Request, header_only, reply};
 use crate::abi::{
     CreateBindRequest, DestroyBindRequest, QueryPkeyRequest, QueryPkeyResponse, QueryPortRequest,
@@ -34,10 +37,24 @@ pub(super) fn query_pkey(request: &Request) -> Reply {
     })
 }
 
-pub(super) fn create_bind(device: &mut PvrdmaDevice, request: &Request) -> Reply {
+/// Binds a GID at a table index. A GID another port of the fabric holds is refused with
+/// EADDRINUSE: a GID names one port, and whoever binds it receives its traffic.
+pub(super) fn create_bind(
+    device: &mut PvrdmaDevice,
+    net: &dyn Network,
+    request: &Request,
+) -> Reply {
     let req: CreateBindRequest = request.parse();
     if req.gid_type != crate::abi::GID_TYPE_ROCE_V1 {
         return Err(errno::EINVAL);
+    }
+    if net.gid_taken(&req.new_gid) {
+        warn!(
+            "CREATE_BIND of GID {} at index {} refused: another port holds it",
+            std::net::Ipv6Addr::from(req.new_gid),
+            req.index
+        );
+        return Err(errno::EADDRINUSE);
     }
     let entry = device
         .objects

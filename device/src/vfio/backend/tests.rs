@@ -129,9 +129,19 @@ fn bad_regions_and_ranges_are_einval() {
 fn dma_map_and_unmap() {
     let mut b = PciFunctionBackend::new();
     let rw = DmaMapFlags::READ_WRITE.bits();
-    let file = File::open("/dev/null").expect("/dev/null");
+    let file = File::from(
+        nix::sys::memfd::memfd_create("ram", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .expect("memfd"),
+    );
+    file.set_len(0x1_0000).expect("size memfd");
     b.dma_map(rw, 0, 0x1_0000, 0x1_0000, Some(file))
         .expect("map");
+    let null = File::open("/dev/null").expect("/dev/null");
+    assert_eq!(
+        errno(b.dma_map(rw, 0, 0x2_0000, 0x1_0000, Some(null))),
+        Some(libc::EINVAL),
+        "a character device cannot back RAM"
+    );
     b.dma_map(DmaMapFlags::READ.bits(), 0, 0xF_0000, 0x1_0000, None)
         .expect("fd-less map is accepted");
     assert_eq!(

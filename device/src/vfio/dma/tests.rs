@@ -27,12 +27,77 @@ fn map_records_window() {
     assert!(t.find(0x0F_FFFF).is_none());
 }
 
+fn memfd(length: u64) -> File {
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    let file = File::from(memfd_create("dma-test", MFdFlags::MFD_CLOEXEC).expect("memfd"));
+    file.set_len(length).expect("size memfd");
+    file
+}
+
 #[test]
-fn map_keeps_the_file() {
-    let file = File::open("/dev/null").expect("/dev/null opens");
+fn map_keeps_the_file_of_a_read_write_window() {
     let mut t = DmaWindows::new();
-    t.map(rw(), 0, 0, 0x1000, Some(file)).expect("maps");
+    t.map(rw(), 0, 0, 0x1000, Some(memfd(0x1000)))
+        .expect("maps");
     assert!(t.iter().all(|w| w.file.is_some()));
+}
+
+#[test]
+fn windows_the_device_never_maps_hold_no_descriptor() {
+    let mut t = DmaWindows::new();
+    let w = t
+        .map(DmaMapFlags::READ, 0, 0, 0x1000, Some(memfd(0x1000)))
+        .expect("maps");
+    assert!(w.file.is_none(), "a read-only window keeps no fd");
+}
+
+#[test]
+fn fds_that_cannot_back_ram_are_refused() {
+    let (pipe, _writer) = nix::unistd::pipe().expect("pipe");
+    let (socket, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let cases = [
+        (
+            File::open("/dev/null").expect("/dev/null"),
+            "a character device",
+        ),
+        (File::from(pipe), "a pipe"),
+        (File::from(std::os::fd::OwnedFd::from(socket)), "a socket"),
+        (File::open("/").expect("/ opens"), "a directory"),
+    ];
+    let mut t = DmaWindows::new();
+    for (file, kind) in cases {
+        let err = t.map(rw(), 0, 0, 0x1000, Some(file)).expect_err(kind);
+        assert!(
+            matches!(err, DmaError::NotAFile { kind: k, .. } if k == kind),
+            "{kind}: {err}"
+        );
+        assert_eq!(err.errno(), libc::EINVAL);
+    }
+    assert!(t.is_empty());
+}
+
+#[test]
+fn a_window_past_the_end_of_its_file_is_refused() {
+    let mut t = DmaWindows::new();
+    // A 4 KiB memfd offered as 1 MiB of RAM: the rest would be SIGBUS.
+    let err = t
+        .map(rw(), 0, 0, 0x10_0000, Some(memfd(0x1000)))
+        .expect_err("short");
+    assert_eq!(
+        err,
+        DmaError::FileTooShort {
+            address: 0,
+            size: 0x10_0000,
+            offset: 0,
+            needed: 0x10_0000,
+            length: 0x1000
+        }
+    );
+    assert_eq!(err.errno(), libc::EINVAL);
+    // The offset counts: 8 KiB at offset 4 KiB needs 12 KiB.
+    assert!(t.map(rw(), 0x1000, 0, 0x2000, Some(memfd(0x2fff))).is_err());
+    t.map(rw(), 0x1000, 0, 0x2000, Some(memfd(0x3000)))
+        .expect("exactly long enough");
 }
 
 #[test]

@@ -151,6 +151,13 @@ pub trait DeviceBackend {
     /// do once the client is no longer waiting. Its effects are in place before the next
     /// message is handled, so the client's own requests still see them in order.
     fn after_reply(&mut self) {}
+
+    /// Why the device can no longer serve this client (checked after every message), if it
+    /// cannot: the loop then ends with [`ConnectionError::DeviceFailed`] and the
+    /// client's connection is closed. Default: never.
+    fn failure(&mut self) -> Option<String> {
+        None
+    }
 }
 
 #[cfg(test)]

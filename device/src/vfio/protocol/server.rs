@@ -31,6 +31,9 @@ pub enum ConnectionError {
     /// message starts is unknowable, so the connection cannot continue.
     #[error("message size {0} is outside 16..={MAX_MESSAGE_SIZE}")]
     BadMessageSize(u32),
+    /// The device failed (for example its guest memory vanished): the client is dropped.
+    #[error("the device failed: {0}")]
+    DeviceFailed(String),
 }
 
 /// A header and the descriptors that came with it.
@@ -66,6 +69,9 @@ pub fn serve_client_spinning<B: DeviceBackend + ?Sized>(
     while let Some(incoming) = read_header(stream)? {
         serve_message(stream, backend, &mut session, incoming)?;
         backend.after_reply();
+        if let Some(reason) = backend.failure() {
+            return Err(ConnectionError::DeviceFailed(reason));
+        }
         if backend.expects_follow_up() {
             socket::spin_until_readable(stream, spin);
         }

@@ -268,6 +268,9 @@ fn dma_map_unmap_and_reset() {
 fn backend_errnos_reach_the_wire() {
     let mut h = Harness::negotiated(PciFunctionBackend::new());
     let ram = memfd("ram");
+    File::from(ram.try_clone().expect("dup"))
+        .set_len(0x1_0000)
+        .expect("size memfd");
     let map = dma_map(3, 0, 0x1_0000, 0x1_0000);
     let reply = h.call_with_fds(cmd::DMA_MAP, &map, &[ram.as_fd()]);
     assert_eq!(reply.errno(), None);

@@ -1,0 +1,173 @@
+//! Hostile vfio-user clients against the real server process: each attack gets an error or
+//! its own connection closed, the server lives, every other device keeps answering, and
+//! the server's descriptors return to their baseline.
+
+mod hostile;
+#[allow(dead_code)] // Shared with other suites; not every helper is used here.
+mod support;
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
+
+use hostile::{CONFIG_REGION, REG_BAR, RawClient};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use support::{ServerProcess, TempDir, wait_for_path};
+
+const EINVAL: u32 = libc::EINVAL as u32;
+const RAM_BASE: u64 = 0x1000_0000;
+const MIB: u64 = 1 << 20;
+
+struct TwoDevices {
+    _dir: TempDir,
+    server: ServerProcess,
+    sockets: [std::path::PathBuf; 2],
+}
+
+fn two_devices(tag: &str) -> TwoDevices {
+    let dir = TempDir::new(tag);
+    let sockets = [dir.path().join("a.sock"), dir.path().join("b.sock")];
+    let server = ServerProcess::start([
+        "--socket".as_ref(),
+        sockets[0].as_os_str(),
+        "--socket".as_ref(),
+        sockets[1].as_os_str(),
+    ]);
+    sockets.iter().for_each(|s| wait_for_path(s));
+    TwoDevices {
+        _dir: dir,
+        server,
+        sockets,
+    }
+}
+
+fn memfd(length: u64) -> File {
+    let file = File::from(memfd_create("hostile-ram", MFdFlags::MFD_CLOEXEC).expect("memfd"));
+    file.set_len(length).expect("size the memfd");
+    file
+}
+
+fn open_fds(server: &ServerProcess) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+        .expect("the server's fd table")
+        .count()
+}
+
+/// The other device answers config reads promptly: the median of 20 under 10 ms.
+fn answers_promptly(client: &mut RawClient) {
+    let mut times: Vec<Duration> = (0..20).map(|_| client.timed_config_read()).collect();
+    times.sort();
+    assert!(
+        times[10] < Duration::from_millis(10),
+        "the other device answered in {:?} (median)",
+        times[10]
+    );
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{what} did not happen within 5 s");
+}
+
+#[test]
+fn fds_that_cannot_back_guest_ram_are_refused_and_the_client_stays() {
+    let mut lab = two_devices("unmappable-fds");
+    let mut bystander = RawClient::connect(&lab.sockets[1]);
+    let mut attacker = RawClient::connect(&lab.sockets[0]);
+
+    // A 4 KiB memfd offered as 1 MiB of RAM: touching the rest would be SIGBUS.
+    let short = memfd(4096);
+    let reply = attacker
+        .dma_map(0, RAM_BASE, MIB, Some(short.as_fd()))
+        .expect("a reply");
+    assert_eq!(reply.errno, Some(EINVAL), "short memfd");
+    // The offset counts: 1 MiB at offset 1 MiB of a 1.5 MiB file.
+    let offset_short = memfd(MIB + MIB / 2);
+    let reply = attacker
+        .dma_map(MIB, RAM_BASE, MIB, Some(offset_short.as_fd()))
+        .expect("a reply");
+    assert_eq!(reply.errno, Some(EINVAL), "window past the file's end");
+
+    let (pipe, _writer) = nix::unistd::pipe().expect("pipe");
+    let (socket, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let null = File::open("/dev/null").expect("/dev/null");
+    let unmappable: [(&str, OwnedFd); 3] = [
+        ("a pipe", pipe),
+        ("a socket", OwnedFd::from(socket)),
+        ("/dev/null", OwnedFd::from(null)),
+    ];
+    for (what, fd) in &unmappable {
+        let reply = attacker
+            .dma_map(0, RAM_BASE, MIB, Some(fd.as_fd()))
+            .expect("a reply");
+        assert_eq!(reply.errno, Some(EINVAL), "{what}");
+    }
+    lab.server.wait_for_line("not a regular file or memfd");
+
+    // The attacker's own connection still works, and so does a proper window.
+    attacker.timed_config_read();
+    let ram = memfd(MIB);
+    let reply = attacker
+        .dma_map(0, RAM_BASE, MIB, Some(ram.as_fd()))
+        .expect("a reply");
+    assert_eq!(reply.errno, None, "a memfd as long as its window maps");
+    answers_promptly(&mut bystander);
+}
+
+#[test]
+fn a_window_truncated_after_its_map_fails_its_device_not_the_server() {
+    let mut lab = two_devices("truncated-window");
+    let mut bystander = RawClient::connect(&lab.sockets[1]);
+    let baseline = open_fds(&lab.server);
+
+    let mut attacker = RawClient::connect(&lab.sockets[0]);
+    let ram = memfd(MIB);
+    let reply = attacker
+        .dma_map(0, RAM_BASE, MIB, Some(ram.as_fd()))
+        .expect("a reply");
+    assert_eq!(reply.errno, None);
+    // Memory decoding and bus mastering on, as the guest driver does.
+    let reply = attacker
+        .region_write(CONFIG_REGION, 4, &[0x06, 0x00])
+        .expect("a reply");
+    assert_eq!(reply.errno, None);
+
+    // The client shrinks the file under the mapping, then points the DSR into the lost part:
+    // the device reads it on the DSRHIGH write.
+    ram.set_len(4096).expect("truncate");
+    let dsr = RAM_BASE + MIB / 2;
+    let low = u32::try_from(dsr & 0xffff_ffff).expect("low half");
+    attacker
+        .region_write(REG_BAR, 0x04, &low.to_le_bytes())
+        .expect("DSRLOW reply");
+    let reply = attacker.region_write(REG_BAR, 0x08, &0u32.to_le_bytes());
+    // The write itself is answered (the fault is contained inside it); then the server
+    // drops the client whose memory vanished.
+    assert!(reply.is_ok(), "DSRHIGH write: {reply:?}");
+    assert!(
+        attacker.closed_by_server(),
+        "the attacker's connection is closed"
+    );
+    lab.server
+        .wait_for_line("device 0 failed: its guest memory shrank");
+
+    // The server lives, the bystander answers, and the socket takes the next client.
+    answers_promptly(&mut bystander);
+    drop(attacker);
+    lab.server.wait_for_line("released");
+    wait_until("the server's fds returning to baseline", || {
+        open_fds(&lab.server) == baseline
+    });
+    let mut next = RawClient::connect(&lab.sockets[0]);
+    next.timed_config_read();
+    let fresh = memfd(MIB);
+    let reply = next
+        .dma_map(0, RAM_BASE, MIB, Some(fresh.as_fd()))
+        .expect("a reply");
+    assert_eq!(reply.errno, None, "the next client maps RAM again");
+}
