@@ -171,3 +171,39 @@ fn a_window_truncated_after_its_map_fails_its_device_not_the_server() {
         .expect("a reply");
     assert_eq!(reply.errno, None, "the next client maps RAM again");
 }
+
+#[test]
+fn msix_fds_that_could_block_the_server_are_refused_or_fail_alone() {
+    const EVENTFD_TRIGGER: u32 = (1 << 2) | (1 << 5);
+    const NONE_TRIGGER: u32 = 1 | (1 << 5);
+    let mut lab = two_devices("blocking-msix");
+    let mut bystander = RawClient::connect(&lab.sockets[1]);
+    let mut attacker = RawClient::connect(&lab.sockets[0]);
+
+    // A pipe nobody reads would block the writer once full: refused.
+    let (pipe_reader, pipe) = nix::unistd::pipe().expect("pipe");
+    let reply = attacker
+        .set_msix(EVENTFD_TRIGGER, 0, 1, &[pipe.as_fd()])
+        .expect("a reply");
+    assert_eq!(reply.errno, Some(EINVAL), "a pipe as an MSI-X eventfd");
+    drop(pipe_reader);
+    lab.server.wait_for_line("not an eventfd");
+
+    // A blocking eventfd filled to its maximum: signalling it fails (EAGAIN), at once, and
+    // for this device alone; the server thread does not wait for a reader that never comes.
+    let full = nix::sys::eventfd::EventFd::from_flags(nix::sys::eventfd::EfdFlags::empty())
+        .expect("eventfd");
+    full.write(u64::MAX - 1).expect("fill the counter");
+    let reply = attacker
+        .set_msix(EVENTFD_TRIGGER, 0, 1, &[full.as_fd()])
+        .expect("a reply");
+    assert_eq!(reply.errno, None, "an eventfd is accepted");
+    let reply = attacker.set_msix(NONE_TRIGGER, 0, 1, &[]).expect("a reply");
+    assert_eq!(
+        reply.errno,
+        Some(libc::EAGAIN as u32),
+        "firing a full eventfd"
+    );
+    answers_promptly(&mut bystander);
+    attacker.timed_config_read();
+}

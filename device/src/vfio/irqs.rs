@@ -54,7 +54,16 @@ pub enum IrqError {
         /// The request flags.
         flags: u32,
     },
-    /// Writing an eventfd failed.
+    /// An fd sent for a vector is not an eventfd (a pipe could block the writer, a file
+    /// would grow): refused, so signalling never blocks and never writes anything else.
+    #[error("the fd for MSI-X vector {vector} is {what}, not an eventfd")]
+    NotAnEventfd {
+        /// The vector.
+        vector: u32,
+        /// What the fd is instead.
+        what: String,
+    },
+    /// Writing an eventfd failed (EAGAIN: its counter is full, the client never reads it).
     #[error("cannot signal MSI-X vector {vector}")]
     Signal {
         /// The vector.
@@ -74,7 +83,8 @@ impl IrqError {
             Self::UnknownIndex(_)
             | Self::Flags(_)
             | Self::OutOfRange { .. }
-            | Self::FdCount { .. } => libc::EINVAL,
+            | Self::FdCount { .. }
+            | Self::NotAnEventfd { .. } => libc::EINVAL,
         }
     }
 }
@@ -245,6 +255,9 @@ impl MsixEventfds {
                     slots.iter_mut().for_each(|slot| *slot = None);
                     Ok(IrqUpdate::Deassigned { start, count })
                 } else if fds.len() == slots.len() {
+                    for (vector, fd) in (start..).zip(&fds) {
+                        make_signallable(vector, fd)?;
+                    }
                     for (slot, fd) in slots.iter_mut().zip(fds) {
                         *slot = Some(fd);
                     }
@@ -292,6 +305,24 @@ impl MsixEventfds {
     pub fn clear(&mut self) -> usize {
         self.vectors.iter_mut().filter_map(Option::take).count()
     }
+}
+
+/// Checks that `fd` is an eventfd and makes writes to it non-blocking, so that signalling
+/// a vector can never stall the thread that completes work (an eventfd whose counter is
+/// full answers EAGAIN instead of blocking until the client reads it).
+fn make_signallable(vector: u32, fd: &File) -> Result<(), IrqError> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    use std::os::fd::AsRawFd;
+    let not_eventfd = |what: String| IrqError::NotAnEventfd { vector, what };
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| not_eventfd(format!("unknown ({e})")))?;
+    if target.as_os_str() != "anon_inode:[eventfd]" {
+        return Err(not_eventfd(target.display().to_string()));
+    }
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(|e| not_eventfd(format!("unusable ({e})")))?;
+    let flags = OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK;
+    fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(|e| not_eventfd(format!("unusable ({e})")))?;
+    Ok(())
 }
 
 /// `start..start + count` as slot indices, if it does not overflow.

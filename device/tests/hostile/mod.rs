@@ -12,6 +12,7 @@ use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 pub const VERSION: u16 = 1;
 pub const DMA_MAP: u16 = 2;
 pub const REGION_READ: u16 = 9;
+pub const SET_IRQS: u16 = 8;
 pub const REGION_WRITE: u16 = 10;
 
 pub const CONFIG_REGION: u32 = 7;
@@ -109,6 +110,23 @@ impl RawClient {
         payload.extend_from_slice(&size.to_le_bytes());
         let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
         self.call(DMA_MAP, &payload, &fds)
+    }
+
+    /// SET_IRQS of MSI-X vectors `start..start + count` with `flags`, carrying `fds`.
+    pub fn set_msix(
+        &mut self,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: &[BorrowedFd<'_>],
+    ) -> io::Result<Reply> {
+        let mut payload = Vec::with_capacity(20);
+        payload.extend_from_slice(&20u32.to_le_bytes());
+        payload.extend_from_slice(&flags.to_le_bytes());
+        payload.extend_from_slice(&2u32.to_le_bytes()); // VFIO_PCI_MSIX_IRQ_INDEX
+        payload.extend_from_slice(&start.to_le_bytes());
+        payload.extend_from_slice(&count.to_le_bytes());
+        self.call(SET_IRQS, &payload, fds)
     }
 
     pub fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> io::Result<Reply> {

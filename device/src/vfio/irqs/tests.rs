@@ -179,3 +179,47 @@ fn triggering_unassigned_vectors_is_harmless() {
     );
     assert!(!t.signal(u16::MAX).expect("no such vector"));
 }
+
+#[test]
+fn only_eventfds_are_accepted_as_vectors() {
+    let mut t = MsixEventfds::new();
+    let (pipe, _writer) = nix::unistd::pipe().expect("pipe");
+    let err = t
+        .set_irqs(MSIX, EVENTFD_TRIGGER, 1, 1, vec![File::from(pipe)])
+        .expect_err("a pipe");
+    assert!(
+        matches!(err, IrqError::NotAnEventfd { vector: 1, .. }),
+        "{err}"
+    );
+    assert_eq!(err.errno(), libc::EINVAL);
+    let memfd = nix::sys::memfd::memfd_create("not-an-eventfd", nix::sys::memfd::MFdFlags::empty())
+        .expect("memfd");
+    assert!(
+        t.set_irqs(MSIX, EVENTFD_TRIGGER, 1, 1, vec![File::from(memfd)])
+            .is_err()
+    );
+    assert!(!t.is_assigned(1), "nothing was assigned");
+}
+
+#[test]
+fn a_full_eventfd_is_an_error_not_a_blocked_thread() {
+    // A blocking eventfd, as a hostile client may send, with its counter one below the
+    // maximum: a blocking write would wait until someone reads it.
+    let fd = File::from(OwnedFd::from(
+        EventFd::from_flags(EfdFlags::empty()).expect("eventfd"),
+    ));
+    let mut filler: &File = &fd;
+    std::io::Write::write_all(&mut filler, &(u64::MAX - 1).to_ne_bytes()).expect("fill");
+    let mut t = MsixEventfds::new();
+    t.set_irqs(
+        MSIX,
+        EVENTFD_TRIGGER,
+        0,
+        1,
+        vec![fd.try_clone().expect("dup")],
+    )
+    .expect("an eventfd is accepted");
+    let err = t.signal(0).expect_err("the counter is full");
+    assert!(matches!(err, IrqError::Signal { vector: 0, .. }), "{err}");
+    assert_eq!(err.errno(), libc::EAGAIN);
+}
