@@ -605,7 +605,10 @@ fn two_functions_in_one_process_are_independent() {
     a.probe();
     b.probe();
     let mad_a = a.kernel_registration().unwrap();
-    let mad_b = b.kernel_registration().unwrap();
+    // B's vmxnet3 has its own MAC, so its link-local GID differs from A's.
+    let mad_b = b
+        .kernel_registration_with_mac([0x52, 0x54, 0x00, 0x12, 0x34, 0x57])
+        .unwrap();
     assert_eq!(mad_a.qp.qpn, 1, "each function has its own QP1");
     assert_eq!(mad_b.qp.qpn, 1, "each function has its own QP1");
     let (uc_b, pd_b, cq_b) = user_setup(&mut b, 64);

@@ -44,6 +44,9 @@ pub(super) fn ring(
                     qp.doorbell_ns = rang;
                 }
             }
+            if value & uar::QP_RECV != 0 {
+                device.note_wake_event();
+            }
             if in_error {
                 super::completion::flush_qp(device, mem, irq, handle);
                 return;
@@ -95,7 +98,10 @@ pub(super) fn ring(
                 .is_some_and(|srq| objects.pd_context(srq.pd) == Some(page_ctx));
             if !owned {
                 debug!("SRQ doorbell {value:#x} for an SRQ not owned by UAR page {page}");
-            } else if device.has_stalled_work() {
+                return;
+            }
+            device.note_wake_event();
+            if device.has_stalled_work() {
                 device.resume_stalled(mem, irq, net);
             }
         }

@@ -87,6 +87,11 @@ pub struct PvrdmaDevice {
     profiler: Profiler,
     /// The exit-free poller's reusable lists and counter (see `poll`).
     poll_state: poll::PollState,
+    /// Counts what may let a sender stalled on this device (receiver not ready) proceed or
+    /// fail: receives posted, QPs, SRQs and GIDs changed or gone, resets. Kept across resets.
+    /// The fabric retries stalled senders only when some device's count moved, so a
+    /// parked queue costs nothing on unrelated register writes and doorbells.
+    wake_events: u64,
 }
 
 impl PvrdmaDevice {
@@ -104,6 +109,7 @@ impl PvrdmaDevice {
             mac: [0; 2],
             profiler: Profiler::default(),
             poll_state: poll::PollState::default(),
+            wake_events: 0,
         }
     }
 
@@ -111,8 +117,22 @@ impl PvrdmaDevice {
     /// switch and clock stay.
     pub fn reset(&mut self) {
         let profiler = std::mem::take(&mut self.profiler);
+        let wake_events = self.wake_events;
         *self = PvrdmaDevice::new(self.config);
         self.profiler = profiler;
+        // Senders stalled on this device's QPs now find them gone.
+        self.wake_events = wake_events.wrapping_add(1);
+    }
+
+    /// See the `wake_events` field: compare before and after work to learn whether stalled
+    /// senders anywhere should be retried.
+    pub fn wake_events(&self) -> u64 {
+        self.wake_events
+    }
+
+    /// Records something a stalled sender may be waiting for.
+    pub(crate) fn note_wake_event(&mut self) {
+        self.wake_events = self.wake_events.wrapping_add(1);
     }
 
     /// The clock stage latencies are measured with (none until one is given: all 0).
@@ -276,6 +296,7 @@ impl PvrdmaDevice {
     fn load_dsr(&mut self, mem: &GuestRam) {
         // A new DSR replaces the old one and whatever the device knew about the guest.
         self.objects.clear();
+        self.note_wake_event();
         self.active = false;
         let addr = u64::from(self.dsr_high) << 32 | u64::from(self.dsr_low);
         match SharedRegion::load(mem, addr, &self.config) {

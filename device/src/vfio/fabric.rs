@@ -160,6 +160,7 @@ impl Fabric {
     pub fn poll_doorbells(&self) -> bool {
         let mut fabric = self.lock();
         let mut activity = false;
+        let mut woke = false;
         for index in fabric.indices() {
             fabric.with_endpoint(index, |slot, net| {
                 let Some(uar) = slot.uar.clone() else { return };
@@ -167,10 +168,14 @@ impl Fabric {
                     return;
                 }
                 let (device, mem, mut irq) = slot.parts();
+                let before = device.wake_events();
                 activity |= device.poll_uar(mem, &mut irq, net, &mut |offset| uar.take(offset));
+                woke |= device.wake_events() != before;
             });
         }
-        if activity {
+        // Exit-free doorbell words are last-writer-wins: a receive doorbell may be lost under
+        // a later send word of the same page, so any activity may have posted a receive.
+        if woke || activity {
             resume_stalled(&mut fabric);
         }
         self.contain_faults(&mut fabric);
@@ -259,18 +264,29 @@ impl Fabric {
         result
     }
 
-    /// As [`Fabric::with_slot`], then lets every device whose senders wait for a receiver
-    /// retry: the work (a doorbell, a command) may have posted one.
+    /// As [`Fabric::with_slot`], then, if the work did something a stalled sender may wait
+    /// for ([`PvrdmaDevice::wake_events`] moved: a receive posted, a QP changed), lets every
+    /// device whose senders wait for a receiver retry.
     pub fn with_slot_resuming<R>(
         &self,
         index: usize,
         work: impl FnOnce(&mut Slot, &mut dyn pvrdma_backend::Network) -> R,
     ) -> Option<R> {
         let mut fabric = self.lock();
-        let result = fabric.with_endpoint(index, work);
-        if result.is_some() {
-            resume_stalled(&mut fabric);
-        }
+        let result = fabric.with_endpoint(index, |slot, net| {
+            let before = slot.device.wake_events();
+            let result = work(slot, net);
+            (result, slot.device.wake_events() != before)
+        });
+        let result = result.map(|(result, woke)| {
+            // Only something a stalled sender waits for (a receive posted, a QP changed or
+            // gone) is worth a retry: retrying on every access made each parked queue cost
+            // every other guest's register writes a page-list rebuild.
+            if woke {
+                resume_stalled(&mut fabric);
+            }
+            result
+        });
         self.contain_faults(&mut fabric);
         result
     }

@@ -454,8 +454,15 @@ impl<B: Bus> Driver<B> {
 
     // ---- the kernel's registration (§11.1) ----
 
-    /// What `ib_register_device` and the MAD layer do after a successful probe.
+    /// What `ib_register_device` and the MAD layer do after a successful probe, with the
+    /// link-local GID of [`MAC`].
     pub fn kernel_registration(&mut self) -> CmdResult<KernelMad> {
+        self.kernel_registration_with_mac(MAC)
+    }
+
+    /// [`Driver::kernel_registration`] for a vmxnet3 with `mac`: devices of one fabric need
+    /// distinct MACs, as their GIDs must differ.
+    pub fn kernel_registration_with_mac(&mut self, mac: [u8; 6]) -> CmdResult<KernelMad> {
         for _ in 0..3 {
             self.query_port(1)?;
         }
@@ -463,7 +470,7 @@ impl<B: Bus> Driver<B> {
         for index in 0..pkeys {
             self.query_pkey(1, index as u8)?;
         }
-        self.create_bind(0, link_local_gid(MAC), GID_TYPE_ROCE_V1)?;
+        self.create_bind(0, link_local_gid(mac), GID_TYPE_ROCE_V1)?;
         let pd = self.create_pd(0)?;
         let dma_mr = self.get_dma_mr(pd)?;
         let cq = self.create_cq_on(KERNEL_UC, MAD_CQE)?;

@@ -71,6 +71,18 @@ pub(super) fn execute(
         debug!("unknown command {:#x}", header.cmd);
         errno::EINVAL
     })?;
+    // Commands that change or remove a QP, an SRQ or a GID may end a peer's wait for a
+    // receive (its retry then fails instead of waiting for ever).
+    if matches!(
+        command,
+        Command::ModifyQp
+            | Command::DestroyQp
+            | Command::ModifySrq
+            | Command::DestroySrq
+            | Command::DestroyBind
+    ) {
+        device.note_wake_event();
+    }
     let result = dispatch(device, mem, net, command, &request, flush);
     debug!(
         "command {command:?}: {}",
