@@ -85,6 +85,7 @@ both_topologies!(
     unknown_gid_is_retry_exc_err,
     unsupported_opcodes_are_loc_qp_op_err,
     ud_qp_refuses_rdma_and_atomics,
+    ud_datagram_larger_than_the_mtu_is_loc_len_err,
     ud_short_receive_fails_only_at_the_receiver,
     corrupt_receive_queue_is_rem_op_err,
     rc_responder_checks_the_senders_gid,
@@ -417,6 +418,28 @@ fn ud_qp_refuses_rdma_and_atomics<B: Bus>(net: Net<B>) {
         recover_ud(&mut p, 0x1111);
     }
     assert_eq!(p.net.contents(&target), before);
+}
+
+fn ud_datagram_larger_than_the_mtu_is_loc_len_err<B: Bus>(net: Net<B>) {
+    let mut p = Pair::ud(net, 0x1111, 0x2222);
+    let src = p.net.mr(&p.a, 8192, 0);
+    let recv = p.net.mr(&p.b, 8192, access::LOCAL_WRITE);
+    let before = p.net.fill(&recv, 0x57);
+    p.recv_b(1, &[recv.sge(0, 8192)]);
+    let av = p.av_to_b();
+    // 4096 + 1 bytes over two SGEs: one byte more than any datagram may carry.
+    let wr =
+        Wr::new(1, wr_opcode::SEND, &[src.sge(0, 4096), src.sge(4096, 1)]).ud(p.qb.qpn, 0x2222, av);
+    expect_failure(&mut p, "a 4097-byte datagram", wr, wc_status::LOC_LEN_ERR);
+    receiver_untouched(&mut p, "a 4097-byte datagram", 1);
+    assert_eq!(p.net.contents(&recv), before);
+    recover_ud(&mut p, 0x1111);
+    // Exactly the MTU is fine.
+    let wr = Wr::new(2, wr_opcode::SEND, &[src.sge(0, 4096)]).ud(p.qb.qpn, 0x2222, av);
+    p.post_a(&[wr]);
+    let recvs = summary(&p.recvs_b());
+    assert_eq!(recvs.len(), 1, "{recvs:?}");
+    assert_eq!(recvs[0].2, wc_status::SUCCESS);
 }
 
 fn ud_short_receive_fails_only_at_the_receiver<B: Bus>(net: Net<B>) {

@@ -415,6 +415,9 @@ fn local_memory_op(
     }
 }
 
+/// The largest datagram: the port's `max_mtu` (4096, caps.rs).
+const UD_MAX_MESSAGE: u64 = 4096;
+
 /// Resolves where the WQE goes and its local buffers. On failure gives the WQE back with
 /// the completion status to report.
 fn plan(device: &PvrdmaDevice, qp_handle: u32, wqe: SendWqe) -> Result<Plan, (SendWqe, u32)> {
@@ -425,6 +428,12 @@ fn plan(device: &PvrdmaDevice, qp_handle: u32, wqe: SendWqe) -> Result<Plan, (Se
     let datagram = matches!(qp.qp_type, qp_type::UD | qp_type::GSI);
     if datagram && !matches!(opcode, wr_opcode::SEND | wr_opcode::SEND_WITH_IMM) {
         return Err((wqe, wc_status::LOC_QP_OP_ERR));
+    }
+    // A datagram is one packet: never more than the port's largest MTU. Without this a
+    // single UD WQE could name a gigabyte (16 SGEs of a large DMA MR) and copy it whole.
+    let length: u64 = wqe.sges.iter().map(|sge| u64::from(sge.length)).sum();
+    if datagram && length > UD_MAX_MESSAGE {
+        return Err((wqe, wc_status::LOC_LEN_ERR));
     }
     // READ and atomics write their reply into the local buffers.
     let write = matches!(
