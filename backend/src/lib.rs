@@ -36,6 +36,18 @@ pub struct Source {
     pub qpn: u32,
 }
 
+/// How hard a transport that can lose a request tries before it gives up (RC only), in the
+/// QP's own IB terms: `timeout` (4.096 µs × 2^timeout, 0 = wait for ever), `retry_cnt`
+/// retransmissions, `rnr_retry` receiver-not-ready retries (7 = for ever) spaced by
+/// `min_rnr_timer` (the IB table code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RetryPolicy {
+    pub timeout: u8,
+    pub retry_cnt: u8,
+    pub rnr_retry: u8,
+    pub min_rnr_timer: u8,
+}
+
 /// The transport service of the requesting QP: the responder only accepts requests from a
 /// QP of the same kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,8 +105,44 @@ pub struct Request<'a> {
     pub destination: Destination,
     pub service: Service,
     /// The requester's guest memory (payload of SEND/WRITE, reply buffer of READ/atomics).
+    /// A transport that carries the request elsewhere hands the responder a staging buffer
+    /// holding the payload instead, and carries the reply back.
     pub memory: &'a GuestMemory,
     pub operation: Operation<'a>,
+    /// The requester's number for this work request: a [`Completion`] names it.
+    pub ticket: u64,
+    /// Changes whenever the requesting QP is created anew, so a transport never takes a new
+    /// QP's requests for an old one's (its sequence numbers start again).
+    pub epoch: u32,
+    pub retry: RetryPolicy,
+}
+
+/// How a request left the requester.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Answered at once (the memcpy fabric, loopback, or a datagram a transport sent).
+    Done(Result<Outcome, RemoteError>),
+    /// Taken by a transport that answers later with a [`Completion`] for the ticket.
+    Pending,
+    /// The transport has no room now (flow control): the request was not taken; offer it
+    /// again after the next completion of this device.
+    Busy,
+}
+
+/// The answer to a [`Delivery::Pending`] request, for the requesting device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion<'a> {
+    /// The requesting QP.
+    pub qpn: u32,
+    pub ticket: u64,
+    pub result: Result<Outcome, RemoteError>,
+    /// READ data or an atomic's original value, for the requester's reply buffer at
+    /// `reply_offset`.
+    pub reply: &'a [u8],
+    pub reply_offset: u64,
+    /// The last piece of the request (a large READ or WRITE travels in pieces): only then
+    /// does the work request complete.
+    pub last: bool,
 }
 
 /// What the responder did.
@@ -123,7 +171,7 @@ pub enum RemoteError {
 
 /// Carries requests to peers. The device calls it once per work request that leaves it.
 pub trait Network {
-    fn deliver(&mut self, request: &Request<'_>) -> Result<Outcome, RemoteError>;
+    fn deliver(&mut self, request: &Request<'_>) -> Delivery;
 
     /// Whether a port other than the asking device holds `gid`. A GID names exactly one
     /// port of the whole fabric: a device may not bind one that another holds, or it would
@@ -145,8 +193,8 @@ pub trait Responder {
 pub struct Isolated;
 
 impl Network for Isolated {
-    fn deliver(&mut self, _request: &Request<'_>) -> Result<Outcome, RemoteError> {
-        Err(RemoteError::Unreachable)
+    fn deliver(&mut self, _request: &Request<'_>) -> Delivery {
+        Delivery::Done(Err(RemoteError::Unreachable))
     }
 
     fn gid_taken(&self, _gid: &Gid) -> bool {

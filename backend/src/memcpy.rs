@@ -6,18 +6,24 @@
 //! taken out of the fabric and the others are reachable through a [`Network`]; a device that
 //! sends to itself (loopback) answers its own requests without the network.
 
-use super::{Gid, Network, Outcome, RemoteError, Request, Responder};
+use super::{Delivery, Gid, Network, RemoteError, Request, Responder};
+
+/// Where requests for GIDs no endpoint of the fabric holds go: the transports to other
+/// hosts (TCP), chained behind the fabric.
+pub type Remote = Box<dyn Network + Send>;
 
 pub struct MemcpyFabric<E> {
     /// Boxed, so that taking one out for work moves a pointer, not the endpoint (a device
     /// is several hundred bytes, and the exit-free poller takes each one on every poll).
     endpoints: Vec<Option<Box<E>>>,
+    remote: Option<Remote>,
 }
 
 impl<E> Default for MemcpyFabric<E> {
     fn default() -> Self {
         MemcpyFabric {
             endpoints: Vec::new(),
+            remote: None,
         }
     }
 }
@@ -31,6 +37,22 @@ impl<E: Responder> MemcpyFabric<E> {
     pub fn add(&mut self, endpoint: E) -> usize {
         self.endpoints.push(Some(Box::new(endpoint)));
         self.endpoints.len() - 1
+    }
+
+    /// Sends requests for GIDs outside the fabric to `remote` (none: they are unreachable).
+    pub fn set_remote(&mut self, remote: Remote) {
+        self.remote = Some(remote);
+    }
+
+    /// The endpoint that holds `gid`, if exactly one does.
+    pub fn find(&self, gid: &Gid) -> Option<usize> {
+        let mut holders = self
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter(|(_, endpoint)| endpoint.as_ref().is_some_and(|e| e.has_gid(gid)));
+        let (index, _) = holders.next()?;
+        holders.next().is_none().then_some(index)
     }
 
     pub fn len(&self) -> usize {
@@ -53,6 +75,7 @@ impl<E: Responder> MemcpyFabric<E> {
             &mut endpoint,
             &mut Peers {
                 endpoints: &mut self.endpoints,
+                remote: self.remote.as_mut(),
             },
         );
         self.endpoints[index] = Some(endpoint);
@@ -65,26 +88,33 @@ impl<E: Responder> MemcpyFabric<E> {
     }
 }
 
-/// The endpoints other than the one at work.
+/// The endpoints other than the one at work, then the transports to other hosts.
 struct Peers<'f, E> {
     endpoints: &'f mut [Option<Box<E>>],
+    remote: Option<&'f mut Remote>,
 }
 
 impl<E: Responder> Network for Peers<'_, E> {
-    fn deliver(&mut self, request: &Request<'_>) -> Result<Outcome, RemoteError> {
+    fn deliver(&mut self, request: &Request<'_>) -> Delivery {
         let gid = &request.destination.gid;
         let mut holders = self
             .endpoints
             .iter_mut()
             .flatten()
             .filter(|endpoint| endpoint.has_gid(gid));
-        let peer = holders.next().ok_or(RemoteError::Unreachable)?;
+        let Some(peer) = holders.next() else {
+            // Not in this process: another host's, if a transport knows it.
+            return match self.remote.as_mut() {
+                Some(remote) => remote.deliver(request),
+                None => Delivery::Done(Err(RemoteError::Unreachable)),
+            };
+        };
         // Binding refuses a GID another port holds (`gid_taken`), so two holders cannot
         // arise; if they ever did, neither gets the traffic rather than the wrong one.
         if holders.next().is_some() {
-            return Err(RemoteError::Unreachable);
+            return Delivery::Done(Err(RemoteError::Unreachable));
         }
-        peer.respond(request)
+        Delivery::Done(peer.respond(request))
     }
 
     fn gid_taken(&self, gid: &Gid) -> bool {
@@ -92,13 +122,17 @@ impl<E: Responder> Network for Peers<'_, E> {
             .iter()
             .flatten()
             .any(|endpoint| endpoint.has_gid(gid))
+            || self
+                .remote
+                .as_ref()
+                .is_some_and(|remote| remote.gid_taken(gid))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Destination, GuestMemory, Operation, Service, Sgl, Source};
+    use crate::{Destination, GuestMemory, Operation, Outcome, RetryPolicy, Service, Sgl, Source};
 
     struct Port {
         gid: [u8; 16],
@@ -145,16 +179,19 @@ mod tests {
                 invalidate: None,
                 solicited: false,
             },
+            ticket: 0,
+            epoch: 0,
+            retry: RetryPolicy::default(),
         };
         let to_b = fabric
             .with_endpoint(a, |_, net| net.deliver(&request([2; 16])))
             .unwrap();
-        assert_eq!(to_b, Ok(Outcome { bytes: 7 }));
+        assert_eq!(to_b, Delivery::Done(Ok(Outcome { bytes: 7 })));
         // The working endpoint is not its own peer; unknown GIDs are unreachable.
         let to_a = fabric
             .with_endpoint(a, |_, net| net.deliver(&request([1; 16])))
             .unwrap();
-        assert_eq!(to_a, Err(RemoteError::Unreachable));
+        assert_eq!(to_a, Delivery::Done(Err(RemoteError::Unreachable)));
         let answered_b = fabric.with_endpoint(b, |port, _| port.answered).unwrap();
         assert_eq!(answered_b, 1);
         assert!(fabric.with_endpoint(9, |_, _| ()).is_none());
@@ -187,6 +224,9 @@ mod tests {
                 invalidate: None,
                 solicited: false,
             },
+            ticket: 0,
+            epoch: 0,
+            retry: RetryPolicy::default(),
         };
         let sent = fabric
             .with_endpoint(sender, |_, net| {
@@ -198,7 +238,10 @@ mod tests {
             })
             .unwrap();
         // The sender's own GID is not "taken" from its point of view: it holds it itself.
-        assert_eq!(sent, (true, false, Err(RemoteError::Unreachable)));
+        assert_eq!(
+            sent,
+            (true, false, Delivery::Done(Err(RemoteError::Unreachable)))
+        );
         for holder in holders {
             assert_eq!(
                 fabric.with_endpoint(holder, |port, _| port.answered),

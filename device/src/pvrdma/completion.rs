@@ -91,6 +91,9 @@ pub(super) fn flush_qp(
     let Some(qp) = device.objects.qps.get_mut(qp_handle) else {
         return;
     };
+    // Work in flight is still in the ring and is flushed with the rest.
+    qp.in_flight.clear();
+    qp.waiting_transport = false;
     let base = Cqe {
         qp: u64::from(qp_handle),
         status: wc_status::WR_FLUSH_ERR,

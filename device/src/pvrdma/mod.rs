@@ -278,6 +278,19 @@ impl PvrdmaDevice {
         datapath::respond(self, mem, irq, request)
     }
 
+    /// A transport's answer to a request this device issued (see `Delivery::Pending`).
+    pub fn complete_remote(
+        &mut self,
+        mem: &GuestRam,
+        irq: &mut dyn Interrupts,
+        net: &mut dyn Network,
+        completion: &pvrdma_backend::Completion<'_>,
+    ) {
+        if self.active {
+            datapath::complete_remote(self, mem, irq, net, completion);
+        }
+    }
+
     /// Whether a send queue waits for a peer to post a receive.
     pub fn has_stalled_work(&self) -> bool {
         self.objects.qps.iter().any(|(_, qp)| qp.stalled)

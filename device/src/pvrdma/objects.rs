@@ -116,6 +116,34 @@ pub struct Qp {
     /// When the last send doorbell rang, if that doorbell's pass is timed (profiling on,
     /// sampled).
     pub doorbell_ns: Option<u64>,
+    /// Work requests handed to a transport that answers later, oldest first. They stay in
+    /// the send queue (not consumed) until they complete, so the guest cannot post more
+    /// than the queue holds, and a flush finds them there.
+    pub in_flight: std::collections::VecDeque<InFlight>,
+    /// The ticket of the next work request this QP issues.
+    pub next_ticket: u64,
+    /// Tells this QP apart from earlier QPs with the same number (transports key their
+    /// sequence numbers by it).
+    pub epoch: u32,
+    /// The transport refused the next request (flow control): issue again after a
+    /// completion.
+    pub waiting_transport: bool,
+}
+
+/// A work request a transport carries, waiting for its completion.
+#[derive(Debug)]
+pub struct InFlight {
+    pub ticket: u64,
+    pub wr_id: u64,
+    pub opcode: u32,
+    pub signaled: bool,
+    /// Where READ data and an atomic's original value go; empty for other operations.
+    pub reply: pvrdma_backend::Sgl,
+    /// The work request's length, for the completion's byte count.
+    pub length: u64,
+    /// The answer, once it came (completions are written in order, so an answer may wait
+    /// for an older request's).
+    pub result: Option<Result<pvrdma_backend::Outcome, pvrdma_backend::RemoteError>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +164,8 @@ pub struct Objects {
     pub gids: Vec<Option<Gid>>,
     /// Low byte of the next MR key, so that a recreated MR never answers to a stale key.
     pub next_key_tag: u8,
+    /// The epoch of the next QP created (see `Qp::epoch`).
+    pub next_qp_epoch: u32,
     /// See `Limits::max_mapped_pages`.
     page_limit: u64,
 }
@@ -157,6 +187,7 @@ impl Objects {
             srqs: HandleTable::new(1, limits.max_srq),
             gids: vec![None; limits.gid_tbl_len as usize],
             next_key_tag: 0,
+            next_qp_epoch: 0,
             page_limit: limits.max_mapped_pages,
         }
     }

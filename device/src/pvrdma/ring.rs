@@ -182,6 +182,33 @@ impl Ring {
         Ok(Some(()))
     }
 
+    /// As [`Ring::peek`], for the element `ahead` places after the next one (work already
+    /// issued but not yet consumed sits in between).
+    pub fn peek_ahead(
+        &self,
+        mem: &GuestRam,
+        ahead: u32,
+        buf: &mut [u8],
+    ) -> Result<Option<()>, RingError> {
+        let prod = self.checked(memory::load_u32(mem, self.prod_addr())?)?;
+        let pending = self.indices.pending(prod, self.own);
+        if pending > self.indices.capacity() {
+            return Err(RingError::BadIndex(prod));
+        }
+        if pending <= ahead {
+            return Ok(None);
+        }
+        let mut idx = self.own;
+        for _ in 0..ahead {
+            idx = self.indices.next(idx);
+        }
+        let len = buf
+            .len()
+            .min(usize::try_from(self.elem_size).unwrap_or(usize::MAX));
+        self.read_elem(mem, self.indices.slot(idx), &mut buf[..len])?;
+        Ok(Some(()))
+    }
+
     /// Frees the element returned by the last `peek` for the guest.
     pub fn consume(&mut self, mem: &GuestRam) -> Result<(), GuestFault> {
         self.own = self.indices.next(self.own);

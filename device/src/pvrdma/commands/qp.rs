@@ -117,12 +117,17 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
         stats: Default::default(),
         doorbell_ns: None,
         rnr_counted: false,
+        in_flight: Default::default(),
+        next_ticket: 0,
+        epoch: device.objects.next_qp_epoch,
+        waiting_transport: false,
         attr: QpAttr {
             qp_state: qp_state::RESET,
             cap,
             ..QpAttr::default()
         },
     };
+    device.objects.next_qp_epoch = device.objects.next_qp_epoch.wrapping_add(1);
     let qps = &mut device.objects.qps;
     let handle = if req.qp_type == qp_type::GSI {
         if !qps.insert_at(GSI_QP_HANDLE, qp) {
@@ -278,6 +283,8 @@ pub(super) fn modify(
     if target == qp_state::RESET && current != qp_state::RESET {
         // The guest restarts both rings at index 0; so does the device (§5.4 MODIFY_QP).
         qp.sq.restart(mem).map_err(|_| errno::EFAULT)?;
+        qp.in_flight.clear();
+        qp.waiting_transport = false;
         if let Some(rq) = qp.rq.as_mut() {
             rq.restart(mem).map_err(|_| errno::EFAULT)?;
         }

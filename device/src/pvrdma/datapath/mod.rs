@@ -7,7 +7,7 @@ mod requester;
 mod responder;
 mod translate;
 
-pub(super) use requester::{process_send_queue, resume_stalled};
+pub(super) use requester::{complete_remote, process_send_queue, resume_stalled};
 pub(super) use responder::respond;
 
 use zerocopy::FromBytes;
@@ -56,11 +56,12 @@ fn parse_sges(bytes: &[u8], offset: usize, count: u32, max: u32) -> Option<Vec<S
 pub(super) fn peek_send(
     ring: &Ring,
     mem: &GuestRam,
+    ahead: u32,
     stride: u64,
     max_sge: u32,
 ) -> Result<Option<SendWqe>, WqeError> {
     let mut bytes = vec![0u8; usize::try_from(stride).unwrap_or(0)];
-    match ring.peek(mem, &mut bytes) {
+    match ring.peek_ahead(mem, ahead, &mut bytes) {
         Ok(Some(())) => {}
         Ok(None) => return Ok(None),
         Err(_) => return Err(WqeError::BrokenQueue),
@@ -100,4 +101,32 @@ pub(super) fn peek_recv(
         },
     )?;
     Ok(Some(RecvWqe { header, sges }))
+}
+
+/// Writes `bytes` into `sgl` starting `offset` bytes in (the caller checked it fits).
+pub(super) fn write_at(
+    mem: &GuestRam,
+    sgl: &pvrdma_backend::Sgl,
+    offset: u64,
+    bytes: &[u8],
+) -> Result<(), crate::pvrdma::memory::GuestFault> {
+    let mut skip = offset;
+    let mut done = 0usize;
+    for seg in sgl.segments() {
+        if done == bytes.len() {
+            break;
+        }
+        let len = u64::from(seg.len);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let take = usize::try_from(len - skip)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len() - done);
+        crate::pvrdma::memory::write_bytes(mem, seg.addr + skip, &bytes[done..done + take])?;
+        done += take;
+        skip = 0;
+    }
+    Ok(())
 }

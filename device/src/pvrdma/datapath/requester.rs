@@ -2,7 +2,8 @@
 
 use log::{debug, warn};
 use pvrdma_backend::{
-    AtomicKind, Destination, Network, Operation, RemoteError, Request, Service, Sgl, Source,
+    AtomicKind, Completion, Delivery, Destination, Network, Operation, Outcome, RemoteError,
+    Request, RetryPolicy, Service, Sgl, Source,
 };
 
 use super::memory_ops::{self, MemOpError};
@@ -12,7 +13,7 @@ use super::{SendWqe, WqeError, peek_send};
 use crate::abi::{self, Cqe, qp_state, qp_type, send_flags, wc_status, wr_opcode};
 use crate::pvrdma::completion::{self, send_completion_opcode};
 use crate::pvrdma::memory::GuestRam;
-use crate::pvrdma::objects::KERNEL_CONTEXT;
+use crate::pvrdma::objects::{InFlight, KERNEL_CONTEXT};
 use crate::pvrdma::profile::Stage;
 use crate::pvrdma::{Interrupts, PvrdmaDevice};
 
@@ -113,7 +114,13 @@ fn step(
         // Work posted below RTS, or in SQD/SQE, waits.
         _ => return false,
     }
-    let wqe = match peek_send(&qp.sq, mem, qp.sq_stride, qp.max_send_sge) {
+    // Work a transport carries stays at the head of the queue until it completes; the next
+    // WQE to issue sits behind it. A WQE that would fail here waits until everything ahead
+    // of it completed, so completions keep the queue's order.
+    let Ok(ahead) = u32::try_from(qp.in_flight.len()) else {
+        return false;
+    };
+    let wqe = match peek_send(&qp.sq, mem, ahead, qp.sq_stride, qp.max_send_sge) {
         Ok(Some(wqe)) => wqe,
         Ok(None) => return false,
         Err(WqeError::BrokenQueue) => {
@@ -122,6 +129,7 @@ fn step(
             device.post_event(mem, irq, abi::event::QP_FATAL, qp_handle);
             return false;
         }
+        Err(WqeError::TooManySges { .. }) if ahead > 0 => return false,
         Err(WqeError::TooManySges { wr_id, opcode }) => {
             fail(
                 device,
@@ -146,10 +154,14 @@ fn step(
             wr_opcode::FAST_REG_MR | wr_opcode::LOCAL_INV
         )
     {
+        if ahead > 0 {
+            return false;
+        }
         return local_memory_op(device, mem, irq, qp_handle, &wqe);
     }
     let plan = match plan(device, qp_handle, wqe) {
         Ok(plan) => plan,
+        Err(_) if ahead > 0 => return false,
         Err((wqe, status)) => {
             fail(
                 device,
@@ -216,6 +228,7 @@ fn step(
             remote_addr: header.remote_addr(),
             rkey: header.atomic_rkey(),
         },
+        _ if ahead > 0 => return false,
         other => {
             debug!("QP {qp_handle}: unsupported opcode {other}");
             fail(
@@ -230,17 +243,53 @@ fn step(
             return false;
         }
     };
+    let Some(qp) = device.objects.qps.get(qp_handle) else {
+        return false;
+    };
+    let ticket = qp.next_ticket;
     let request = Request {
         source: plan.source,
         destination: plan.destination,
         service: plan.service,
         memory: mem,
         operation,
+        ticket,
+        epoch: qp.epoch,
+        retry: RetryPolicy {
+            timeout: qp.attr.timeout,
+            retry_cnt: qp.attr.retry_cnt,
+            rnr_retry: qp.attr.rnr_retry,
+            min_rnr_timer: qp.attr.min_rnr_timer,
+        },
     };
-    let result = if device.has_gid(&request.destination.gid) {
-        respond(device, mem, irq, &request)
+    let delivery = if device.has_gid(&request.destination.gid) {
+        Delivery::Done(respond(device, mem, irq, &request))
     } else {
         net.deliver(&request)
+    };
+    let result = match delivery {
+        Delivery::Done(result) if ahead == 0 => result,
+        Delivery::Done(Err(RemoteError::ReceiverNotReady)) => {
+            // Behind work in flight: not issued, retried like any stalled queue.
+            if let Some(qp) = device.objects.qps.get_mut(qp_handle) {
+                qp.stalled = true;
+            }
+            return false;
+        }
+        Delivery::Done(result) => {
+            issue(device, qp_handle, &plan, Some(result));
+            return true;
+        }
+        Delivery::Pending => {
+            issue(device, qp_handle, &plan, None);
+            return true;
+        }
+        Delivery::Busy => {
+            if let Some(qp) = device.objects.qps.get_mut(qp_handle) {
+                qp.waiting_transport = true;
+            }
+            return false;
+        }
     };
     let placed_ns = if timing.is_some() {
         device.profiler.now()
@@ -343,6 +392,154 @@ fn step(
         }
     }
     true
+}
+
+/// Records a work request a transport took (or answered behind older ones in flight).
+fn issue(
+    device: &mut PvrdmaDevice,
+    qp_handle: u32,
+    plan: &Plan,
+    result: Option<Result<Outcome, RemoteError>>,
+) {
+    let Some(qp) = device.objects.qps.get_mut(qp_handle) else {
+        return;
+    };
+    let header = plan.wqe.header;
+    let replies = matches!(
+        header.opcode,
+        wr_opcode::RDMA_READ | wr_opcode::ATOMIC_CMP_AND_SWP | wr_opcode::ATOMIC_FETCH_AND_ADD
+    );
+    qp.in_flight.push_back(InFlight {
+        ticket: qp.next_ticket,
+        wr_id: header.wr_id,
+        opcode: header.opcode,
+        signaled: plan.signaled,
+        reply: if replies {
+            plan.local.clone()
+        } else {
+            Sgl::new()
+        },
+        length: plan.local.len(),
+        result,
+    });
+    qp.next_ticket = qp.next_ticket.wrapping_add(1);
+    qp.stats.wqes_posted += 1;
+}
+
+/// A transport's answer to a request this device issued: the reply data goes into the
+/// requester's buffer, and work requests complete, in order, as their answers are in. Then
+/// the queue goes on (the transport may have refused work for lack of room).
+pub fn complete_remote(
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    irq: &mut dyn Interrupts,
+    net: &mut dyn Network,
+    completion: &Completion<'_>,
+) {
+    let Some(qp) = device.objects.qps.get_mut(completion.qpn) else {
+        return;
+    };
+    // A completion for a request the QP no longer waits for (flushed, or the QP is new)
+    // is stale: dropped.
+    let Some(entry) = qp
+        .in_flight
+        .iter_mut()
+        .find(|entry| entry.ticket == completion.ticket && entry.result.is_none())
+    else {
+        debug!(
+            "QP {}: stale completion for ticket {}",
+            completion.qpn, completion.ticket
+        );
+        return;
+    };
+    let mut result = completion.result;
+    if result.is_ok() && !completion.reply.is_empty() {
+        let fits = completion
+            .reply_offset
+            .checked_add(completion.reply.len() as u64)
+            .is_some_and(|end| end <= entry.reply.len());
+        let written = fits
+            && super::write_at(mem, &entry.reply, completion.reply_offset, completion.reply)
+                .is_ok();
+        if !written {
+            result = Err(RemoteError::OperationError);
+        }
+    }
+    if result.is_ok() && !completion.last {
+        return;
+    }
+    entry.result = Some(result);
+    finish_answered(device, mem, irq, completion.qpn);
+    let more = device
+        .objects
+        .qps
+        .get_mut(completion.qpn)
+        .is_some_and(|qp| std::mem::take(&mut qp.waiting_transport) || !qp.in_flight.is_empty());
+    if more {
+        let started = device.profiler.now();
+        process_send_queue(device, mem, irq, net, completion.qpn, started);
+    }
+}
+
+/// Completes the answered work requests at the head of the queue, oldest first.
+fn finish_answered(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut dyn Interrupts, qpn: u32) {
+    loop {
+        let Some(qp) = device.objects.qps.get_mut(qpn) else {
+            return;
+        };
+        if qp
+            .in_flight
+            .front()
+            .is_none_or(|entry| entry.result.is_none())
+        {
+            return;
+        }
+        let Some(entry) = qp.in_flight.pop_front() else {
+            return;
+        };
+        let Some(result) = entry.result else {
+            return;
+        };
+        let status = match result {
+            Ok(_) => wc_status::SUCCESS,
+            // The transport spent the QP's rnr_retry budget.
+            Err(RemoteError::ReceiverNotReady) => wc_status::RNR_RETRY_EXC_ERR,
+            Err(RemoteError::AccessError) => wc_status::REM_ACCESS_ERR,
+            Err(RemoteError::InvalidRequest) => wc_status::REM_INV_REQ_ERR,
+            Err(RemoteError::OperationError) => wc_status::REM_OP_ERR,
+            Err(RemoteError::Unreachable | RemoteError::Dropped) => wc_status::RETRY_EXC_ERR,
+        };
+        if status != wc_status::SUCCESS {
+            // The head of the ring is this request: fail() consumes it (counting it as
+            // posted, which issue() did already), moves the QP to the error state and
+            // flushes the rest, in flight or not.
+            qp.stats.wqes_posted = qp.stats.wqes_posted.saturating_sub(1);
+            fail(device, mem, irq, qpn, entry.wr_id, entry.opcode, status);
+            return;
+        }
+        if qp.sq.consume(mem).is_err() {
+            return;
+        }
+        let moved = result.map_or(0, |outcome| outcome.bytes);
+        qp.stats.wqes_completed += 1;
+        match entry.opcode {
+            wr_opcode::RDMA_READ
+            | wr_opcode::ATOMIC_CMP_AND_SWP
+            | wr_opcode::ATOMIC_FETCH_AND_ADD => qp.stats.bytes_received += moved,
+            _ => qp.stats.bytes_sent += moved,
+        }
+        let cq = qp.send_cq;
+        if entry.signaled {
+            let cqe = Cqe {
+                wr_id: entry.wr_id,
+                qp: u64::from(qpn),
+                opcode: send_completion_opcode(entry.opcode),
+                byte_len: u32::try_from(entry.length).unwrap_or(u32::MAX),
+                ..Cqe::default()
+            };
+            completion::complete(device, mem, irq, cq, &cqe, false, false);
+        }
+    }
 }
 
 /// Executes FAST_REG_MR or LOCAL_INV on this device's memory regions and completes it.
@@ -530,5 +727,9 @@ fn to_error(device: &mut PvrdmaDevice, qp_handle: u32) {
         qp.attr.qp_state = qp_state::ERR;
         qp.attr.cur_qp_state = qp_state::ERR;
         qp.stalled = false;
+        // What was in flight is still in the ring: the flush completes it. Late answers
+        // find no entry and are dropped.
+        qp.in_flight.clear();
+        qp.waiting_transport = false;
     }
 }
