@@ -13,8 +13,9 @@
 
 pub mod memcpy;
 mod sgl;
+pub mod tcp;
 
-pub use sgl::{CopyError, Segment, Sgl, copy};
+pub use sgl::{CopyError, Segment, Sgl, copy, gather};
 
 /// Guest memory as the device maps it from the vfio-user client.
 pub type GuestMemory = vm_memory::GuestMemoryMmap;

@@ -94,6 +94,40 @@ impl Sgl {
     }
 }
 
+/// Appends `len` bytes of `sgl`, starting `offset` bytes in, read from `mem`, to `out`:
+/// what a transport sends for a payload that leaves the host.
+pub fn gather(
+    mem: &GuestMemory,
+    sgl: &Sgl,
+    offset: u64,
+    len: u64,
+    out: &mut Vec<u8>,
+) -> Result<(), CopyError> {
+    use vm_memory::Bytes;
+    let (mut skip, mut left) = (offset, len);
+    for seg in &sgl.segments {
+        if left == 0 {
+            break;
+        }
+        let seg_len = u64::from(seg.len);
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let take = (seg_len - skip).min(left);
+        let start = out.len();
+        out.resize(start + take as usize, 0);
+        mem.read_slice(&mut out[start..], GuestAddress(seg.addr + skip))
+            .map_err(|_| CopyError::Unmapped(seg.addr + skip))?;
+        left -= take;
+        skip = 0;
+    }
+    if left > 0 {
+        return Err(CopyError::Unmapped(offset + len - left));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum CopyError {
     #[error("guest address {0:#x} is not mapped")]
@@ -228,6 +262,30 @@ mod tests {
         mem.read_slice(&mut out[..5], GuestAddress(40_000)).unwrap();
         mem.read_slice(&mut out[5..], GuestAddress(20_000)).unwrap();
         assert_eq!(out, data);
+    }
+
+    #[test]
+    fn gather_reads_a_window_of_a_list() {
+        let mem = ram();
+        let data: Vec<u8> = (0..=255).cycle().take(5000).collect();
+        mem.write_slice(&data, GuestAddress(100)).unwrap();
+        let mut sgl = Sgl::new();
+        sgl.push(100, 1000).unwrap();
+        sgl.push(9000, 10).unwrap();
+        sgl.push(1100, 4000).unwrap();
+        mem.write_slice(b"0123456789", GuestAddress(9000)).unwrap();
+        let mut out = vec![0xaa];
+        gather(&mem, &sgl, 995, 20, &mut out).unwrap();
+        let mut expected = vec![0xaa];
+        expected.extend_from_slice(&data[995..1000]);
+        expected.extend_from_slice(b"0123456789");
+        expected.extend_from_slice(&data[1000..1005]);
+        assert_eq!(out, expected);
+        // Past the list's end, or unmapped memory, is an error.
+        assert!(gather(&mem, &sgl, 5000, 20, &mut Vec::new()).is_err());
+        let mut far = Sgl::new();
+        far.push(1 << 30, 10).unwrap();
+        assert!(gather(&mem, &far, 0, 10, &mut Vec::new()).is_err());
     }
 
     #[test]

@@ -1,0 +1,850 @@
+//! One server's end of the TCP transport, without sockets, threads or clocks of its own
+//! (docs/tcp-transport.md). The runtime feeds it frames and the time, and carries out the
+//! [`Event`]s it produces; tests drive two nodes through an in-memory pipe.
+//!
+//! Reliable (RC) work follows what rxe does per QP, so a broken and restored connection
+//! loses nothing and completes nothing twice:
+//! - each request frame of a requesting QP has a sequence number, and is kept until the
+//!   responder's answer to it arrives; answers come in order, one per frame;
+//! - the responder executes a frame only when it is the next one in sequence; an older one
+//!   is a retransmission, answered again from a small cache (atomics, statuses) or, for a
+//!   READ, by reading again; a newer one (after a receiver-not-ready answer) is dropped;
+//! - no answer within the QP's `timeout` resends everything unanswered, at most
+//!   `retry_cnt` times, then the head request completes with `Unreachable`
+//!   (RETRY_EXC_ERR); receiver-not-ready resends after `min_rnr_timer`, at most
+//!   `rnr_retry` times (7: for ever);
+//! - a link that comes back resends everything unanswered at once.
+//!
+//! Datagrams (UD, GSI) are sent once and complete at once, as on a real fabric.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+use super::wire::{self, Frame, Op, RequestFrame, ResponseFrame, flags};
+use crate::{
+    AtomicKind, Delivery, Gid, Operation, Outcome, RemoteError, Request, RetryPolicy, Service,
+    gather,
+};
+
+/// A peer server, named by the random id it announced in its HELLO.
+pub type PeerId = u64;
+
+/// Bytes one QP may have unanswered on a link before it is told to wait ([`Delivery::Busy`]):
+/// a slow responder holds back that QP, not the link.
+pub const QP_WINDOW: u64 = 4 << 20;
+/// Bytes queued for one link's socket beyond which datagrams are dropped (reliable frames
+/// are kept for resending anyway).
+pub const LINK_QUEUE: usize = 64 << 20;
+/// A peer that sent nothing for this long is considered gone.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an idle link says it is alive.
+pub const PING_EVERY: Duration = Duration::from_secs(1);
+/// The shortest retransmission timeout, whatever the QP asks: a busy peer server may take
+/// milliseconds to answer, and a spurious resend costs a retry.
+const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+/// Answers a responder remembers per requesting QP, for retransmissions.
+const ANSWER_CACHE: usize = 64;
+
+/// What the runtime must do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Execute `request` on the local device that holds `request.dst_gid`, then report the
+    /// result with [`Node::answer`]. Check [`Node::still_wanted`] first. `replay`: a READ
+    /// the requester sent again (its answer was lost), read again without changing state.
+    Execute {
+        peer: PeerId,
+        request: RequestFrame,
+        replay: bool,
+    },
+    /// Complete the local requester's work request.
+    Complete {
+        gid: Gid,
+        qpn: u32,
+        ticket: u64,
+        result: Result<Outcome, RemoteError>,
+        reply: Vec<u8>,
+        reply_offset: u64,
+        last: bool,
+    },
+}
+
+struct Peer {
+    up: bool,
+    /// The GIDs this peer announced and we accepted.
+    gids: Vec<Gid>,
+    out: Vec<u8>,
+    last_heard: Instant,
+    last_sent: Instant,
+    down_since: Option<Instant>,
+}
+
+struct Outstanding {
+    seq: u32,
+    frame: Vec<u8>,
+}
+
+/// A requesting QP's reliable state.
+struct Sender {
+    peer: PeerId,
+    epoch: u32,
+    next_seq: u32,
+    unanswered: VecDeque<Outstanding>,
+    unanswered_bytes: u64,
+    policy: RetryPolicy,
+    retries_left: u8,
+    rnr_left: u8,
+    deadline: Option<Instant>,
+    rnr_until: Option<Instant>,
+}
+
+#[derive(Clone)]
+struct Answer {
+    seq: u32,
+    response: ResponseFrame,
+}
+
+/// A responding QP's view of one remote requesting QP.
+#[derive(Default)]
+struct Receiver {
+    epoch: u32,
+    expected: u32,
+    answers: VecDeque<Answer>,
+}
+
+type QpKey = (Gid, u32);
+
+pub struct Node {
+    id: u64,
+    peers: HashMap<PeerId, Peer>,
+    senders: HashMap<QpKey, Sender>,
+    receivers: HashMap<(PeerId, Gid, u32), Receiver>,
+    local_gids: Vec<Gid>,
+    events: VecDeque<Event>,
+}
+
+impl Node {
+    pub fn new(id: u64) -> Node {
+        Node {
+            id,
+            peers: HashMap::new(),
+            senders: HashMap::new(),
+            receivers: HashMap::new(),
+            local_gids: Vec::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    // ---- links ----
+
+    /// The link to `peer` is established (HELLO and AUTH done): announce our GIDs and resend
+    /// everything unanswered.
+    pub fn link_up(&mut self, peer: PeerId, now: Instant) {
+        let gids = self.local_gids.clone();
+        let entry = self.peers.entry(peer).or_insert_with(|| Peer {
+            up: false,
+            gids: Vec::new(),
+            out: Vec::new(),
+            last_heard: now,
+            last_sent: now,
+            down_since: None,
+        });
+        entry.up = true;
+        entry.down_since = None;
+        entry.last_heard = now;
+        entry.out.clear();
+        wire::encode(&Frame::Gids(gids), &mut entry.out);
+        entry.last_sent = now;
+        for sender in self.senders.values_mut().filter(|s| s.peer == peer) {
+            for outstanding in &sender.unanswered {
+                entry.out.extend_from_slice(&outstanding.frame);
+            }
+            if !sender.unanswered.is_empty() {
+                sender.deadline = deadline(now, sender.policy.timeout);
+            }
+        }
+    }
+
+    /// The link to `peer` broke. Unanswered requests wait for it to come back (or for their
+    /// QP's retry budget); the peer's GIDs are kept for [`PEER_TIMEOUT`].
+    pub fn link_down(&mut self, peer: PeerId, now: Instant) {
+        if let Some(p) = self.peers.get_mut(&peer)
+            && p.up
+        {
+            p.up = false;
+            p.out.clear();
+            p.down_since = Some(now);
+        }
+    }
+
+    pub fn is_up(&self, peer: PeerId) -> bool {
+        self.peers.get(&peer).is_some_and(|p| p.up)
+    }
+
+    /// Bytes to write to `peer`'s socket; call [`Node::sent`] with how many were written.
+    pub fn outgoing(&self, peer: PeerId) -> &[u8] {
+        self.peers.get(&peer).map_or(&[], |p| &p.out)
+    }
+
+    pub fn sent(&mut self, peer: PeerId, bytes: usize) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.out.drain(..bytes.min(p.out.len()));
+        }
+    }
+
+    /// Peers with something to write.
+    pub fn peers_with_output(&self) -> Vec<PeerId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.up && !p.out.is_empty())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    // ---- GIDs ----
+
+    /// The GIDs of this server's devices; peers hear of every change.
+    pub fn set_local_gids(&mut self, mut gids: Vec<Gid>, now: Instant) {
+        gids.sort_unstable();
+        gids.dedup();
+        if gids == self.local_gids {
+            return;
+        }
+        self.local_gids = gids;
+        let frame = Frame::Gids(self.local_gids.clone());
+        for peer in self.peers.values_mut().filter(|p| p.up) {
+            wire::encode(&frame, &mut peer.out);
+            peer.last_sent = now;
+        }
+    }
+
+    /// Whether a peer server holds `gid` (so no local device may bind it).
+    pub fn gid_taken(&self, gid: &Gid) -> bool {
+        self.peer_of(gid).is_some()
+    }
+
+    /// The peer that holds `gid`, if one announced it and was heard from lately.
+    pub fn peer_of(&self, gid: &Gid) -> Option<PeerId> {
+        self.peers
+            .iter()
+            .find(|(_, p)| p.gids.contains(gid))
+            .map(|(id, _)| *id)
+    }
+
+    /// Each peer, whether its link is up, and how many GIDs it holds.
+    pub fn peer_summary(&self) -> Vec<(PeerId, bool, usize)> {
+        let mut out: Vec<_> = self
+            .peers
+            .iter()
+            .map(|(id, p)| (*id, p.up, p.gids.len()))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    fn accept_gids(&mut self, from: PeerId, announced: Vec<Gid>) {
+        let mut accepted = Vec::new();
+        for gid in announced {
+            let elsewhere = self.local_gids.contains(&gid)
+                || self
+                    .peers
+                    .iter()
+                    .any(|(id, p)| *id != from && p.gids.contains(&gid));
+            if elsewhere {
+                warn!(
+                    "peer {from:016x} announced GID {} that another port holds; refused",
+                    std::net::Ipv6Addr::from(gid)
+                );
+            } else {
+                accepted.push(gid);
+            }
+        }
+        if let Some(peer) = self.peers.get_mut(&from) {
+            if peer.gids != accepted {
+                info!("peer {from:016x} holds {} GIDs", accepted.len());
+            }
+            peer.gids = accepted;
+        }
+    }
+
+    // ---- requester ----
+
+    /// Sends `request` toward the peer that holds its destination GID.
+    pub fn deliver(&mut self, request: &Request<'_>, now: Instant) -> Delivery {
+        let Some(peer_id) = self.peer_of(&request.destination.gid) else {
+            return Delivery::Done(Err(RemoteError::Unreachable));
+        };
+        let frames = match frames_of(request) {
+            Ok(frames) => frames,
+            Err(error) => return Delivery::Done(Err(error)),
+        };
+        if let Service::Datagram { .. } = request.service {
+            let peer = self.peers.get_mut(&peer_id).expect("peer_of found it");
+            // Unreliable: sent if the link can take it, and complete either way.
+            if peer.up && peer.out.len() < LINK_QUEUE {
+                for frame in &frames {
+                    wire::encode(&Frame::Request(frame.clone()), &mut peer.out);
+                }
+                peer.last_sent = now;
+            }
+            let bytes = frames.iter().map(|f| f.payload.len() as u64).sum();
+            return Delivery::Done(Ok(Outcome { bytes }));
+        }
+        let key = (request.source.gid, request.source.qpn);
+        let sender = self.senders.entry(key).or_insert_with(|| Sender {
+            peer: peer_id,
+            epoch: request.epoch,
+            next_seq: 0,
+            unanswered: VecDeque::new(),
+            unanswered_bytes: 0,
+            policy: request.retry,
+            retries_left: request.retry.retry_cnt,
+            rnr_left: request.retry.rnr_retry,
+            deadline: None,
+            rnr_until: None,
+        });
+        if sender.epoch != request.epoch || sender.peer != peer_id {
+            // A new QP with an old number, or a connection to another server: start over.
+            *sender = Sender {
+                peer: peer_id,
+                epoch: request.epoch,
+                next_seq: 0,
+                unanswered: VecDeque::new(),
+                unanswered_bytes: 0,
+                policy: request.retry,
+                retries_left: request.retry.retry_cnt,
+                rnr_left: request.retry.rnr_retry,
+                deadline: None,
+                rnr_until: None,
+            };
+        }
+        sender.policy = request.retry;
+        let size: u64 = frames.iter().map(|f| f.payload.len() as u64).sum();
+        if !sender.unanswered.is_empty() && sender.unanswered_bytes + size > QP_WINDOW {
+            return Delivery::Busy;
+        }
+        let peer = self.peers.get_mut(&peer_id).expect("peer_of found it");
+        for mut frame in frames {
+            frame.seq = sender.next_seq;
+            sender.next_seq = sender.next_seq.wrapping_add(1);
+            let mut bytes = Vec::new();
+            wire::encode(&Frame::Request(frame), &mut bytes);
+            if peer.up {
+                peer.out.extend_from_slice(&bytes);
+                peer.last_sent = now;
+            }
+            sender.unanswered_bytes += bytes.len() as u64;
+            sender.unanswered.push_back(Outstanding {
+                seq: sender.next_seq.wrapping_sub(1),
+                frame: bytes,
+            });
+        }
+        if sender.deadline.is_none() && sender.rnr_until.is_none() {
+            sender.deadline = deadline(now, sender.policy.timeout);
+        }
+        Delivery::Pending
+    }
+
+    fn on_response(&mut self, from: PeerId, response: ResponseFrame, now: Instant) {
+        let key = (response.src_gid, response.src_qpn);
+        let Some(sender) = self.senders.get_mut(&key) else {
+            return;
+        };
+        if sender.peer != from || sender.epoch != response.epoch {
+            return;
+        }
+        // Answers come in order; anything but the head's is a duplicate or stale.
+        if sender
+            .unanswered
+            .front()
+            .is_none_or(|head| head.seq != response.seq)
+        {
+            return;
+        }
+        let result = wire::status_result(response.status, response.bytes);
+        let complete = |result, reply: Vec<u8>, last| Event::Complete {
+            gid: response.src_gid,
+            qpn: response.src_qpn,
+            ticket: response.ticket,
+            result,
+            reply,
+            reply_offset: response.reply_offset,
+            last,
+        };
+        match result {
+            Err(RemoteError::ReceiverNotReady) => {
+                // rnr_retry 7 retries for ever; otherwise each RNR answer spends one.
+                if sender.policy.rnr_retry != 7 {
+                    if sender.rnr_left == 0 {
+                        self.events.push_back(complete(result, Vec::new(), true));
+                        self.senders.remove(&key);
+                        return;
+                    }
+                    sender.rnr_left -= 1;
+                }
+                sender.deadline = None;
+                sender.rnr_until = Some(now + rnr_delay(sender.policy.min_rnr_timer));
+            }
+            Err(_) => {
+                // The QP goes to the error state and flushes the rest: nothing more of it
+                // is worth resending.
+                self.events.push_back(complete(result, Vec::new(), true));
+                self.senders.remove(&key);
+            }
+            Ok(_) => {
+                if let Some(head) = sender.unanswered.pop_front() {
+                    sender.unanswered_bytes -= head.frame.len() as u64;
+                }
+                // Progress restores the budgets, as IB's retry counters do.
+                sender.retries_left = sender.policy.retry_cnt;
+                sender.rnr_left = sender.policy.rnr_retry;
+                sender.deadline = if sender.unanswered.is_empty() {
+                    None
+                } else {
+                    deadline(now, sender.policy.timeout)
+                };
+                let last = response.flags & flags::LAST != 0;
+                self.events
+                    .push_back(complete(result, response.reply, last));
+            }
+        }
+    }
+
+    // ---- responder ----
+
+    /// Whether an [`Event::Execute`] still stands: a receiver-not-ready answer to an older
+    /// request of the same QP voids the ones already queued behind it.
+    pub fn still_wanted(&self, peer: PeerId, request: &RequestFrame, replay: bool) -> bool {
+        if request.flags & flags::DATAGRAM != 0 || replay {
+            return true;
+        }
+        self.receivers
+            .get(&(peer, request.src_gid, request.src_qpn))
+            .is_some_and(|r| r.epoch == request.epoch && seq_before(request.seq, r.expected))
+    }
+
+    fn on_request(&mut self, from: PeerId, request: RequestFrame) {
+        let owner_ok = self
+            .peers
+            .get(&from)
+            .is_some_and(|p| p.gids.contains(&request.src_gid));
+        if !owner_ok {
+            warn!(
+                "peer {from:016x} sent a request from GID {}, which it does not hold; dropped",
+                std::net::Ipv6Addr::from(request.src_gid)
+            );
+            return;
+        }
+        if request.flags & flags::DATAGRAM != 0 {
+            self.events.push_back(Event::Execute {
+                peer: from,
+                request,
+                replay: false,
+            });
+            return;
+        }
+        let receiver = self
+            .receivers
+            .entry((from, request.src_gid, request.src_qpn))
+            .or_default();
+        if receiver.epoch != request.epoch {
+            *receiver = Receiver {
+                epoch: request.epoch,
+                ..Receiver::default()
+            };
+        }
+        if request.seq == receiver.expected {
+            receiver.expected = receiver.expected.wrapping_add(1);
+            self.events.push_back(Event::Execute {
+                peer: from,
+                request,
+                replay: false,
+            });
+        } else if seq_before(request.seq, receiver.expected) {
+            // A retransmission: the answer was lost with a broken link.
+            let cached = receiver
+                .answers
+                .iter()
+                .find(|a| a.seq == request.seq)
+                .map(|a| a.response.clone());
+            match cached {
+                // A READ is answered by reading again (its data is not cached).
+                Some(_) | None if request.op == Op::Read => {
+                    self.events.push_back(Event::Execute {
+                        peer: from,
+                        request,
+                        replay: true,
+                    });
+                }
+                Some(response) => self.queue(from, &Frame::Response(response)),
+                None => {}
+            }
+        }
+        // Newer than expected: sent behind a request that got receiver-not-ready; the
+        // requester resends it in order.
+    }
+
+    /// The result of an [`Event::Execute`]: answers the requester (datagrams get none).
+    pub fn answer(
+        &mut self,
+        peer: PeerId,
+        request: &RequestFrame,
+        replay: bool,
+        result: Result<Outcome, RemoteError>,
+        reply: Vec<u8>,
+    ) {
+        if request.flags & flags::DATAGRAM != 0 {
+            return;
+        }
+        let response = ResponseFrame {
+            src_gid: request.src_gid,
+            src_qpn: request.src_qpn,
+            epoch: request.epoch,
+            seq: request.seq,
+            ticket: request.ticket,
+            status: wire::status_code(&result),
+            flags: request.flags & flags::LAST,
+            bytes: result.map_or(0, |o| o.bytes),
+            reply_offset: request.reply_offset,
+            reply,
+        };
+        if let Some(receiver) = self
+            .receivers
+            .get_mut(&(peer, request.src_gid, request.src_qpn))
+        {
+            if replay || receiver.epoch != request.epoch {
+                // Nothing to remember.
+            } else if matches!(result, Err(RemoteError::ReceiverNotReady)) {
+                // Not executed: the requester resends it (and what followed) later.
+                receiver.expected = request.seq;
+            } else {
+                let mut cached = response.clone();
+                if request.op == Op::Read {
+                    cached.reply = Vec::new();
+                }
+                receiver.answers.push_back(Answer {
+                    seq: request.seq,
+                    response: cached,
+                });
+                if receiver.answers.len() > ANSWER_CACHE {
+                    receiver.answers.pop_front();
+                }
+            }
+        }
+        self.queue(peer, &Frame::Response(response));
+    }
+
+    fn queue(&mut self, peer: PeerId, frame: &Frame) {
+        if let Some(p) = self.peers.get_mut(&peer)
+            && p.up
+        {
+            wire::encode(frame, &mut p.out);
+        }
+    }
+
+    // ---- input and time ----
+
+    /// A frame from `peer`'s link (after the handshake).
+    pub fn receive(&mut self, peer: PeerId, frame: Frame, now: Instant) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.last_heard = now;
+        }
+        match frame {
+            Frame::Gids(gids) => self.accept_gids(peer, gids),
+            Frame::Request(request) => self.on_request(peer, request),
+            Frame::Response(response) => self.on_response(peer, response, now),
+            Frame::Ping => {}
+            Frame::Hello { .. } | Frame::Auth { .. } => {
+                warn!("peer {peer:016x} sent a handshake frame on an open link; ignored");
+            }
+        }
+    }
+
+    /// Timers: resends, retry budgets, liveness. Returns the peers whose links must be
+    /// closed (heard nothing for [`PEER_TIMEOUT`]).
+    pub fn tick(&mut self, now: Instant) -> Vec<PeerId> {
+        let mut silent = Vec::new();
+        let mut forget = Vec::new();
+        for (id, peer) in &mut self.peers {
+            if peer.up {
+                if now.duration_since(peer.last_heard) > PEER_TIMEOUT {
+                    silent.push(*id);
+                } else if now.duration_since(peer.last_sent) >= PING_EVERY {
+                    wire::encode(&Frame::Ping, &mut peer.out);
+                    peer.last_sent = now;
+                }
+            } else if peer
+                .down_since
+                .is_some_and(|since| now.duration_since(since) > PEER_TIMEOUT)
+                && !peer.gids.is_empty()
+            {
+                forget.push(*id);
+            }
+        }
+        for id in &silent {
+            warn!("peer {id:016x} is silent; closing its link");
+            self.link_down(*id, now);
+        }
+        for id in forget {
+            info!("peer {id:016x} is gone; forgetting its GIDs");
+            if let Some(peer) = self.peers.get_mut(&id) {
+                peer.gids.clear();
+            }
+        }
+        let mut failed = Vec::new();
+        for (key, sender) in &mut self.senders {
+            if let Some(until) = sender.rnr_until
+                && now >= until
+            {
+                sender.rnr_until = None;
+                sender.deadline = deadline(now, sender.policy.timeout);
+                resend(&mut self.peers, sender, now);
+                continue;
+            }
+            let Some(due) = sender.deadline else { continue };
+            if now < due || sender.unanswered.is_empty() {
+                continue;
+            }
+            if sender.retries_left == 0 {
+                failed.push(*key);
+                continue;
+            }
+            sender.retries_left -= 1;
+            sender.deadline = deadline(now, sender.policy.timeout);
+            resend(&mut self.peers, sender, now);
+        }
+        for key in failed {
+            let Some(sender) = self.senders.remove(&key) else {
+                continue;
+            };
+            let Some(head) = sender.unanswered.front() else {
+                continue;
+            };
+            let ticket = ticket_of(&head.frame);
+            warn!(
+                "QP {} of GID {}: no answer after {} retries; giving up",
+                key.1,
+                std::net::Ipv6Addr::from(key.0),
+                sender.policy.retry_cnt
+            );
+            self.events.push_back(Event::Complete {
+                gid: key.0,
+                qpn: key.1,
+                ticket,
+                result: Err(RemoteError::Unreachable),
+                reply: Vec::new(),
+                reply_offset: 0,
+                last: true,
+            });
+        }
+        silent
+    }
+
+    pub fn next_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Forgets a requesting QP (destroyed, or in the error state): nothing of it is resent.
+    pub fn forget_qp(&mut self, gid: Gid, qpn: u32) {
+        self.senders.remove(&(gid, qpn));
+    }
+}
+
+fn resend(peers: &mut HashMap<PeerId, Peer>, sender: &Sender, now: Instant) {
+    if let Some(peer) = peers.get_mut(&sender.peer)
+        && peer.up
+    {
+        for outstanding in &sender.unanswered {
+            peer.out.extend_from_slice(&outstanding.frame);
+        }
+        peer.last_sent = now;
+    }
+}
+
+/// The ticket of an encoded request frame (at a fixed offset of its fixed part).
+fn ticket_of(frame: &[u8]) -> u64 {
+    let at = wire::HEADER + 16 + 4 + 4 + 16 + 4 + 4;
+    frame
+        .get(at..at + 8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+/// Whether sequence number `a` comes before `b` (modulo 2^32).
+fn seq_before(a: u32, b: u32) -> bool {
+    a != b && b.wrapping_sub(a) < 1 << 31
+}
+
+/// When an answer is due: 4.096 µs × 2^timeout (IB), at least [`MIN_TIMEOUT`]; timeout 0
+/// waits for ever.
+fn deadline(now: Instant, timeout: u8) -> Option<Instant> {
+    if timeout == 0 {
+        return None;
+    }
+    let nanos = 4096u64
+        .checked_shl(u32::from(timeout.min(31)))
+        .unwrap_or(u64::MAX);
+    Some(now + Duration::from_nanos(nanos).max(MIN_TIMEOUT))
+}
+
+/// IB's `min_rnr_timer` codes, in microseconds (code 0 is the longest, 655.36 ms).
+fn rnr_delay(code: u8) -> Duration {
+    const MICROS: [u64; 32] = [
+        655_360, 10, 20, 30, 40, 60, 80, 120, 160, 240, 320, 480, 640, 960, 1280, 1920, 2560, 3840,
+        5120, 7680, 10_240, 15_360, 20_480, 30_720, 40_960, 61_440, 81_920, 122_880, 163_840,
+        245_760, 327_680, 491_520,
+    ];
+    Duration::from_micros(MICROS[usize::from(code & 31)])
+}
+
+/// The request frames (sequence numbers still 0) that carry `request`: one, or for a large
+/// WRITE or READ one per [`wire::CHUNK`].
+fn frames_of(request: &Request<'_>) -> Result<Vec<RequestFrame>, RemoteError> {
+    let datagram = matches!(request.service, Service::Datagram { .. });
+    let base = RequestFrame {
+        src_gid: request.source.gid,
+        src_qpn: request.source.qpn,
+        epoch: request.epoch,
+        dst_gid: request.destination.gid,
+        dst_qpn: request.destination.qpn,
+        seq: 0,
+        ticket: request.ticket,
+        op: Op::Send,
+        flags: if datagram { flags::DATAGRAM } else { 0 },
+        qkey: match request.service {
+            Service::Datagram { qkey } => qkey,
+            Service::Reliable => 0,
+        },
+        imm: 0,
+        invalidate: 0,
+        rkey: 0,
+        remote_addr: 0,
+        read_len: 0,
+        compare_add: 0,
+        swap: 0,
+        reply_offset: 0,
+        payload: Vec::new(),
+    };
+    let read_payload = |sgl: &crate::Sgl, offset: u64, len: u64| {
+        let mut out = Vec::with_capacity(len as usize);
+        gather(request.memory, sgl, offset, len, &mut out)
+            .map(|()| out)
+            .map_err(|_| RemoteError::OperationError)
+    };
+    let solicited_flag = |solicited: bool| if solicited { flags::SOLICITED } else { 0 };
+    Ok(match &request.operation {
+        Operation::Send {
+            payload,
+            imm,
+            invalidate,
+            solicited,
+        } => {
+            if payload.len() > wire::MAX_PAYLOAD as u64 {
+                return Err(RemoteError::OperationError);
+            }
+            let mut frame = base;
+            frame.op = Op::Send;
+            frame.flags |= flags::LAST | solicited_flag(*solicited);
+            if let Some(imm) = imm {
+                frame.flags |= flags::IMM;
+                frame.imm = *imm;
+            }
+            if let Some(key) = invalidate {
+                frame.flags |= flags::INVALIDATE;
+                frame.invalidate = *key;
+            }
+            frame.payload = read_payload(payload, 0, payload.len())?;
+            vec![frame]
+        }
+        Operation::Write {
+            payload,
+            remote_addr,
+            rkey,
+            imm,
+            solicited,
+        } => {
+            let total = payload.len();
+            let mut frames = Vec::new();
+            let mut offset = 0;
+            loop {
+                let len = (total - offset).min(wire::CHUNK);
+                let last = offset + len == total;
+                let mut frame = base.clone();
+                frame.op = Op::Write;
+                frame.rkey = *rkey;
+                frame.remote_addr = remote_addr.wrapping_add(offset);
+                frame.payload = read_payload(payload, offset, len)?;
+                if last {
+                    frame.flags |= flags::LAST | solicited_flag(*solicited);
+                    if let Some(imm) = imm {
+                        frame.flags |= flags::IMM;
+                        frame.imm = *imm;
+                    }
+                }
+                frames.push(frame);
+                offset += len;
+                if last {
+                    break frames;
+                }
+            }
+        }
+        Operation::Read {
+            reply,
+            remote_addr,
+            rkey,
+        } => {
+            let total = reply.len();
+            let mut frames = Vec::new();
+            let mut offset = 0;
+            loop {
+                let len = (total - offset).min(wire::CHUNK);
+                let last = offset + len == total;
+                let mut frame = base.clone();
+                frame.op = Op::Read;
+                frame.rkey = *rkey;
+                frame.remote_addr = remote_addr.wrapping_add(offset);
+                frame.read_len = len as u32;
+                frame.reply_offset = offset;
+                if last {
+                    frame.flags |= flags::LAST;
+                }
+                frames.push(frame);
+                offset += len;
+                if last {
+                    break frames;
+                }
+            }
+        }
+        Operation::Atomic {
+            kind,
+            remote_addr,
+            rkey,
+            ..
+        } => {
+            let mut frame = base;
+            frame.flags |= flags::LAST;
+            frame.rkey = *rkey;
+            frame.remote_addr = *remote_addr;
+            match kind {
+                AtomicKind::CompareSwap { compare, swap } => {
+                    frame.op = Op::CompareSwap;
+                    frame.compare_add = *compare;
+                    frame.swap = *swap;
+                }
+                AtomicKind::FetchAdd { add } => {
+                    frame.op = Op::FetchAdd;
+                    frame.compare_add = *add;
+                }
+            }
+            vec![frame]
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests;

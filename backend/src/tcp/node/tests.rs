@@ -1,0 +1,679 @@
+//! Two nodes joined by an in-memory pipe that can fragment, hold back and cut the stream:
+//! every completion comes exactly once, in order, and nothing is executed twice.
+
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+use crate::tcp::execute::Staging;
+use crate::tcp::wire::Decoder;
+use crate::{Destination, GuestMemory, Sgl, Source};
+
+const GID_A: Gid = [0xa; 16];
+const GID_B: Gid = [0xb; 16];
+const PEER_A: PeerId = 0xaaaa;
+const PEER_B: PeerId = 0xbbbb;
+const QP_A: u32 = 7;
+const QP_B: u32 = 9;
+const REGION: u64 = 0x10_0000;
+
+/// The responder's device, reduced to what the protocol needs: receives to take, one
+/// memory region, and a record of what it executed.
+struct FakeDevice {
+    receives: u32,
+    region: Vec<u8>,
+    sends: Vec<Vec<u8>>,
+    executed: u32,
+}
+
+impl FakeDevice {
+    fn respond(&mut self, request: &Request<'_>) -> Result<Outcome, RemoteError> {
+        self.executed += 1;
+        let offset = |addr: u64, len: u64| -> Result<usize, RemoteError> {
+            let start = addr.checked_sub(REGION).ok_or(RemoteError::AccessError)?;
+            (start + len <= self.region.len() as u64)
+                .then_some(start as usize)
+                .ok_or(RemoteError::AccessError)
+        };
+        match &request.operation {
+            Operation::Send { payload, .. } => {
+                if self.receives == 0 {
+                    return Err(RemoteError::ReceiverNotReady);
+                }
+                self.receives -= 1;
+                let mut data = Vec::new();
+                gather(request.memory, payload, 0, payload.len(), &mut data).unwrap();
+                self.sends.push(data);
+                Ok(Outcome {
+                    bytes: payload.len(),
+                })
+            }
+            Operation::Write {
+                payload,
+                remote_addr,
+                ..
+            } => {
+                let at = offset(*remote_addr, payload.len())?;
+                let mut data = Vec::new();
+                gather(request.memory, payload, 0, payload.len(), &mut data).unwrap();
+                self.region[at..at + data.len()].copy_from_slice(&data);
+                Ok(Outcome {
+                    bytes: payload.len(),
+                })
+            }
+            Operation::Read {
+                reply, remote_addr, ..
+            } => {
+                let at = offset(*remote_addr, reply.len())?;
+                let data = &self.region[at..at + reply.len() as usize];
+                request
+                    .memory
+                    .write_slice(data, GuestAddress(reply.segments()[0].addr))
+                    .unwrap();
+                Ok(Outcome { bytes: reply.len() })
+            }
+            Operation::Atomic {
+                kind,
+                reply,
+                remote_addr,
+                ..
+            } => {
+                let at = offset(*remote_addr, 8)?;
+                let old = u64::from_le_bytes(self.region[at..at + 8].try_into().unwrap());
+                let new = match kind {
+                    AtomicKind::FetchAdd { add } => old.wrapping_add(*add),
+                    AtomicKind::CompareSwap { compare, swap } => {
+                        if old == *compare {
+                            *swap
+                        } else {
+                            old
+                        }
+                    }
+                };
+                self.region[at..at + 8].copy_from_slice(&new.to_le_bytes());
+                request
+                    .memory
+                    .write_slice(&old.to_le_bytes(), GuestAddress(reply.segments()[0].addr))
+                    .unwrap();
+                Ok(Outcome { bytes: 8 })
+            }
+        }
+    }
+}
+
+struct Completed {
+    ticket: u64,
+    result: Result<Outcome, RemoteError>,
+    reply: Vec<u8>,
+    reply_offset: u64,
+    last: bool,
+}
+
+/// A (requester) and B (responder), the pipe between them, and a clock.
+struct Pair {
+    a: Node,
+    b: Node,
+    to_b: Decoder,
+    to_a: Decoder,
+    device: FakeDevice,
+    staging: Staging,
+    memory: GuestMemory,
+    completed: Vec<Completed>,
+    now: Instant,
+    next_ticket: u64,
+    policy: RetryPolicy,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        let now = Instant::now();
+        let mut a = Node::new(PEER_A);
+        let mut b = Node::new(PEER_B);
+        a.set_local_gids(vec![GID_A], now);
+        b.set_local_gids(vec![GID_B], now);
+        let mut pair = Pair {
+            a,
+            b,
+            to_b: Decoder::new(),
+            to_a: Decoder::new(),
+            device: FakeDevice {
+                receives: 1000,
+                region: vec![0; 4 << 20],
+                sends: Vec::new(),
+                executed: 0,
+            },
+            staging: Staging::new().unwrap(),
+            memory: GuestMemory::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap(),
+            completed: Vec::new(),
+            now,
+            next_ticket: 0,
+            policy: RetryPolicy {
+                timeout: 14,
+                retry_cnt: 3,
+                rnr_retry: 7,
+                min_rnr_timer: 12,
+            },
+        };
+        pair.connect();
+        pair.pump(usize::MAX);
+        pair
+    }
+
+    fn connect(&mut self) {
+        self.to_a = Decoder::new();
+        self.to_b = Decoder::new();
+        self.a.link_up(PEER_B, self.now);
+        self.b.link_up(PEER_A, self.now);
+    }
+
+    fn cut(&mut self) {
+        self.a.link_down(PEER_B, self.now);
+        self.b.link_down(PEER_A, self.now);
+    }
+
+    /// Moves bytes both ways in pieces of `piece` until nothing moves; runs B's executions
+    /// and collects A's completions.
+    fn pump(&mut self, piece: usize) {
+        loop {
+            let moved = self.move_bytes(true, piece) | self.move_bytes(false, piece);
+            self.run_events();
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    /// Moves at most `budget` bytes from A to B (nothing back), then stops.
+    fn move_some_to_b(&mut self, budget: usize) {
+        let out = self.a.outgoing(PEER_B);
+        let n = out.len().min(budget);
+        self.to_b.push(&out[..n]);
+        self.a.sent(PEER_B, n);
+        while let Some(frame) = self.to_b.next_frame().unwrap() {
+            self.b.receive(PEER_A, frame, self.now);
+        }
+        self.run_events();
+    }
+
+    fn move_bytes(&mut self, a_to_b: bool, piece: usize) -> bool {
+        let (from, to, decoder, peer_of_to, peer_of_from) = if a_to_b {
+            (&mut self.a, &mut self.b, &mut self.to_b, PEER_B, PEER_A)
+        } else {
+            (&mut self.b, &mut self.a, &mut self.to_a, PEER_A, PEER_B)
+        };
+        let out = from.outgoing(peer_of_to).to_vec();
+        if out.is_empty() {
+            return false;
+        }
+        from.sent(peer_of_to, out.len());
+        for chunk in out.chunks(piece.max(1)) {
+            decoder.push(chunk);
+            while let Some(frame) = decoder.next_frame().unwrap() {
+                to.receive(peer_of_from, frame, self.now);
+            }
+        }
+        true
+    }
+
+    fn run_events(&mut self) {
+        while let Some(event) = self.b.next_event() {
+            if let Event::Execute {
+                peer,
+                request,
+                replay,
+            } = event
+                && self.b.still_wanted(peer, &request, replay)
+            {
+                let device = &mut self.device;
+                let (result, reply) = self.staging.execute(&request, |r| device.respond(r));
+                self.b.answer(peer, &request, replay, result, reply);
+            }
+        }
+        while let Some(event) = self.a.next_event() {
+            if let Event::Complete {
+                ticket,
+                result,
+                reply,
+                reply_offset,
+                last,
+                ..
+            } = event
+            {
+                self.completed.push(Completed {
+                    ticket,
+                    result,
+                    reply,
+                    reply_offset,
+                    last,
+                });
+            }
+        }
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.a.tick(self.now);
+        self.b.tick(self.now);
+        self.run_events();
+    }
+
+    fn post(&mut self, operation: Operation<'_>) -> (u64, Delivery) {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let request = Request {
+            source: Source {
+                gid: GID_A,
+                qpn: QP_A,
+            },
+            destination: Destination {
+                gid: GID_B,
+                qpn: QP_B,
+            },
+            service: Service::Reliable,
+            memory: &self.memory,
+            operation,
+            ticket,
+            epoch: 1,
+            retry: self.policy,
+        };
+        (ticket, self.a.deliver(&request, self.now))
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> u64 {
+        let at = 0x1000 * (self.next_ticket + 1);
+        self.memory.write_slice(bytes, GuestAddress(at)).unwrap();
+        let payload = sgl(at, bytes.len() as u64);
+        let (ticket, delivery) = self.post(Operation::Send {
+            payload: &payload,
+            imm: None,
+            invalidate: None,
+            solicited: false,
+        });
+        assert_eq!(delivery, Delivery::Pending);
+        ticket
+    }
+
+    fn completions(&self) -> Vec<(u64, Result<Outcome, RemoteError>)> {
+        self.completed
+            .iter()
+            .filter(|c| c.last || c.result.is_err())
+            .map(|c| (c.ticket, c.result))
+            .collect()
+    }
+}
+
+fn sgl(addr: u64, len: u64) -> Sgl {
+    let mut sgl = Sgl::new();
+    sgl.push(addr, len).unwrap();
+    sgl
+}
+
+fn ok(bytes: u64) -> Result<Outcome, RemoteError> {
+    Ok(Outcome { bytes })
+}
+
+#[test]
+fn every_operation_completes_once_in_order() {
+    let mut p = Pair::new();
+    let first = p.send(b"hello over tcp");
+    let data: Vec<u8> = (0..=255).cycle().take(3000).collect();
+    p.memory
+        .write_slice(&data, GuestAddress(0x40_0000))
+        .unwrap();
+    let payload = sgl(0x40_0000, 3000);
+    let (write, _) = p.post(Operation::Write {
+        payload: &payload,
+        remote_addr: REGION + 100,
+        rkey: 1,
+        imm: Some(5),
+        solicited: false,
+    });
+    let reply = sgl(0x50_0000, 3000);
+    let (read, _) = p.post(Operation::Read {
+        reply: &reply,
+        remote_addr: REGION + 100,
+        rkey: 1,
+    });
+    let atomic_reply = sgl(0x60_0000, 8);
+    let (add, _) = p.post(Operation::Atomic {
+        kind: AtomicKind::FetchAdd { add: 3 },
+        reply: &atomic_reply,
+        remote_addr: REGION,
+        rkey: 1,
+    });
+    p.pump(usize::MAX);
+    assert_eq!(
+        p.completions(),
+        [
+            (first, ok(14)),
+            (write, ok(3000)),
+            (read, ok(3000)),
+            (add, ok(8))
+        ]
+    );
+    assert_eq!(p.device.sends, [b"hello over tcp".to_vec()]);
+    assert_eq!(&p.device.region[100..3100], &data[..]);
+    let read_reply = &p.completed[2];
+    assert_eq!(
+        (read_reply.reply.as_slice(), read_reply.reply_offset),
+        (&data[..], 0)
+    );
+    assert_eq!(p.completed[3].reply, 0u64.to_le_bytes());
+    assert_eq!(
+        u64::from_le_bytes(p.device.region[..8].try_into().unwrap()),
+        3
+    );
+}
+
+#[test]
+fn large_writes_and_reads_travel_in_chunks_and_complete_once() {
+    let mut p = Pair::new();
+    let len = 3 * wire::CHUNK + 5;
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    p.memory
+        .write_slice(&data, GuestAddress(0x10_0000))
+        .unwrap();
+    let payload = sgl(0x10_0000, len);
+    let (write, _) = p.post(Operation::Write {
+        payload: &payload,
+        remote_addr: REGION,
+        rkey: 1,
+        imm: None,
+        solicited: false,
+    });
+    let reply = sgl(0x40_0000, len);
+    let (read, _) = p.post(Operation::Read {
+        reply: &reply,
+        remote_addr: REGION,
+        rkey: 1,
+    });
+    // Fragmented delivery changes nothing.
+    p.pump(1000);
+    assert_eq!(p.device.executed, 8, "four pieces each way");
+    assert_eq!(&p.device.region[..len as usize], &data[..]);
+    assert_eq!(p.completions(), [(write, ok(5)), (read, ok(5))]);
+    // The read's pieces carry their offsets; put together they are the data.
+    let mut assembled = vec![0u8; len as usize];
+    for piece in p.completed.iter().filter(|c| c.ticket == read) {
+        let at = piece.reply_offset as usize;
+        assembled[at..at + piece.reply.len()].copy_from_slice(&piece.reply);
+    }
+    assert_eq!(assembled, data);
+    let pieces = p.completed.iter().filter(|c| c.ticket == write).count();
+    assert_eq!(pieces, 4, "one answer per piece, the last one marked");
+}
+
+#[test]
+fn a_cut_link_loses_nothing_and_executes_nothing_twice() {
+    let mut p = Pair::new();
+    let tickets: Vec<u64> = (0..10u8).map(|i| p.send(&[i; 100])).collect();
+    let atomic_reply = sgl(0x60_0000, 8);
+    let (add, _) = p.post(Operation::Atomic {
+        kind: AtomicKind::FetchAdd { add: 1 },
+        reply: &atomic_reply,
+        remote_addr: REGION,
+        rkey: 1,
+    });
+    // B gets (and executes) part of the stream; its answers are lost with the link.
+    let first_frames = 4 * (wire::HEADER + wire::REQUEST_FIXED + 100) + 17;
+    p.move_some_to_b(first_frames);
+    assert_eq!(p.device.sends.len(), 4);
+    p.cut();
+    p.advance(Duration::from_millis(10));
+    p.connect();
+    p.pump(usize::MAX);
+    let mut expected: Vec<_> = tickets.iter().map(|&t| (t, ok(100))).collect();
+    expected.push((add, ok(8)));
+    assert_eq!(p.completions(), expected);
+    assert_eq!(
+        p.device.sends,
+        (0..10u8).map(|i| vec![i; 100]).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        u64::from_le_bytes(p.device.region[..8].try_into().unwrap()),
+        1
+    );
+
+    // Now the atomic's answer is lost after B executed it: the resend is answered from
+    // B's cache, not executed again.
+    let (add2, _) = p.post(Operation::Atomic {
+        kind: AtomicKind::FetchAdd { add: 1 },
+        reply: &atomic_reply,
+        remote_addr: REGION,
+        rkey: 1,
+    });
+    p.move_some_to_b(usize::MAX);
+    let executed = p.device.executed;
+    p.cut();
+    p.connect();
+    p.pump(usize::MAX);
+    assert_eq!(
+        p.device.executed, executed,
+        "the resent atomic was not executed again"
+    );
+    assert_eq!(p.completions().last(), Some(&(add2, ok(8))));
+    assert_eq!(p.completed.last().unwrap().reply, 1u64.to_le_bytes());
+    assert_eq!(
+        u64::from_le_bytes(p.device.region[..8].try_into().unwrap()),
+        2
+    );
+}
+
+#[test]
+fn receiver_not_ready_waits_for_the_rnr_timer_then_resends_in_order() {
+    let mut p = Pair::new();
+    p.device.receives = 0;
+    let first = p.send(b"one");
+    let second = p.send(b"two");
+    p.pump(usize::MAX);
+    assert!(
+        p.completions().is_empty(),
+        "nothing completes while B has no receive"
+    );
+    p.device.receives = 2;
+    // min_rnr_timer 12 is 0.64 ms: nothing is resent before it.
+    p.advance(Duration::from_micros(300));
+    p.pump(usize::MAX);
+    assert!(p.completions().is_empty());
+    p.advance(Duration::from_millis(1));
+    p.pump(usize::MAX);
+    assert_eq!(p.completions(), [(first, ok(3)), (second, ok(3))]);
+    assert_eq!(p.device.sends, [b"one".to_vec(), b"two".to_vec()]);
+}
+
+#[test]
+fn rnr_retry_budget_is_spent_then_the_head_fails() {
+    let mut p = Pair::new();
+    p.policy.rnr_retry = 2;
+    p.device.receives = 0;
+    let ticket = p.send(b"never received");
+    p.pump(usize::MAX);
+    for _ in 0..3 {
+        p.advance(Duration::from_millis(1));
+        p.pump(usize::MAX);
+    }
+    assert_eq!(
+        p.completions(),
+        [(ticket, Err(RemoteError::ReceiverNotReady))]
+    );
+    assert_eq!(p.device.executed, 3, "the first try and two retries");
+}
+
+#[test]
+fn a_silent_peer_spends_the_retry_budget_and_the_head_completes_once() {
+    let mut p = Pair::new();
+    p.cut();
+    let ticket = p.send(b"into the void");
+    let _second = p.send(b"flushed by the device");
+    // timeout 14 is 67 ms (at least 100 ms here); retry_cnt 3: the fourth expiry fails.
+    for _ in 0..3 {
+        p.advance(Duration::from_millis(101));
+        assert!(p.completions().is_empty());
+    }
+    p.advance(Duration::from_millis(101));
+    assert_eq!(p.completions(), [(ticket, Err(RemoteError::Unreachable))]);
+    p.advance(Duration::from_secs(1));
+    assert_eq!(p.completions().len(), 1, "nothing completes twice");
+}
+
+#[test]
+fn responder_errors_complete_the_head_and_stop_the_qp() {
+    let mut p = Pair::new();
+    let payload = sgl(0x1000, 8);
+    let (bad, _) = p.post(Operation::Write {
+        payload: &payload,
+        remote_addr: 0x10,
+        rkey: 1,
+        imm: None,
+        solicited: false,
+    });
+    let _after = p.send(b"after the error");
+    p.pump(usize::MAX);
+    assert_eq!(p.completions(), [(bad, Err(RemoteError::AccessError))]);
+}
+
+#[test]
+fn a_full_window_is_busy_until_answers_come() {
+    let mut p = Pair::new();
+    let big = vec![1u8; wire::CHUNK as usize];
+    p.memory.write_slice(&big, GuestAddress(0x10_0000)).unwrap();
+    let payload = sgl(0x10_0000, big.len() as u64);
+    let mut posted = 0;
+    loop {
+        let (_, delivery) = p.post(Operation::Write {
+            payload: &payload,
+            remote_addr: REGION,
+            rkey: 1,
+            imm: None,
+            solicited: false,
+        });
+        if delivery == Delivery::Busy {
+            break;
+        }
+        posted += 1;
+        assert!(posted < 100, "the window never filled");
+    }
+    assert_eq!(posted, (QP_WINDOW / wire::CHUNK) as usize - 1);
+    p.pump(usize::MAX);
+    let (_, delivery) = p.post(Operation::Write {
+        payload: &payload,
+        remote_addr: REGION,
+        rkey: 1,
+        imm: None,
+        solicited: false,
+    });
+    assert_eq!(delivery, Delivery::Pending);
+}
+
+#[test]
+fn gids_route_requests_and_conflicts_and_spoofs_are_refused() {
+    let mut p = Pair::new();
+    assert!(p.a.gid_taken(&GID_B));
+    assert!(!p.a.gid_taken(&GID_A), "a node's own GIDs are not a peer's");
+    // Unknown destination: unreachable at once.
+    let request = Request {
+        source: Source {
+            gid: GID_A,
+            qpn: QP_A,
+        },
+        destination: Destination {
+            gid: [0xee; 16],
+            qpn: 1,
+        },
+        service: Service::Reliable,
+        memory: &p.memory,
+        operation: Operation::Send {
+            payload: &Sgl::new(),
+            imm: None,
+            invalidate: None,
+            solicited: false,
+        },
+        ticket: 0,
+        epoch: 0,
+        retry: p.policy,
+    };
+    assert_eq!(
+        p.a.deliver(&request, p.now),
+        Delivery::Done(Err(RemoteError::Unreachable))
+    );
+    // B announces A's GID as well: refused, A's own GID stays A's.
+    p.b.set_local_gids(vec![GID_B, GID_A], p.now);
+    p.pump(usize::MAX);
+    assert_eq!(p.a.peer_of(&GID_A), None);
+    assert_eq!(p.a.peer_of(&GID_B), Some(PEER_B));
+    // A request claiming a source GID its peer does not hold is dropped.
+    let spoofed = RequestFrame {
+        src_gid: [0x77; 16],
+        src_qpn: 1,
+        epoch: 0,
+        dst_gid: GID_B,
+        dst_qpn: QP_B,
+        seq: 0,
+        ticket: 0,
+        op: Op::Send,
+        flags: flags::LAST,
+        qkey: 0,
+        imm: 0,
+        invalidate: 0,
+        rkey: 0,
+        remote_addr: 0,
+        read_len: 0,
+        compare_add: 0,
+        swap: 0,
+        reply_offset: 0,
+        payload: b"spoof".to_vec(),
+    };
+    p.b.receive(PEER_A, Frame::Request(spoofed), p.now);
+    assert_eq!(p.b.next_event(), None);
+}
+
+#[test]
+fn datagrams_complete_at_once_and_are_executed_once() {
+    let mut p = Pair::new();
+    p.memory
+        .write_slice(b"datagram", GuestAddress(0x1000))
+        .unwrap();
+    let payload = sgl(0x1000, 8);
+    let request = Request {
+        source: Source {
+            gid: GID_A,
+            qpn: QP_A,
+        },
+        destination: Destination {
+            gid: GID_B,
+            qpn: QP_B,
+        },
+        service: Service::Datagram { qkey: 0x1111 },
+        memory: &p.memory,
+        operation: Operation::Send {
+            payload: &payload,
+            imm: None,
+            invalidate: None,
+            solicited: false,
+        },
+        ticket: 0,
+        epoch: 0,
+        retry: RetryPolicy::default(),
+    };
+    assert_eq!(p.a.deliver(&request, p.now), Delivery::Done(ok(8)));
+    p.pump(usize::MAX);
+    assert_eq!(p.device.sends, [b"datagram".to_vec()]);
+    assert!(p.completions().is_empty(), "no answer travels back");
+}
+
+#[test]
+fn a_silent_peer_is_closed_and_later_forgotten() {
+    let mut p = Pair::new();
+    p.advance(PING_EVERY);
+    assert!(!p.a.outgoing(PEER_B).is_empty(), "an idle link pings");
+    p.pump(usize::MAX);
+    // B stops talking: A closes the link after PEER_TIMEOUT and forgets B's GIDs later.
+    p.now += PEER_TIMEOUT + Duration::from_millis(1);
+    assert_eq!(p.a.tick(p.now), vec![PEER_B]);
+    assert!(!p.a.is_up(PEER_B));
+    assert!(p.a.gid_taken(&GID_B), "kept while it may come back");
+    p.now += PEER_TIMEOUT + Duration::from_millis(1);
+    p.a.tick(p.now);
+    assert!(!p.a.gid_taken(&GID_B));
+}
