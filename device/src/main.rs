@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::thread;
 
 use std::time::Duration;
@@ -17,6 +18,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use log::{info, warn};
 use nix::sys::signal::{SigSet, Signal};
+use pvrdma_backend::tcp::runtime::{Config as TransportConfig, Transport};
 use thiserror::Error;
 use vfio_user_pvrdma::profiler::control;
 use vfio_user_pvrdma::pvrdma::{DeviceConfig, caps};
@@ -24,6 +26,7 @@ use vfio_user_pvrdma::vfio::PciFunctionBackend;
 use vfio_user_pvrdma::vfio::fabric::Fabric;
 use vfio_user_pvrdma::vfio::listener::{self, ListenError};
 use vfio_user_pvrdma::vfio::poller;
+use vfio_user_pvrdma::vfio::remote::FabricHost;
 use vfio_user_pvrdma::vfio::uar::DoorbellMode;
 
 /// vfio-user server emulating a VMware paravirtual RDMA NIC (PVRDMA, PCI 15ad:0820).
@@ -107,6 +110,24 @@ struct Cli {
     /// scheduler time slices; give the poller a core of its own when you have one.
     #[arg(long, value_name = "CPU")]
     poller_cpu: Option<usize>,
+
+    /// Carry RDMA traffic to guests of other servers over TCP: listen for peer servers on
+    /// ADDR:PORT. Which path a destination takes is chosen per GID: a device of this
+    /// process (memcpy), a GID a peer server announced (TCP), or unreachable
+    /// (docs/tcp-transport.md).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<std::net::SocketAddr>,
+
+    /// A peer server's --listen address; repeat for each. One TCP link per pair of servers
+    /// carries every QP between them.
+    #[arg(long = "peer", value_name = "ADDR:PORT")]
+    peers: Vec<std::net::SocketAddr>,
+
+    /// A file holding the secret every server of the cluster shares: a peer must prove it
+    /// holds it before any of its frames is accepted. Without one, only peers on loopback
+    /// are accepted.
+    #[arg(long, value_name = "FILE")]
+    cluster_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -180,6 +201,16 @@ enum StartupError {
     SignalWait(#[source] nix::Error),
     #[error("--control {path} is also a --socket", path = .0.display())]
     ControlIsSocket(PathBuf),
+    #[error("cannot read the cluster key {path}", path = .path.display())]
+    ClusterKey {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the cluster key {path} is empty", path = .0.display())]
+    EmptyClusterKey(PathBuf),
+    #[error("cannot start the TCP transport")]
+    Transport(#[source] io::Error),
 }
 
 fn main() -> ExitCode {
@@ -201,6 +232,37 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Starts the TCP transport when --listen or --peer asks for it, chained behind the
+/// fabric's own devices.
+fn start_transport(cli: &Cli, fabric: &Fabric) -> Result<Option<Transport>, StartupError> {
+    if cli.listen.is_none() && cli.peers.is_empty() {
+        return Ok(None);
+    }
+    let cluster_key = match &cli.cluster_key {
+        Some(path) => {
+            let key = std::fs::read(path).map_err(|source| StartupError::ClusterKey {
+                path: path.clone(),
+                source,
+            })?;
+            let key = key.trim_ascii().to_vec();
+            if key.is_empty() {
+                return Err(StartupError::EmptyClusterKey(path.clone()));
+            }
+            Some(key)
+        }
+        None => None,
+    };
+    let config = TransportConfig {
+        listen: cli.listen,
+        peers: cli.peers.clone(),
+        cluster_key,
+    };
+    let transport = Transport::start(config, Arc::new(FabricHost(fabric.clone())))
+        .map_err(StartupError::Transport)?;
+    fabric.set_remote(Box::new(transport.network()));
+    Ok(Some(transport))
 }
 
 /// Starts every server and returns the termination signal once it arrives.
@@ -254,6 +316,8 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
         }
         serving.push(path);
     }
+    // Kept alive until the signal: dropping it stops the transport's thread.
+    let _transport = start_transport(cli, &fabric)?;
     fabric.set_profiling(cli.profile == Switch::On);
     fabric.set_profile_sampling(cli.profile_every);
     info!(

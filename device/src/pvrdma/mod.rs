@@ -254,6 +254,16 @@ impl PvrdmaDevice {
             .unwrap_or(0)
     }
 
+    /// The GIDs this device's port holds (none while inactive).
+    pub fn gids(&self) -> impl Iterator<Item = [u8; 16]> + '_ {
+        self.objects
+            .gids
+            .iter()
+            .flatten()
+            .filter(|_| self.active)
+            .map(|bound| bound.raw)
+    }
+
     /// Whether this device's port has `gid` (a GID the driver bound with CREATE_BIND).
     pub fn has_gid(&self, gid: &[u8; 16]) -> bool {
         self.active

@@ -182,6 +182,51 @@ impl Fabric {
         activity
     }
 
+    /// Sends requests for GIDs outside this process to `remote` (the TCP transport).
+    pub fn set_remote(&self, remote: pvrdma_backend::memcpy::Remote) {
+        self.lock().set_remote(remote);
+    }
+
+    /// Every GID the devices of this process hold.
+    pub fn local_gids(&self) -> Vec<[u8; 16]> {
+        let mut fabric = self.lock();
+        let mut gids = Vec::new();
+        for index in fabric.indices() {
+            fabric.with_endpoint(index, |slot, _| gids.extend(slot.device.gids()));
+        }
+        gids
+    }
+
+    /// A peer server's request for the device that holds its destination GID.
+    pub fn respond_remote(&self, request: &Request<'_>) -> Result<Outcome, RemoteError> {
+        let mut fabric = self.lock();
+        let Some(index) = fabric.find(&request.destination.gid) else {
+            return Err(match request.service {
+                pvrdma_backend::Service::Datagram { .. } => RemoteError::Dropped,
+                pvrdma_backend::Service::Reliable => RemoteError::Unreachable,
+            });
+        };
+        let result = fabric
+            .with_endpoint(index, |slot, _| slot.respond(request))
+            .unwrap_or(Err(RemoteError::Unreachable));
+        self.contain_faults(&mut fabric);
+        result
+    }
+
+    /// A transport's answer for the device that holds `gid`, which issued the request.
+    pub fn complete_remote(&self, gid: &[u8; 16], completion: &pvrdma_backend::Completion<'_>) {
+        let mut fabric = self.lock();
+        let Some(index) = fabric.find(gid) else {
+            debug!("an answer for GID {gid:02x?}, which no device holds, dropped");
+            return;
+        };
+        fabric.with_endpoint(index, |slot, net| {
+            let (device, mem, mut irq) = slot.parts();
+            device.complete_remote(mem, &mut irq, net, completion);
+        });
+        self.contain_faults(&mut fabric);
+    }
+
     /// Devices failed so far (see [`Fabric::failures`] field docs).
     pub fn failure_count(&self) -> usize {
         self.failures.load(Ordering::Acquire)

@@ -25,6 +25,7 @@ pub mod memory_fault;
 pub mod poller;
 pub mod protocol;
 pub mod regions;
+pub mod remote;
 pub mod uar;
 
 pub use backend::PciFunctionBackend;

@@ -142,6 +142,42 @@ pub fn send_wqe(wr_id: u64, opcode: u32, send_flags: u32, sges: &[Sge]) -> Vec<u
     bytes
 }
 
+/// An RDMA WRITE or READ WQE: `remote_addr` and `rkey` in the header's union.
+pub fn rdma_wqe(
+    wr_id: u64,
+    opcode: u32,
+    send_flags: u32,
+    sges: &[Sge],
+    remote_addr: u64,
+    rkey: u32,
+) -> Vec<u8> {
+    let mut bytes = send_wqe(wr_id, opcode, send_flags, sges);
+    // The union starts 32 bytes into the WQE.
+    bytes[32..40].copy_from_slice(&remote_addr.to_le_bytes());
+    bytes[40..44].copy_from_slice(&rkey.to_le_bytes());
+    bytes
+}
+
+/// An atomic WQE: `remote_addr`, `compare_add`, `swap` and `rkey` in the union.
+#[allow(clippy::too_many_arguments)] // The WQE's own fields, in its order.
+pub fn atomic_wqe(
+    wr_id: u64,
+    opcode: u32,
+    send_flags: u32,
+    sges: &[Sge],
+    remote_addr: u64,
+    rkey: u32,
+    compare_add: u64,
+    swap: u64,
+) -> Vec<u8> {
+    let mut bytes = send_wqe(wr_id, opcode, send_flags, sges);
+    bytes[32..40].copy_from_slice(&remote_addr.to_le_bytes());
+    bytes[40..48].copy_from_slice(&compare_add.to_le_bytes());
+    bytes[48..56].copy_from_slice(&swap.to_le_bytes());
+    bytes[56..60].copy_from_slice(&rkey.to_le_bytes());
+    bytes
+}
+
 /// A receive WQE.
 pub fn recv_wqe(wr_id: u64, sges: &[Sge]) -> Vec<u8> {
     let mut bytes = RecvWqeHeader {

@@ -192,6 +192,8 @@ struct ServerLog {
     log: Vec<String>,
     /// Per socket: lines before this index were consumed by an earlier wait.
     cursors: Vec<usize>,
+    /// The same for lines of the whole server ([`SocketServer::wait_for_server_line`]).
+    server_cursor: usize,
 }
 
 impl ServerLog {
@@ -287,6 +289,7 @@ impl SocketServer {
                 lines,
                 log: Vec::new(),
                 cursors: vec![0; count],
+                server_cursor: 0,
             }),
             sockets,
             control,
@@ -348,6 +351,32 @@ impl SocketServer {
                     let text = log.log.join("\n");
                     drop(log);
                     panic!("the server exited before logging {needle:?} for {path}; log:\n{text}")
+                }
+            }
+        }
+    }
+
+    /// Waits for a log line containing `needle` that is not about one socket (the TCP
+    /// transport's, say), after the previous one this found; returns it.
+    pub fn wait_for_server_line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut log = lock(&self.log);
+        loop {
+            let cursor = log.server_cursor;
+            if let Some(pos) = log.log[cursor..]
+                .iter()
+                .position(|line| line.contains(needle))
+            {
+                log.server_cursor = cursor + pos + 1;
+                return log.log[cursor + pos].clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match log.lines.recv_timeout(left) {
+                Ok(line) => log.log.push(line),
+                Err(_) => {
+                    let text = log.log.join("\n");
+                    drop(log);
+                    panic!("no server log line with {needle:?} within {TIMEOUT:?}; log:\n{text}")
                 }
             }
         }

@@ -1,0 +1,310 @@
+//! Two server processes joined by the TCP transport on loopback, each with one device
+//! driven by the host-side test driver: RC SEND, WRITE, READ and atomics, and UD, cross
+//! between the servers with the same completions as on one server, and the path is chosen
+//! per GID without the user naming it.
+
+mod driver;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use driver::memory;
+use driver::socket_bus::{SocketBus, SocketServer};
+use driver::verbs::{self, PINGPONG_SIZES, QpSpec, ipv4_gid};
+use driver::{Cq, Driver, Qp};
+use vfio_user_pvrdma::abi::{
+    self, GID_TYPE_ROCE_V1, PAGE_SIZE, access, qp_state, qp_type, send_flags, wc_status, wr_opcode,
+};
+
+type D = Driver<SocketBus>;
+
+const LOG: &str = "info,vfio_user_pvrdma::vfio=debug";
+const BUF_VA: u64 = 0x20_0000;
+
+/// Server A listens on a free loopback port; server B dials it.
+fn two_servers() -> (Arc<SocketServer>, Arc<SocketServer>) {
+    let a = SocketServer::start_with(1, LOG, &["--listen", "127.0.0.1:0"]);
+    let line = a.wait_for_server_line("listening on 127.0.0.1:");
+    let addr = line
+        .rsplit("listening on ")
+        .next()
+        .expect("the address")
+        .trim()
+        .to_string();
+    let b = SocketServer::start_with(1, LOG, &["--listen", "127.0.0.1:0", "--peer", &addr]);
+    a.wait_for_server_line("is up");
+    b.wait_for_server_line("is up");
+    (a, b)
+}
+
+struct Side {
+    d: D,
+    cq: Cq,
+    mr: driver::Mr,
+    qp: Qp,
+    gid: [u8; 16],
+}
+
+fn side(server: &Arc<SocketServer>, ip: [u8; 4]) -> Side {
+    let mut d = Driver::on_socket(server, 0);
+    d.probe();
+    let gid = ipv4_gid(ip);
+    d.create_bind(0, gid, GID_TYPE_ROCE_V1)
+        .expect("CREATE_BIND");
+    let uc = d.open_context().expect("CREATE_UC");
+    let pd = d.create_pd(uc.handle).expect("CREATE_PD");
+    let cq = d.create_cq_on(uc, 64).expect("CREATE_CQ");
+    let mr = d
+        .reg_user_mr(
+            pd,
+            BUF_VA,
+            4 * PAGE_SIZE,
+            access::LOCAL_WRITE
+                | access::REMOTE_WRITE
+                | access::REMOTE_READ
+                | access::REMOTE_ATOMIC,
+        )
+        .expect("REG_MR");
+    let spec = QpSpec::user(qp_type::RC, uc, pd, cq.handle, PINGPONG_SIZES);
+    let qp = d.create_qp_with(spec).expect("CREATE_QP");
+    Side { d, cq, mr, qp, gid }
+}
+
+/// Polls `cq` until `count` completions came (the TCP answer arrives on the transport's
+/// thread, not within the doorbell).
+fn wait_cqes(d: &mut D, cq: &Cq, count: usize) -> Vec<abi::Cqe> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut cqes = Vec::new();
+    while cqes.len() < count {
+        cqes.extend(d.drain_cq(cq));
+        assert!(
+            Instant::now() < deadline,
+            "{} of {count} completions within 10 s: {cqes:?}",
+            cqes.len()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    cqes
+}
+
+fn sge(addr: u64, length: u32, lkey: u32) -> abi::Sge {
+    abi::Sge { addr, length, lkey }
+}
+
+fn connected_pair() -> (Arc<SocketServer>, Arc<SocketServer>, Side, Side) {
+    let (server_a, server_b) = two_servers();
+    let mut a = side(&server_a, [10, 1, 0, 1]);
+    let mut b = side(&server_b, [10, 2, 0, 1]);
+    // Each server announces its GIDs within 50 ms of a change.
+    server_a.wait_for_server_line("holds 1 GIDs");
+    server_b.wait_for_server_line("holds 1 GIDs");
+    connect(&mut a, b.qp.qpn, b.gid);
+    connect(&mut b, a.qp.qpn, a.gid);
+    (server_a, server_b, a, b)
+}
+
+/// `ibv_rc_pingpong`'s RESET → INIT → RTR → RTS, with remote WRITE, READ and atomics
+/// allowed on the QP (pingpong allows none).
+fn connect(side: &mut Side, dest_qpn: u32, dgid: [u8; 16]) {
+    let init = abi::QpAttr {
+        qp_access_flags: access::REMOTE_WRITE | access::REMOTE_READ | access::REMOTE_ATOMIC,
+        ..verbs::rc_init_attrs()
+    };
+    let d = &mut side.d;
+    d.modify_qp(side.qp.handle, verbs::RC_INIT_MASK, &init)
+        .expect("INIT");
+    d.modify_qp(
+        side.qp.handle,
+        verbs::RC_RTR_MASK,
+        &verbs::rc_rtr_attrs(dest_qpn, 0x1234, dgid, 0),
+    )
+    .expect("RTR");
+    d.modify_qp(
+        side.qp.handle,
+        verbs::RC_RTS_MASK,
+        &verbs::rc_rts_attrs(0x5678),
+    )
+    .expect("RTS");
+}
+
+fn buffer(side: &Side, va: u64) -> u64 {
+    side.mr.buffer.as_ref().expect("user MR").translate(va)
+}
+
+#[test]
+fn rc_send_write_read_and_atomics_cross_two_servers() {
+    let (_server_a, _server_b, mut a, mut b) = connected_pair();
+
+    // SEND with immediate: lands in B's receive buffer.
+    let message = b"across two servers over TCP";
+    let len = message.len() as u32;
+    b.d.post_recv(&b.qp, 77, &[sge(BUF_VA, 256, b.mr.lkey)])
+        .unwrap();
+    memory::write_bytes(a.d.ram(), buffer(&a, BUF_VA), message);
+    let mut wqe = driver::queues::send_wqe(
+        11,
+        wr_opcode::SEND_WITH_IMM,
+        send_flags::SIGNALED,
+        &[sge(BUF_VA, len, a.mr.lkey)],
+    );
+    // The immediate sits in the header's `ex` word.
+    let ex = std::mem::offset_of!(abi::SendWqeHeader, ex);
+    wqe[ex..ex + 4].copy_from_slice(&0x1234_5678u32.to_le_bytes());
+    a.d.post_send_raw(&a.qp, &wqe).unwrap();
+    a.d.ring_qp(&a.qp, abi::uar::QP_SEND);
+    let sent = wait_cqes(&mut a.d, &a.cq, 1);
+    assert_eq!((sent[0].wr_id, sent[0].status), (11, wc_status::SUCCESS));
+    let received = wait_cqes(&mut b.d, &b.cq, 1);
+    assert_eq!(
+        (
+            received[0].wr_id,
+            received[0].status,
+            received[0].byte_len,
+            received[0].imm_data
+        ),
+        (77, wc_status::SUCCESS, len, 0x1234_5678)
+    );
+    assert_eq!(
+        memory::snapshot(b.d.ram(), buffer(&b, BUF_VA), message.len()),
+        message
+    );
+
+    // RDMA WRITE of 10 KiB into B's MR, then READ it back into another part of A's.
+    let data: Vec<u8> = (0..10_240u32).map(|i| (i * 13 % 251) as u8).collect();
+    for (i, chunk) in data.chunks(PAGE_SIZE as usize).enumerate() {
+        let va = BUF_VA + i as u64 * PAGE_SIZE;
+        memory::write_bytes(a.d.ram(), buffer(&a, va), chunk);
+    }
+    let write = driver::queues::rdma_wqe(
+        21,
+        wr_opcode::RDMA_WRITE,
+        send_flags::SIGNALED,
+        &[sge(BUF_VA, data.len() as u32, a.mr.lkey)],
+        BUF_VA,
+        b.mr.rkey,
+    );
+    a.d.post_send_raw(&a.qp, &write).unwrap();
+    a.d.ring_qp(&a.qp, abi::uar::QP_SEND);
+    let cqes = wait_cqes(&mut a.d, &a.cq, 1);
+    assert_eq!((cqes[0].wr_id, cqes[0].status), (21, wc_status::SUCCESS));
+    let mut landed = Vec::new();
+    for i in 0..3u64 {
+        let take = (data.len() as u64 - i * PAGE_SIZE).min(PAGE_SIZE) as usize;
+        landed.extend(memory::snapshot(
+            b.d.ram(),
+            buffer(&b, BUF_VA + i * PAGE_SIZE),
+            take,
+        ));
+    }
+    assert_eq!(landed, data, "the WRITE's bytes in B's memory");
+    assert_eq!(
+        b.d.drain_cq(&b.cq),
+        [],
+        "a WRITE without immediate consumes no receive"
+    );
+
+    let read = driver::queues::rdma_wqe(
+        22,
+        wr_opcode::RDMA_READ,
+        send_flags::SIGNALED,
+        &[sge(BUF_VA + 3 * PAGE_SIZE, 100, a.mr.lkey)],
+        BUF_VA + 50,
+        b.mr.rkey,
+    );
+    a.d.post_send_raw(&a.qp, &read).unwrap();
+    a.d.ring_qp(&a.qp, abi::uar::QP_SEND);
+    let cqes = wait_cqes(&mut a.d, &a.cq, 1);
+    assert_eq!(
+        (cqes[0].wr_id, cqes[0].status, cqes[0].byte_len),
+        (22, wc_status::SUCCESS, 100)
+    );
+    assert_eq!(
+        memory::snapshot(a.d.ram(), buffer(&a, BUF_VA + 3 * PAGE_SIZE), 100),
+        &data[50..150]
+    );
+
+    // Fetch-and-add on B's first word: A gets the old value, B's memory the sum.
+    memory::write_bytes(b.d.ram(), buffer(&b, BUF_VA), &40u64.to_le_bytes());
+    let faa = driver::queues::atomic_wqe(
+        23,
+        wr_opcode::ATOMIC_FETCH_AND_ADD,
+        send_flags::SIGNALED,
+        &[sge(BUF_VA + 3 * PAGE_SIZE, 8, a.mr.lkey)],
+        BUF_VA,
+        b.mr.rkey,
+        2,
+        0,
+    );
+    a.d.post_send_raw(&a.qp, &faa).unwrap();
+    a.d.ring_qp(&a.qp, abi::uar::QP_SEND);
+    let cqes = wait_cqes(&mut a.d, &a.cq, 1);
+    assert_eq!((cqes[0].wr_id, cqes[0].status), (23, wc_status::SUCCESS));
+    assert_eq!(
+        memory::snapshot(a.d.ram(), buffer(&a, BUF_VA + 3 * PAGE_SIZE), 8),
+        40u64.to_le_bytes()
+    );
+    assert_eq!(
+        memory::snapshot(b.d.ram(), buffer(&b, BUF_VA), 8),
+        42u64.to_le_bytes()
+    );
+}
+
+#[test]
+fn protection_is_checked_at_the_remote_responder() {
+    let (_server_a, _server_b, mut a, _b) = connected_pair();
+    // A WRITE with a key B never issued: REM_ACCESS_ERR, and A's QP goes to the error
+    // state, exactly as between two devices of one server.
+    let write = driver::queues::rdma_wqe(
+        31,
+        wr_opcode::RDMA_WRITE,
+        send_flags::SIGNALED,
+        &[sge(BUF_VA, 64, a.mr.lkey)],
+        BUF_VA,
+        0xdead_beef,
+    );
+    a.d.post_send_raw(&a.qp, &write).unwrap();
+    a.d.ring_qp(&a.qp, abi::uar::QP_SEND);
+    let cqes = wait_cqes(&mut a.d, &a.cq, 1);
+    assert_eq!(
+        (cqes[0].wr_id, cqes[0].status),
+        (31, wc_status::REM_ACCESS_ERR)
+    );
+    assert_eq!(
+        a.d.query_qp(a.qp.handle, 0).expect("QUERY_QP").qp_state,
+        qp_state::ERR
+    );
+}
+
+#[test]
+fn a_send_waits_for_a_receive_across_servers() {
+    let (_server_a, _server_b, mut a, mut b) = connected_pair();
+    memory::write_bytes(a.d.ram(), buffer(&a, BUF_VA), b"late receive");
+    a.d.post_send(
+        &a.qp,
+        41,
+        wr_opcode::SEND,
+        send_flags::SIGNALED,
+        &[sge(BUF_VA, 12, a.mr.lkey)],
+    )
+    .unwrap();
+    // Receiver not ready: rnr_retry 7 retries for ever, spaced by min_rnr_timer.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(a.d.drain_cq(&a.cq), []);
+    b.d.post_recv(&b.qp, 42, &[sge(BUF_VA, 64, b.mr.lkey)])
+        .unwrap();
+    let sent = wait_cqes(&mut a.d, &a.cq, 1);
+    assert_eq!((sent[0].wr_id, sent[0].status), (41, wc_status::SUCCESS));
+    let received = wait_cqes(&mut b.d, &b.cq, 1);
+    assert_eq!((received[0].wr_id, received[0].byte_len), (42, 12));
+}
+
+#[test]
+fn a_gid_another_server_holds_cannot_be_bound() {
+    let (server_a, _server_b, mut a, b) = connected_pair();
+    let refused = a.d.create_bind(3, b.gid, GID_TYPE_ROCE_V1);
+    assert!(
+        matches!(refused, Err(driver::commands::CmdError::Device(98))),
+        "{refused:?}"
+    );
+    server_a.wait_for_line(0, "another port holds it");
+}
