@@ -308,3 +308,93 @@ fn a_gid_another_server_holds_cannot_be_bound() {
     );
     server_a.wait_for_line(0, "another port holds it");
 }
+
+/// A UD QP on `side`'s context (it has its own PD and CQ).
+fn ud_qp(side: &mut Side, qkey: u32) -> Qp {
+    let d = &mut side.d;
+    let uc = side.qp.uc;
+    let spec = QpSpec::user(qp_type::UD, uc, side.qp.pd, side.cq.handle, PINGPONG_SIZES);
+    let qp = d.create_qp_with(spec).expect("CREATE_QP UD");
+    d.ud_activate(&qp, qkey).expect("UD to RTS");
+    qp
+}
+
+#[test]
+fn datagrams_cross_two_servers_with_their_grh() {
+    let (_server_a, _server_b, mut a, mut b) = connected_pair();
+    let qa = ud_qp(&mut a, 0x2222);
+    let qb = ud_qp(&mut b, 0x2222);
+    b.d.post_recv(&qb, 51, &[sge(BUF_VA, 256, b.mr.lkey)])
+        .unwrap();
+    memory::write_bytes(a.d.ram(), buffer(&a, BUF_VA), b"a datagram");
+    let mut wqe = driver::queues::send_wqe(
+        52,
+        wr_opcode::SEND,
+        send_flags::SIGNALED,
+        &[sge(BUF_VA, 10, a.mr.lkey)],
+    );
+    let av = abi::AddressVector {
+        port_pd: a.qp.pd | 1 << 24,
+        dgid: b.gid,
+        hop_limit: 64,
+        ..abi::AddressVector::default()
+    };
+    // The UD union: remote QPN, remote Q_Key, then the address vector.
+    wqe[32..36].copy_from_slice(&qb.qpn.to_le_bytes());
+    wqe[36..40].copy_from_slice(&0x2222u32.to_le_bytes());
+    wqe[40..80].copy_from_slice(zerocopy::IntoBytes::as_bytes(&av));
+    a.d.post_send_raw(&qa, &wqe).unwrap();
+    a.d.ring_qp(&qa, abi::uar::QP_SEND);
+    let sent = wait_cqes(&mut a.d, &a.cq, 1);
+    assert_eq!((sent[0].wr_id, sent[0].status), (52, wc_status::SUCCESS));
+    let received = wait_cqes(&mut b.d, &b.cq, 1);
+    assert_eq!(
+        (received[0].wr_id, received[0].status, received[0].src_qp),
+        (51, wc_status::SUCCESS, qa.qpn)
+    );
+    // 40 bytes of GRH (the sender's GID at offset 8), then the payload.
+    let landed = memory::snapshot(b.d.ram(), buffer(&b, BUF_VA), 50);
+    assert_eq!(
+        &landed[8..24],
+        &a.gid,
+        "the GRH names the sender on the other server"
+    );
+    assert_eq!(&landed[40..50], b"a datagram");
+}
+
+#[test]
+fn a_dead_peer_server_fails_waiting_work_and_spares_the_rest() {
+    let (server_a, server_b, mut a, _b) = connected_pair();
+    let server_b_pid = server_b.pid();
+    nix::sys::signal::kill(server_b_pid, nix::sys::signal::Signal::SIGKILL).expect("kill B");
+    server_a.wait_for_server_line("is down");
+    memory::write_bytes(a.d.ram(), buffer(&a, BUF_VA), b"to a dead server");
+    a.d.post_send(
+        &a.qp,
+        61,
+        wr_opcode::SEND,
+        send_flags::SIGNALED,
+        &[sge(BUF_VA, 16, a.mr.lkey)],
+    )
+    .unwrap();
+    // timeout 14 (67 ms, at least 100 ms) and retry_cnt 7: about a second, then
+    // RETRY_EXC_ERR; the QP goes to the error state; nothing hangs.
+    let started = Instant::now();
+    let cqes = wait_cqes(&mut a.d, &a.cq, 1);
+    assert_eq!(
+        (cqes[0].wr_id, cqes[0].status),
+        (61, wc_status::RETRY_EXC_ERR)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        a.d.query_qp(a.qp.handle, 0).expect("QUERY_QP").qp_state,
+        qp_state::ERR
+    );
+    // Server A is alive and its device answers commands.
+    assert!(server_a.exited().is_none());
+    a.d.query_port(1).expect("QUERY_PORT after the peer died");
+}

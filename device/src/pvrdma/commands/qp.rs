@@ -285,6 +285,10 @@ pub(super) fn modify(
         qp.sq.restart(mem).map_err(|_| errno::EFAULT)?;
         qp.in_flight.clear();
         qp.waiting_transport = false;
+        // A QP brought back from RESET starts a new connection: transports must not take
+        // its requests (numbered from 0 again) for the old connection's.
+        qp.epoch = device.objects.next_qp_epoch;
+        device.objects.next_qp_epoch = device.objects.next_qp_epoch.wrapping_add(1);
         if let Some(rq) = qp.rq.as_mut() {
             rq.restart(mem).map_err(|_| errno::EFAULT)?;
         }
