@@ -88,6 +88,17 @@ fn two_guests_talk_rdma_with_exit_free_doorbells() {
     talk_rdma(config);
 }
 
+/// The same tools between guests of two servers, each server in a network namespace of
+/// its own ("hosts" joined by a veth pair): the TCP transport carries every verb, and the
+/// path is chosen per GID with nothing configured in the guests.
+#[test]
+#[ignore = "boots QEMU guests; run by scripts/test after scripts/lab"]
+fn two_guests_on_two_servers_talk_rdma_over_tcp() {
+    let mut config = LabConfig::new("fabric-tcp", 2, AGENT);
+    config.servers = 2;
+    talk_rdma(config);
+}
+
 fn talk_rdma(config: LabConfig) {
     let mut lab = Lab::start(config).unwrap_or_else(|e| panic!("{e}"));
     let mut checks = Checks::default();

@@ -104,6 +104,7 @@ impl Transport {
             staging,
             conns: Vec::new(),
             next_dial: HashMap::new(),
+            known: HashMap::new(),
             last_gids: Instant::now() - GID_REFRESH,
         };
         let thread = std::thread::Builder::new()
@@ -202,6 +203,9 @@ struct Runtime {
     staging: Staging,
     conns: Vec<Conn>,
     next_dial: HashMap<SocketAddr, Instant>,
+    /// The peer each configured address turned out to be, so a peer already linked (by
+    /// its own dialing) is not dialed again.
+    known: HashMap<SocketAddr, PeerId>,
     last_gids: Instant,
 }
 
@@ -279,7 +283,12 @@ impl Runtime {
                 .conns
                 .iter()
                 .any(|c| c.target == Some(target) && !c.closed);
-            if connected || self.next_dial.get(&target).is_some_and(|&t| now < t) {
+            let linked = self.known.get(&target).is_some_and(|&peer| {
+                self.conns
+                    .iter()
+                    .any(|c| !c.closed && matches!(c.state, State::Up { peer: p } if p == peer))
+            });
+            if connected || linked || self.next_dial.get(&target).is_some_and(|&t| now < t) {
                 continue;
             }
             self.next_dial.insert(target, now + REDIAL);
@@ -426,7 +435,10 @@ impl Runtime {
                     conn.closed = true;
                     return;
                 }
-                let mac = proof(key.as_deref(), &nonce, node, &conn.nonce);
+                if let Some(target) = conn.target {
+                    self.known.insert(target, node);
+                }
+                let mac = proof(key.as_deref(), &nonce, self.id, &conn.nonce);
                 wire::encode(&Frame::Auth { mac }, &mut conn.out);
                 conn.state = State::Auth { peer: node, nonce };
             }
@@ -466,7 +478,10 @@ impl Runtime {
             .position(|c| matches!(c.state, State::Up { peer: p } if p == peer) && !c.closed)
         {
             if dialer_wins(&self.conns[i]) && !dialer_wins(&self.conns[j]) {
+                // The node's link moves to the new connection: the old one closes without
+                // taking the link down with it (reap only downs connections that are Up).
                 self.conns[j].closed = true;
+                self.conns[j].state = State::Hello;
                 self.shared.node().link_down(peer, now);
             } else {
                 self.conns[i].closed = true;

@@ -20,6 +20,7 @@ mod cpio;
 mod env;
 mod error;
 mod guest;
+mod hosts;
 mod hub;
 mod server;
 
@@ -35,6 +36,7 @@ pub use guest::{DEFAULT_COMMAND_TIMEOUT, Guest, Output};
 pub use server::ServerProcess;
 
 use guest::GuestSpec;
+use hosts::{Hosts, TRANSPORT_PORT};
 use hub::Hub;
 
 /// What to start.
@@ -51,6 +53,10 @@ pub struct LabConfig {
     pub allow_reboot: bool,
     /// Extra arguments for the server (e.g. `--doorbells exit-free`).
     pub server_args: Vec<String>,
+    /// Server processes: 1 (every guest on one server, the memcpy fabric), or 2 (guest `i`
+    /// on server `i % 2`, each server in a network namespace of its own, the two joined
+    /// by the TCP transport over a veth pair).
+    pub servers: usize,
 }
 
 impl LabConfig {
@@ -63,6 +69,7 @@ impl LabConfig {
             boot_timeout: Duration::from_secs(180),
             allow_reboot: false,
             server_args: Vec::new(),
+            servers: 1,
         }
     }
 }
@@ -74,7 +81,9 @@ pub struct Lab {
     specs: Vec<GuestSpec>,
     boot_timeout: Duration,
     guests: Vec<Guest>,
-    server: Option<ServerProcess>,
+    servers: Vec<ServerProcess>,
+    /// The namespaces the servers run in (labs with two servers); deleted last.
+    hosts: Option<Hosts>,
     hub: Option<Hub>,
     boot_time: Duration,
 }
@@ -106,7 +115,8 @@ impl Lab {
             boot_timeout: config.boot_timeout,
             run_dir,
             guests: Vec::new(),
-            server: None,
+            servers: Vec::new(),
+            hosts: None,
             hub: None,
             boot_time: Duration::ZERO,
         };
@@ -119,16 +129,7 @@ impl Lab {
             .collect();
         let segment = lab.run_dir.join("segment.sock");
         lab.hub = Some(Hub::start(&segment, ports.clone())?);
-        let sockets = names
-            .iter()
-            .map(|n| lab.run_dir.join(format!("{n}.pvrdma.sock")))
-            .collect();
-        lab.server = Some(ServerProcess::start(
-            &server_binary,
-            sockets,
-            &config.server_args,
-            lab.run_dir.join("server.log"),
-        )?);
+        lab.start_servers(&config, &server_binary, &names)?;
 
         let mut listeners = Vec::new();
         for (i, name) in names.iter().enumerate() {
@@ -164,10 +165,77 @@ impl Lab {
         &mut self.guests
     }
 
+    /// The (first) server process.
     pub fn server(&mut self) -> &mut ServerProcess {
-        self.server
-            .as_mut()
-            .expect("the lab's server runs until shut_down")
+        self.servers
+            .first_mut()
+            .expect("the lab's servers run until shut_down")
+    }
+
+    /// Every server process (two in a two-server lab: guest `i` is on server `i % 2`).
+    pub fn servers(&mut self) -> &mut [ServerProcess] {
+        &mut self.servers
+    }
+
+    /// Starts the servers: one with every guest's socket, or one per "host" namespace,
+    /// joined by the TCP transport with a cluster key of this lab.
+    fn start_servers(&mut self, config: &LabConfig, binary: &Path, names: &[String]) -> Result<()> {
+        let socket = |name: &String| self.run_dir.join(format!("{name}.pvrdma.sock"));
+        if config.servers <= 1 {
+            let sockets = names.iter().map(socket).collect();
+            let server = ServerProcess::start(
+                binary,
+                sockets,
+                &config.server_args,
+                self.run_dir.join("server.log"),
+            )?;
+            self.servers.push(server);
+            return Ok(());
+        }
+        if config.servers != 2 {
+            return Err(LabError::Setup(format!(
+                "a lab has 1 or 2 servers, not {}",
+                config.servers
+            )));
+        }
+        let hosts = Hosts::pair()?;
+        let key = self.run_dir.join("cluster.key");
+        let secret: String = (0..4)
+            .map(|i| {
+                format!(
+                    "{:016x}",
+                    std::process::id() as u64 ^ (i * 0x9e37_79b9) ^ nanos()
+                )
+            })
+            .collect();
+        std::fs::write(&key, secret).map_err(LabError::io("writing the cluster key"))?;
+        for host in 0..2 {
+            let sockets = names
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % 2 == host)
+                .map(|(_, name)| socket(name))
+                .collect();
+            let mut args = config.server_args.clone();
+            args.extend([
+                "--listen".to_string(),
+                format!("{}:{TRANSPORT_PORT}", hosts.addr(host)),
+                "--peer".to_string(),
+                format!("{}:{TRANSPORT_PORT}", hosts.addr(1 - host)),
+                "--cluster-key".to_string(),
+                key.display().to_string(),
+            ]);
+            let server = ServerProcess::start_in(
+                Some(hosts.netns(host)),
+                binary,
+                sockets,
+                &args,
+                self.run_dir.join(format!("server{host}.log")),
+            )?;
+            self.servers.push(server);
+        }
+        self.hosts = Some(hosts);
+        Ok(())
     }
 
     /// Replaces guest `index` with a fresh QEMU on the same device socket (killing the old
@@ -200,10 +268,14 @@ impl Lab {
         for guest in &mut self.guests {
             guest.power_off(Duration::from_secs(30))?;
         }
-        match self.server.take() {
-            Some(server) => server.shut_down(),
-            None => Ok(()),
+        let mut result = Ok(());
+        for server in self.servers.drain(..) {
+            let stopped = server.shut_down();
+            if result.is_ok() {
+                result = stopped;
+            }
         }
+        result
     }
 }
 
@@ -212,7 +284,8 @@ impl Drop for Lab {
         for guest in &mut self.guests {
             guest.kill();
         }
-        drop(self.server.take());
+        self.servers.clear();
+        drop(self.hosts.take());
         drop(self.hub.take());
         remove_sockets(&self.run_dir);
         let _ = std::fs::remove_file(self.run_dir.join("initrd.img"));
@@ -256,4 +329,11 @@ fn with_agent(base: &Path, agent: &Path, out: &Path) -> Result<()> {
         "appending the agent to {}",
         out.display()
     )))
+}
+
+/// Nanoseconds of the wall clock, to make a lab's cluster key its own.
+fn nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }

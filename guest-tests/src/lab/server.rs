@@ -26,9 +26,28 @@ impl ServerProcess {
         args: &[String],
         log: PathBuf,
     ) -> Result<ServerProcess> {
+        ServerProcess::start_in(None, binary, sockets, args, log)
+    }
+
+    /// [`ServerProcess::start`] inside network namespace `netns` (a lab "host").
+    pub fn start_in(
+        netns: Option<&str>,
+        binary: &Path,
+        sockets: Vec<PathBuf>,
+        args: &[String],
+        log: PathBuf,
+    ) -> Result<ServerProcess> {
         let log_file =
             File::create(&log).map_err(LabError::io(format!("creating {}", log.display())))?;
-        let mut command = Command::new(binary);
+        let mut command = match netns {
+            // `ip netns exec` execs the server in the namespace: the child is the server.
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
         for socket in &sockets {
             command.arg("--socket").arg(socket);
         }

@@ -1,0 +1,217 @@
+//! Two TCP transports on loopback, each with a stand-in host: the handshake proves the
+//! cluster key (a wrong key never brings a link up), GIDs are announced, and a request and
+//! its answer cross the real sockets.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pvrdma_backend::tcp::runtime::{Config, Host, Transport};
+use pvrdma_backend::{
+    Completion, Delivery, Destination, GuestMemory, Network, Operation, Outcome, RemoteError,
+    Request, RetryPolicy, Service, Sgl, Source,
+};
+
+struct FakeHost {
+    gid: [u8; 16],
+    received: Mutex<Vec<u64>>,
+    completed: Mutex<Vec<(u64, Result<Outcome, RemoteError>)>>,
+}
+
+impl FakeHost {
+    fn new(gid: u8) -> Arc<FakeHost> {
+        Arc::new(FakeHost {
+            gid: [gid; 16],
+            received: Mutex::new(Vec::new()),
+            completed: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+impl Host for FakeHost {
+    fn local_gids(&self) -> Vec<[u8; 16]> {
+        vec![self.gid]
+    }
+
+    fn respond(&self, request: &Request<'_>) -> Result<Outcome, RemoteError> {
+        self.received.lock().unwrap().push(request.ticket);
+        Ok(Outcome { bytes: 5 })
+    }
+
+    fn complete(&self, _gid: &[u8; 16], completion: &Completion<'_>) {
+        self.completed
+            .lock()
+            .unwrap()
+            .push((completion.ticket, completion.result));
+    }
+}
+
+fn start(host: &Arc<FakeHost>, key: Option<&[u8]>, peers: Vec<SocketAddr>) -> Transport {
+    let config = Config {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        peers,
+        cluster_key: key.map(<[u8]>::to_vec),
+    };
+    Transport::start(config, host.clone()).expect("start the transport")
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!("{what}: not within {timeout:?}");
+    false
+}
+
+fn linked(transport: &Transport) -> bool {
+    transport
+        .peers()
+        .iter()
+        .any(|&(_, up, gids)| up && gids == 1)
+}
+
+#[test]
+fn peers_with_the_same_key_link_and_carry_a_request_and_its_answer() {
+    let (host_a, host_b) = (FakeHost::new(0xa), FakeHost::new(0xb));
+    let a = start(&host_a, Some(b"the cluster's secret"), Vec::new());
+    let b = start(
+        &host_b,
+        Some(b"the cluster's secret"),
+        vec![a.local_addr().unwrap()],
+    );
+    assert!(wait_until(
+        "link up with GIDs",
+        Duration::from_secs(5),
+        || linked(&a) && linked(&b)
+    ));
+
+    let memory = GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 4096)]).unwrap();
+    let mut payload = Sgl::new();
+    payload.push(0, 5).unwrap();
+    let request = Request {
+        source: Source {
+            gid: [0xb; 16],
+            qpn: 3,
+        },
+        destination: Destination {
+            gid: [0xa; 16],
+            qpn: 4,
+        },
+        service: Service::Reliable,
+        memory: &memory,
+        operation: Operation::Send {
+            payload: &payload,
+            imm: None,
+            invalidate: None,
+            solicited: false,
+        },
+        ticket: 42,
+        epoch: 1,
+        retry: RetryPolicy {
+            timeout: 14,
+            retry_cnt: 7,
+            rnr_retry: 7,
+            min_rnr_timer: 12,
+        },
+    };
+    assert_eq!(b.network().deliver(&request), Delivery::Pending);
+    assert!(wait_until("the answer", Duration::from_secs(5), || {
+        !host_b.completed.lock().unwrap().is_empty()
+    }));
+    assert_eq!(*host_a.received.lock().unwrap(), [42]);
+    assert_eq!(
+        *host_b.completed.lock().unwrap(),
+        [(42, Ok(Outcome { bytes: 5 }))]
+    );
+    assert!(b.network().gid_taken(&[0xa; 16]));
+}
+
+#[test]
+fn a_peer_with_another_key_never_links() {
+    let (host_a, host_b) = (FakeHost::new(0xa), FakeHost::new(0xb));
+    let a = start(&host_a, Some(b"one secret"), Vec::new());
+    let b = start(
+        &host_b,
+        Some(b"another secret"),
+        vec![a.local_addr().unwrap()],
+    );
+    assert!(!wait_until(
+        "a link",
+        Duration::from_millis(1500),
+        || linked(&a) || linked(&b)
+    ));
+    assert!(!b.network().gid_taken(&[0xa; 16]));
+    // Nor does a peer without any key.
+    let c = start(&FakeHost::new(0xc), None, vec![a.local_addr().unwrap()]);
+    assert!(!wait_until(
+        "a link",
+        Duration::from_millis(1000),
+        || linked(&a) || linked(&c)
+    ));
+}
+
+#[test]
+fn two_servers_that_dial_each_other_settle_on_one_working_link() {
+    // Two free ports, each server listening on one and dialing the other.
+    let ports: Vec<SocketAddr> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        })
+        .collect();
+    let (host_a, host_b) = (FakeHost::new(0xa), FakeHost::new(0xb));
+    let config = |listen: SocketAddr, peer: SocketAddr| Config {
+        listen: Some(listen),
+        peers: vec![peer],
+        cluster_key: Some(b"k".to_vec()),
+    };
+    let a = Transport::start(config(ports[0], ports[1]), host_a.clone()).unwrap();
+    let b = Transport::start(config(ports[1], ports[0]), host_b.clone()).unwrap();
+    assert!(wait_until(
+        "link up with GIDs",
+        Duration::from_secs(5),
+        || linked(&a) && linked(&b)
+    ));
+    // It stays up (no flapping between the two connections), and it carries traffic.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(linked(&a) && linked(&b), "{:?} {:?}", a.peers(), b.peers());
+    let memory = GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 4096)]).unwrap();
+    let payload = Sgl::new();
+    let request = Request {
+        source: Source {
+            gid: [0xa; 16],
+            qpn: 3,
+        },
+        destination: Destination {
+            gid: [0xb; 16],
+            qpn: 4,
+        },
+        service: Service::Reliable,
+        memory: &memory,
+        operation: Operation::Send {
+            payload: &payload,
+            imm: None,
+            invalidate: None,
+            solicited: false,
+        },
+        ticket: 7,
+        epoch: 1,
+        retry: RetryPolicy {
+            timeout: 14,
+            retry_cnt: 7,
+            rnr_retry: 7,
+            min_rnr_timer: 12,
+        },
+    };
+    assert_eq!(a.network().deliver(&request), Delivery::Pending);
+    assert!(wait_until("the answer", Duration::from_secs(5), || {
+        !host_a.completed.lock().unwrap().is_empty()
+    }));
+    assert_eq!(*host_b.received.lock().unwrap(), [7]);
+}
