@@ -1,6 +1,7 @@
 //! The demo behind `scripts/demo`: two guests on one vfio-user-pvrdma server (memcpy
 //! fabric) run `ibv_rc_pingpong` and `ib_send_lat` against each other; their output is
-//! printed as the tools print it.
+//! printed as the tools print it. With `--tcp`, each guest is on a server of its own, the
+//! two servers in network namespaces joined by a veth pair and the TCP transport.
 
 use std::time::Duration;
 
@@ -60,8 +61,25 @@ fn run() -> Result<()> {
         .ok()
         .and_then(|exe| exe.parent().map(|dir| dir.join("pvrdma-guest-agent")))
         .unwrap_or_default();
-    println!("booting two guests (TCG) on one vfio-user-pvrdma server...");
-    let mut lab = Lab::start(LabConfig::new("demo", 2, agent))?;
+    let tcp = match std::env::args().nth(1).as_deref() {
+        None => false,
+        Some("--tcp") => true,
+        Some(other) => {
+            eprintln!("usage: pvrdma-demo [--tcp]   (unknown argument {other:?})");
+            std::process::exit(2);
+        }
+    };
+    let mut config = LabConfig::new("demo", 2, agent);
+    if tcp {
+        config.servers = 2;
+        println!(
+            "booting two guests (TCG), each on its own vfio-user-pvrdma server; the servers \
+             run in two network namespaces and talk over the TCP transport..."
+        );
+    } else {
+        println!("booting two guests (TCG) on one vfio-user-pvrdma server...");
+    }
+    let mut lab = Lab::start(config)?;
     println!(
         "booted in {:.1} s; run folder {}",
         lab.boot_time().as_secs_f64(),
@@ -84,6 +102,10 @@ fn run() -> Result<()> {
         &format!("ib_send_lat -d vmw_pvrdma0 -x {g1} -n 1000"),
     )?;
     lab.shut_down()?;
-    println!("\ndemo finished: both tools ran between two guests through the memcpy fabric");
+    if tcp {
+        println!("\ndemo finished: both tools ran between guests of two servers over TCP");
+    } else {
+        println!("\ndemo finished: both tools ran between two guests through the memcpy fabric");
+    }
     Ok(())
 }
