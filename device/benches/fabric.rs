@@ -17,24 +17,40 @@ mod guests;
 mod report;
 #[path = "fabric/suite.rs"]
 mod suite;
+#[path = "fabric/tcp.rs"]
+mod tcp;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: scripts/bench [--json] [--quick] [--doorbells trapped|exit-free|both]
+const USAGE: &str = "usage: scripts/bench [--json] [--quick] [--doorbells trapped|exit-free|both] [--transport memcpy|tcp]
   --json       print one JSON object per doorbell mode, one per line (JSON Lines),
                instead of the tables
   --quick      a short run (a few seconds; rougher figures), for smoke tests
   --doorbells  run the server with trapped or exit-free doorbells, or both one after
-               the other (the default)";
+               the other (the default)
+  --transport  memcpy (the default): both guests on one server; tcp: each guest on its
+               own server, the two joined by the TCP transport on loopback (exit-free
+               doorbells), judged against raw loopback TCP";
 
 fn main() -> ExitCode {
     let mut json = false;
     let mut quick = false;
     let mut modes = suite::BOTH_MODES;
+    let mut over_tcp = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--json" => json = true,
+            "--transport" => {
+                over_tcp = match args.next().as_deref() {
+                    Some("memcpy") => false,
+                    Some("tcp") => true,
+                    other => {
+                        eprintln!("error: --transport takes memcpy or tcp, not {other:?}\n{USAGE}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             "--quick" => quick = true,
             "--doorbells" => {
                 modes = match args.next().as_deref() {
@@ -65,6 +81,19 @@ fn main() -> ExitCode {
         modes,
         ..suite::Config::new(quick)
     };
+    if over_tcp {
+        for (i, results) in tcp::run(&config).iter().enumerate() {
+            if json {
+                println!("{}", results.json());
+            } else {
+                if i > 0 {
+                    println!();
+                }
+                print!("{}", results.table());
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
     for (i, results) in suite::run(&config).iter().enumerate() {
         if json {
             println!("{}", results.json());

@@ -13,6 +13,8 @@ mod guests;
 mod report;
 #[path = "../benches/fabric/suite.rs"]
 mod suite;
+#[path = "../benches/fabric/tcp.rs"]
+mod tcp;
 
 use std::time::Duration;
 
@@ -139,5 +141,43 @@ fn a_short_benchmark_run_reports_every_figure() {
                 "the {mode} table has no {row:?} row:\n{table}"
             );
         }
+    }
+}
+
+#[test]
+fn a_short_tcp_benchmark_run_reports_every_figure() {
+    let config = suite::Config {
+        warmup: 20,
+        round_trips: 200,
+        write_time: Duration::from_millis(25),
+        big_mr: 16 << 20,
+        ..suite::Config::new(true)
+    };
+    let runs = tcp::run(&config);
+    assert_eq!(
+        runs.iter().map(|r| r.mode.name()).collect::<Vec<_>>(),
+        ["trapped", "exit-free"]
+    );
+    for results in &runs {
+        let json: serde_json::Value =
+            serde_json::from_str(&results.json()).expect("the JSON output parses");
+        for key in [
+            "tcp_rc_send_64_rtt_us_p50",
+            "raw_tcp_rtt_us_p50",
+            "tcp_write_64k_gbytes_per_s",
+            "raw_tcp_stream_gbytes_per_s",
+            "ratio_tcp_rc_send_to_raw_tcp",
+            "ratio_tcp_write_64k_to_raw_stream",
+        ] {
+            let value = &json[key];
+            assert!(
+                value.as_f64().is_some_and(|x| x.is_finite() && x > 0.0),
+                "{key} is not a positive number: {value}"
+            );
+        }
+        assert_eq!(json["transport"], "tcp");
+        let table = results.table();
+        assert!(table.contains("RC SEND 64 B round trip p50"), "{table}");
+        assert!(table.contains("one TCP stream"), "{table}");
     }
 }

@@ -403,6 +403,8 @@ fn connect(d: &mut D, qp: &Qp, peer_gid: [u8; 16], peer_qpn: u32) {
 /// The server and its two guests, A and B, with connected RC QPs and receives posted.
 pub struct Fabric {
     pub server: Arc<SocketServer>,
+    /// B's server, when A and B are on two servers joined by TCP ([`Fabric::start_tcp`]).
+    _peer_server: Option<Arc<SocketServer>>,
     pub a: Guest,
     pub b: Guest,
     /// Guest-physical start of A's RAM reserved for the big MR (never touched by the
@@ -416,22 +418,64 @@ impl Fabric {
     /// and sets both guests up. Guest A's RAM has `big_mr` bytes more than the driver's
     /// working RAM, kept for [`Fabric::register_big_mr`].
     pub fn start_with(big_mr: u64, mode: Mode, args: &[&str]) -> Fabric {
-        assert!(big_mr.is_multiple_of(PAGE_SIZE) && big_mr > 0);
         let mut all_args = vec!["--doorbells", mode.name()];
         all_args.extend_from_slice(args);
         let server = SocketServer::start_with(2, QUIET_LOG, &all_args);
+        Fabric::attach(big_mr, mode, server, None)
+    }
+
+    /// A on one server, B on another, the two servers joined by the TCP transport on
+    /// loopback (A listens, B dials); `args` go to both servers.
+    pub fn start_tcp(big_mr: u64, mode: Mode, args: &[&str]) -> Fabric {
+        const TCP_LOG: &str = "vfio_user_pvrdma::vfio=debug,pvrdma_backend=info,info";
+        let mut a_args = vec!["--doorbells", mode.name(), "--listen", "127.0.0.1:0"];
+        a_args.extend_from_slice(args);
+        let server_a = SocketServer::start_with(1, TCP_LOG, &a_args);
+        let line = server_a.wait_for_server_line("listening on 127.0.0.1:");
+        let addr = line
+            .rsplit("listening on ")
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let mut b_args = vec!["--doorbells", mode.name(), "--peer", addr.as_str()];
+        b_args.extend_from_slice(args);
+        let server_b = SocketServer::start_with(1, TCP_LOG, &b_args);
+        server_a.wait_for_server_line("is up");
+        server_b.wait_for_server_line("is up");
+        Fabric::attach(big_mr, mode, server_a, Some(server_b))
+    }
+
+    /// Sets both guests up: A on `server`'s socket 0, B on socket 1 of the same server or
+    /// on socket 0 of `peer`.
+    fn attach(
+        big_mr: u64,
+        mode: Mode,
+        server: Arc<SocketServer>,
+        peer: Option<Arc<SocketServer>>,
+    ) -> Fabric {
+        assert!(big_mr.is_multiple_of(PAGE_SIZE) && big_mr > 0);
         let base = memory::DEFAULT_BASE;
         let ram_a = GuestMemory::new(base, WORK_RAM + big_mr);
         let mut da = Driver::new(SocketBus::connect(&server, 0, ram_a));
         // The allocator only hands out the working RAM; the rest stays untouched.
         da.alloc = PageAllocator::new(base, base + WORK_RAM);
+        let (b_server, b_socket) = match &peer {
+            Some(peer) => (peer, 0),
+            None => (&server, 1),
+        };
         let db = Driver::new(SocketBus::connect(
-            &server,
-            1,
+            b_server,
+            b_socket,
             GuestMemory::new(base, WORK_RAM),
         ));
         let mut a = Guest::new(da, [10, 0, 0, 1], mode);
         let mut b = Guest::new(db, [10, 0, 0, 2], mode);
+        if let Some(peer) = &peer {
+            // Each server must have heard of the other's GID before traffic flows.
+            server.wait_for_server_line("holds 1 GIDs");
+            peer.wait_for_server_line("holds 1 GIDs");
+        }
         connect(&mut a.d, &a.qp, b.gid, b.qp.qpn);
         connect(&mut b.d, &b.qp, a.gid, a.qp.qpn);
         a.post_receives(RX_DEPTH);
@@ -440,6 +484,7 @@ impl Fabric {
         b.d.take_irqs();
         Fabric {
             server,
+            _peer_server: peer,
             a,
             b,
             big_at: base + WORK_RAM,
