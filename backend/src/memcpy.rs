@@ -44,6 +44,13 @@ impl<E: Responder> MemcpyFabric<E> {
         self.remote = Some(remote);
     }
 
+    /// Whether the remote transport knows a peer that holds `gid`.
+    pub fn remote_holds(&self, gid: &Gid) -> bool {
+        self.remote
+            .as_ref()
+            .is_some_and(|remote| remote.gid_taken(gid))
+    }
+
     /// The endpoint that holds `gid`, if exactly one does.
     pub fn find(&self, gid: &Gid) -> Option<usize> {
         let mut holders = self

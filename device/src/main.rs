@@ -262,6 +262,7 @@ fn start_transport(cli: &Cli, fabric: &Fabric) -> Result<Option<Transport>, Star
     let transport = Transport::start(config, Arc::new(FabricHost(fabric.clone())))
         .map_err(StartupError::Transport)?;
     fabric.set_remote(Box::new(transport.network()));
+    fabric.set_peer_view(transport.peer_view());
     Ok(Some(transport))
 }
 

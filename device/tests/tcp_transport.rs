@@ -398,3 +398,20 @@ fn a_dead_peer_server_fails_waiting_work_and_spares_the_rest() {
     assert!(server_a.exited().is_none());
     a.d.query_port(1).expect("QUERY_PORT after the peer died");
 }
+
+#[test]
+fn stats_show_each_peer_and_the_path_each_qp_takes() {
+    let (server_a, _server_b, a, _b) = connected_pair();
+    let answer = vfio_user_pvrdma::profiler::control::request(
+        server_a.control(),
+        "stats",
+        Duration::from_secs(10),
+    )
+    .expect("stats from the control socket");
+    assert!(answer.contains(" up "), "the peer's link is up:\n{answer}");
+    let row = format!("  0 {:>5} tcp", a.qp.handle);
+    assert!(
+        answer.contains(&row),
+        "A's RC QP goes over TCP ({row:?}):\n{answer}"
+    );
+}

@@ -153,6 +153,32 @@ impl Transport {
     pub fn peers(&self) -> Vec<(PeerId, bool, usize)> {
         self.shared.node().peer_summary()
     }
+
+    /// A handle that reads [`Transport::peers`] from elsewhere (the profiler).
+    pub fn peer_view(&self) -> PeerView {
+        PeerView {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// Reads the transport's peers without owning the transport.
+#[derive(Clone)]
+pub struct PeerView {
+    shared: Arc<Shared>,
+}
+
+impl PeerView {
+    /// Each peer: its id, whether its link is up, and how many GIDs it holds.
+    pub fn peers(&self) -> Vec<(PeerId, bool, usize)> {
+        self.shared.node().peer_summary()
+    }
+}
+
+impl std::fmt::Debug for PeerView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerView")
+    }
 }
 
 impl Drop for Transport {

@@ -18,6 +18,8 @@ pub struct Snapshot {
     /// Whether stage timing is on (counters are always kept).
     pub profiling: bool,
     pub devices: Vec<DeviceSnapshot>,
+    /// The peer servers of the TCP transport (none without one).
+    pub peers: Vec<PeerSnapshot>,
 }
 
 #[derive(Debug, Clone)]
@@ -26,6 +28,48 @@ pub struct DeviceSnapshot {
     pub index: usize,
     /// QP handle and figures, by handle.
     pub qps: Vec<(u32, QpStats)>,
+    /// The path each QP's traffic takes, in the order of `qps` (see [`QpPath`]).
+    pub paths: Vec<QpPath>,
+}
+
+/// Where a QP's work requests go, as the device chooses per destination GID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QpPath {
+    /// UD and GSI: chosen per work request.
+    PerDatagram,
+    /// An RC QP not yet connected (before RTR).
+    NotConnected,
+    /// Its peer is on the same device.
+    Loopback,
+    /// Another device of this process: the memcpy fabric.
+    Memcpy,
+    /// A GID a peer server announced: the TCP transport.
+    Tcp,
+    /// Nobody holds its peer's GID now.
+    Unreachable,
+}
+
+impl QpPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            QpPath::PerDatagram => "per-datagram",
+            QpPath::NotConnected => "not-connected",
+            QpPath::Loopback => "loopback",
+            QpPath::Memcpy => "memcpy",
+            QpPath::Tcp => "tcp",
+            QpPath::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// One peer server, as the TCP transport sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerSnapshot {
+    /// The id it announced.
+    pub id: u64,
+    pub link_up: bool,
+    /// GIDs it holds.
+    pub gids: usize,
 }
 
 impl Snapshot {
@@ -81,9 +125,25 @@ impl Snapshot {
                 );
             }
         }
+        if !self.peers.is_empty() {
+            let _ = writeln!(out);
+            let _ = writeln!(out, "{:<16} {:<5} {:>5}", "peer", "link", "gids");
+            for p in &self.peers {
+                let link = if p.link_up { "up" } else { "down" };
+                let _ = writeln!(out, "{:016x} {:<5} {:>5}", p.id, link, p.gids);
+            }
+        }
         if !any {
             let _ = writeln!(out, "(no QPs)");
             return out;
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "{:>3} {:>5} path", "dev", "qp");
+        for d in &self.devices {
+            for (i, (qp, _)) in d.qps.iter().enumerate() {
+                let path = d.paths.get(i).map_or("?", |p| p.name());
+                let _ = writeln!(out, "{:>3} {:>5} {path}", d.index, qp);
+            }
         }
         let _ = writeln!(out);
         let _ = writeln!(
@@ -128,7 +188,18 @@ impl Snapshot {
             .devices
             .iter()
             .map(|d| {
-                let qps: Vec<Value> = d.qps.iter().map(|(qp, s)| qp_json(*qp, s)).collect();
+                let qps: Vec<Value> = d
+                    .qps
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (qp, s))| {
+                        let mut value = qp_json(*qp, s);
+                        if let (Some(path), Value::Object(map)) = (d.paths.get(i), &mut value) {
+                            map.insert("path".into(), path.name().into());
+                        }
+                        value
+                    })
+                    .collect();
                 json!({ "device": d.index, "qps": qps })
             })
             .collect();
@@ -137,6 +208,11 @@ impl Snapshot {
             "bucket_unit": "ns",
             "bucket_rule": "bucket i holds [2^i, 2^(i+1)) ns; bucket 0 also holds 0; the last holds everything above",
             "devices": devices,
+            "peers": self
+                .peers
+                .iter()
+                .map(|p| json!({ "peer": format!("{:016x}", p.id), "link_up": p.link_up, "gids": p.gids }))
+                .collect::<Vec<_>>(),
         });
         serde_json::to_string_pretty(&value).expect("JSON of plain numbers")
     }
@@ -200,12 +276,19 @@ mod tests {
                 DeviceSnapshot {
                     index: 0,
                     qps: vec![(2, s)],
+                    paths: vec![QpPath::Tcp],
                 },
                 DeviceSnapshot {
                     index: 1,
                     qps: vec![],
+                    paths: vec![],
                 },
             ],
+            peers: vec![PeerSnapshot {
+                id: 0xabcd,
+                link_up: true,
+                gids: 2,
+            }],
         }
     }
 
@@ -220,6 +303,18 @@ mod tests {
             "empty stages are left out:\n{table}"
         );
         assert!(Snapshot::default().table().contains("(no QPs)"));
+    }
+
+    #[test]
+    fn peers_and_paths_are_shown() {
+        let table = sample().table();
+        assert!(table.contains("000000000000abcd up        2"), "{table}");
+        assert!(table.contains("  0     2 tcp"), "{table}");
+        let v: Value = serde_json::from_str(&sample().json()).expect("valid JSON");
+        assert_eq!(v["devices"][0]["qps"][0]["path"], "tcp");
+        assert_eq!(v["peers"][0]["peer"], "000000000000abcd");
+        assert_eq!(v["peers"][0]["link_up"], true);
+        assert_eq!(v["peers"][0]["gids"], 2);
     }
 
     #[test]

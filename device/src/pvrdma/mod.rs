@@ -163,6 +163,26 @@ impl PvrdmaDevice {
             .collect()
     }
 
+    /// Each QP's destination for the profiler's path column: `None` for datagram QPs (the
+    /// destination is per work request), `Some(None)` for an RC QP not connected yet,
+    /// `Some(Some(gid))` for a connected one.
+    pub fn qp_destinations(&self) -> Vec<(u32, Option<Option<[u8; 16]>>)> {
+        self.objects
+            .qps
+            .iter()
+            .map(|(handle, qp)| {
+                let destination = if qp.qp_type == abi::qp_type::RC {
+                    let connected =
+                        !matches!(qp.attr.qp_state, abi::qp_state::RESET | abi::qp_state::INIT);
+                    Some(connected.then_some(qp.attr.ah_attr.grh.dgid))
+                } else {
+                    None
+                };
+                (handle, destination)
+            })
+            .collect()
+    }
+
     /// The profiler's figures for QP `handle`.
     pub fn qp_stats_of(&self, handle: u32) -> Option<QpStats> {
         self.objects.qps.get(handle).map(|qp| qp.stats)

@@ -18,7 +18,7 @@ use pvrdma_backend::{Outcome, RemoteError, Request, Responder};
 use super::irqs::MsixEventfds;
 use super::memory_fault::{self, GuardedRam};
 use super::uar::UarPages;
-use crate::profiler::{DeviceSnapshot, Snapshot};
+use crate::profiler::{DeviceSnapshot, PeerSnapshot, QpPath, Snapshot};
 use crate::pvrdma::{Clock, DeviceConfig, GuestRam, Interrupts, PvrdmaDevice};
 
 /// The server's clock for the profiler: monotonic nanoseconds since the clock was made.
@@ -132,6 +132,8 @@ pub struct Fabric {
     /// How many devices were failed so far: a socket thread compares it with the count it
     /// saw last to learn, without the lock, whether to look at its slot's `failed`.
     failures: Arc<AtomicUsize>,
+    /// The TCP transport's peers, for the profiler (set when a transport runs).
+    peers: Arc<std::sync::OnceLock<pvrdma_backend::tcp::runtime::PeerView>>,
 }
 
 impl std::fmt::Debug for Fabric {
@@ -280,21 +282,63 @@ impl Fabric {
 
     /// A copy of every device's profiler figures, taken under the lock and nothing else.
     pub fn profile(&self) -> Snapshot {
+        type Destinations = Vec<(u32, Option<Option<[u8; 16]>>)>;
         let mut fabric = self.lock();
         let mut profiling = false;
-        let devices = fabric
+        let taken: Vec<(DeviceSnapshot, Destinations, Vec<[u8; 16]>)> = fabric
             .indices()
             .filter_map(|index| {
                 fabric.with_endpoint(index, |slot, _| {
                     profiling |= slot.device.profiling();
-                    DeviceSnapshot {
+                    let snapshot = DeviceSnapshot {
                         index,
                         qps: slot.device.qp_stats(),
-                    }
+                        paths: Vec::new(),
+                    };
+                    let own = slot.device.gids().collect();
+                    (snapshot, slot.device.qp_destinations(), own)
                 })
             })
             .collect();
-        Snapshot { profiling, devices }
+        // The path each QP takes, decided as the device decides it (docs/backends.md).
+        let devices = taken
+            .into_iter()
+            .map(|(mut snapshot, destinations, own)| {
+                snapshot.paths = destinations
+                    .iter()
+                    .map(|(_, destination)| match destination {
+                        None => QpPath::PerDatagram,
+                        Some(None) => QpPath::NotConnected,
+                        Some(Some(gid)) if own.contains(gid) => QpPath::Loopback,
+                        Some(Some(gid)) if fabric.find(gid).is_some() => QpPath::Memcpy,
+                        Some(Some(gid)) if fabric.remote_holds(gid) => QpPath::Tcp,
+                        Some(Some(_)) => QpPath::Unreachable,
+                    })
+                    .collect();
+                snapshot
+            })
+            .collect();
+        drop(fabric);
+        let peers = self
+            .peers
+            .get()
+            .map(|view| {
+                view.peers()
+                    .into_iter()
+                    .map(|(id, link_up, gids)| PeerSnapshot { id, link_up, gids })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Snapshot {
+            profiling,
+            devices,
+            peers,
+        }
+    }
+
+    /// Shows the TCP transport's peers in [`Fabric::profile`].
+    pub fn set_peer_view(&self, view: pvrdma_backend::tcp::runtime::PeerView) {
+        let _ = self.peers.set(view);
     }
 
     /// Runs `work` on slot `index` with the rest of the fabric as its network.
