@@ -4,132 +4,18 @@
 //! per GID without the user naming it.
 
 mod driver;
+#[allow(dead_code)] // Shared with the other TCP suite.
+mod two_servers;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use driver::Qp;
 use driver::memory;
-use driver::socket_bus::{SocketBus, SocketServer};
-use driver::verbs::{self, PINGPONG_SIZES, QpSpec, ipv4_gid};
-use driver::{Cq, Driver, Qp};
+use driver::verbs::{PINGPONG_SIZES, QpSpec};
+use two_servers::{BUF_VA, Side, buffer, connected_pair, sge, wait_cqes};
 use vfio_user_pvrdma::abi::{
-    self, GID_TYPE_ROCE_V1, PAGE_SIZE, access, qp_state, qp_type, send_flags, wc_status, wr_opcode,
+    self, GID_TYPE_ROCE_V1, PAGE_SIZE, qp_state, qp_type, send_flags, wc_status, wr_opcode,
 };
-
-type D = Driver<SocketBus>;
-
-const LOG: &str = "info,vfio_user_pvrdma::vfio=debug";
-const BUF_VA: u64 = 0x20_0000;
-
-/// Server A listens on a free loopback port; server B dials it.
-fn two_servers() -> (Arc<SocketServer>, Arc<SocketServer>) {
-    let a = SocketServer::start_with(1, LOG, &["--listen", "127.0.0.1:0"]);
-    let line = a.wait_for_server_line("listening on 127.0.0.1:");
-    let addr = line
-        .rsplit("listening on ")
-        .next()
-        .expect("the address")
-        .trim()
-        .to_string();
-    let b = SocketServer::start_with(1, LOG, &["--listen", "127.0.0.1:0", "--peer", &addr]);
-    a.wait_for_server_line("is up");
-    b.wait_for_server_line("is up");
-    (a, b)
-}
-
-struct Side {
-    d: D,
-    cq: Cq,
-    mr: driver::Mr,
-    qp: Qp,
-    gid: [u8; 16],
-}
-
-fn side(server: &Arc<SocketServer>, ip: [u8; 4]) -> Side {
-    let mut d = Driver::on_socket(server, 0);
-    d.probe();
-    let gid = ipv4_gid(ip);
-    d.create_bind(0, gid, GID_TYPE_ROCE_V1)
-        .expect("CREATE_BIND");
-    let uc = d.open_context().expect("CREATE_UC");
-    let pd = d.create_pd(uc.handle).expect("CREATE_PD");
-    let cq = d.create_cq_on(uc, 64).expect("CREATE_CQ");
-    let mr = d
-        .reg_user_mr(
-            pd,
-            BUF_VA,
-            4 * PAGE_SIZE,
-            access::LOCAL_WRITE
-                | access::REMOTE_WRITE
-                | access::REMOTE_READ
-                | access::REMOTE_ATOMIC,
-        )
-        .expect("REG_MR");
-    let spec = QpSpec::user(qp_type::RC, uc, pd, cq.handle, PINGPONG_SIZES);
-    let qp = d.create_qp_with(spec).expect("CREATE_QP");
-    Side { d, cq, mr, qp, gid }
-}
-
-/// Polls `cq` until `count` completions came (the TCP answer arrives on the transport's
-/// thread, not within the doorbell).
-fn wait_cqes(d: &mut D, cq: &Cq, count: usize) -> Vec<abi::Cqe> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut cqes = Vec::new();
-    while cqes.len() < count {
-        cqes.extend(d.drain_cq(cq));
-        assert!(
-            Instant::now() < deadline,
-            "{} of {count} completions within 10 s: {cqes:?}",
-            cqes.len()
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    cqes
-}
-
-fn sge(addr: u64, length: u32, lkey: u32) -> abi::Sge {
-    abi::Sge { addr, length, lkey }
-}
-
-fn connected_pair() -> (Arc<SocketServer>, Arc<SocketServer>, Side, Side) {
-    let (server_a, server_b) = two_servers();
-    let mut a = side(&server_a, [10, 1, 0, 1]);
-    let mut b = side(&server_b, [10, 2, 0, 1]);
-    // Each server announces its GIDs within 50 ms of a change.
-    server_a.wait_for_server_line("holds 1 GIDs");
-    server_b.wait_for_server_line("holds 1 GIDs");
-    connect(&mut a, b.qp.qpn, b.gid);
-    connect(&mut b, a.qp.qpn, a.gid);
-    (server_a, server_b, a, b)
-}
-
-/// `ibv_rc_pingpong`'s RESET → INIT → RTR → RTS, with remote WRITE, READ and atomics
-/// allowed on the QP (pingpong allows none).
-fn connect(side: &mut Side, dest_qpn: u32, dgid: [u8; 16]) {
-    let init = abi::QpAttr {
-        qp_access_flags: access::REMOTE_WRITE | access::REMOTE_READ | access::REMOTE_ATOMIC,
-        ..verbs::rc_init_attrs()
-    };
-    let d = &mut side.d;
-    d.modify_qp(side.qp.handle, verbs::RC_INIT_MASK, &init)
-        .expect("INIT");
-    d.modify_qp(
-        side.qp.handle,
-        verbs::RC_RTR_MASK,
-        &verbs::rc_rtr_attrs(dest_qpn, 0x1234, dgid, 0),
-    )
-    .expect("RTR");
-    d.modify_qp(
-        side.qp.handle,
-        verbs::RC_RTS_MASK,
-        &verbs::rc_rts_attrs(0x5678),
-    )
-    .expect("RTS");
-}
-
-fn buffer(side: &Side, va: u64) -> u64 {
-    side.mr.buffer.as_ref().expect("user MR").translate(va)
-}
 
 #[test]
 fn rc_send_write_read_and_atomics_cross_two_servers() {
