@@ -207,3 +207,29 @@ fn msix_fds_that_could_block_the_server_are_refused_or_fail_alone() {
     answers_promptly(&mut bystander);
     attacker.timed_config_read();
 }
+
+#[test]
+fn a_client_that_stalls_mid_message_is_dropped_and_the_next_one_served() {
+    let mut lab = two_devices("stalled-client");
+    let mut bystander = RawClient::connect(&lab.sockets[1]);
+    let mut staller = RawClient::connect(&lab.sockets[0]);
+    // Half a header, then nothing: the socket would be held for ever.
+    staller.send_raw(&[0x01, 0x00, 0x09, 0x00, 0x20, 0x00, 0x00, 0x00]);
+    let started = std::time::Instant::now();
+    // Meanwhile the other device answers, and the next client of the stalled socket (the
+    // next QEMU) is served once the staller is dropped, within the message timeout.
+    answers_promptly(&mut bystander);
+    let mut next = RawClient::connect(&lab.sockets[0]);
+    next.timed_config_read();
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(10),
+        "the next client waited {waited:?}"
+    );
+    assert!(
+        staller.closed_by_server(),
+        "the staller's connection is closed"
+    );
+    lab.server
+        .wait_for_line("stalled in the middle of a message");
+}

@@ -49,6 +49,12 @@ impl RawClient {
         client
     }
 
+    /// Writes raw bytes (a piece of a message, say) without waiting for anything.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        use std::io::Write as _;
+        self.stream.write_all(bytes).expect("write to the server");
+    }
+
     /// Sends one command with `fds` and waits for its reply; `Err` when the server closed
     /// the connection instead.
     pub fn call(

@@ -27,6 +27,10 @@ pub enum ConnectionError {
     /// End of stream in the middle of a message.
     #[error("the client closed the connection in the middle of a message")]
     Truncated,
+    /// The client stopped in the middle of a message for [`MESSAGE_TIMEOUT`]: it would
+    /// hold the socket for ever, keeping the next client waiting in the backlog.
+    #[error("the client stalled in the middle of a message for {MESSAGE_TIMEOUT:?}")]
+    Stalled,
     /// A message size outside `16..=MAX_MESSAGE_SIZE`: where the next
     /// message starts is unknowable, so the connection cannot continue.
     #[error("message size {0} is outside 16..={MAX_MESSAGE_SIZE}")]
@@ -34,6 +38,19 @@ pub enum ConnectionError {
     /// The device failed (for example its guest memory vanished): the client is dropped.
     #[error("the device failed: {0}")]
     DeviceFailed(String),
+}
+
+/// How long the rest of a message may take once its first byte arrived. A client sends a
+/// message whole (QEMU does); one that stops halfway is dropped. Between messages a client
+/// may be quiet for as long as it likes.
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether an I/O error is the socket's receive timeout expiring.
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// A header and the descriptors that came with it.
@@ -66,6 +83,9 @@ pub fn serve_client_spinning<B: DeviceBackend + ?Sized>(
     spin: Duration,
 ) -> Result<(), ConnectionError> {
     let mut session = Session::default();
+    // The timeout is set once, not per message: between messages an expiry just means the
+    // client is quiet (read_header waits on), within one it means the client stalled.
+    stream.set_read_timeout(Some(MESSAGE_TIMEOUT))?;
     while let Some(incoming) = read_header(stream)? {
         serve_message(stream, backend, &mut session, incoming)?;
         backend.after_reply();
@@ -87,7 +107,12 @@ fn read_header(stream: &UnixStream) -> Result<Option<Incoming>, ConnectionError>
     let mut fds = Vec::new();
     let mut too_many_fds = false;
     while let Some(rest) = raw.get_mut(filled..).filter(|rest| !rest.is_empty()) {
-        let (read, received) = socket::recv_with_fds(stream, rest)?;
+        let (read, received) = match socket::recv_with_fds(stream, rest) {
+            Ok(got) => got,
+            Err(e) if timed_out(&e) && filled == 0 => continue,
+            Err(e) if timed_out(&e) => return Err(ConnectionError::Stalled),
+            Err(e) => return Err(e.into()),
+        };
         for fd in received {
             if fds.len() < MAX_MSG_FDS {
                 fds.push(fd);
@@ -177,6 +202,7 @@ fn read_exact(stream: &UnixStream, buf: &mut [u8]) -> Result<(), ConnectionError
     let mut reader = stream;
     reader.read_exact(buf).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => ConnectionError::Truncated,
+        _ if timed_out(&e) => ConnectionError::Stalled,
         _ => ConnectionError::Io(e),
     })
 }
@@ -184,7 +210,13 @@ fn read_exact(stream: &UnixStream, buf: &mut [u8]) -> Result<(), ConnectionError
 /// Reads and drops `len` payload bytes without buffering them.
 fn discard(stream: &UnixStream, len: usize) -> Result<(), ConnectionError> {
     let len = u64::try_from(len).map_err(|_| ConnectionError::Truncated)?;
-    let copied = io::copy(&mut stream.take(len), &mut io::sink())?;
+    let copied = io::copy(&mut stream.take(len), &mut io::sink()).map_err(|e| {
+        if timed_out(&e) {
+            ConnectionError::Stalled
+        } else {
+            ConnectionError::Io(e)
+        }
+    })?;
     if copied == len {
         Ok(())
     } else {
