@@ -234,6 +234,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// Raises the soft descriptor limit to the hard one: each client may hold up to
+/// `MAX_WINDOWS` DMA windows of two descriptors each, and one client's windows must not
+/// use up what the other devices need. Warns when even the hard limit is short of that.
+fn raise_fd_limit(devices: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    use vfio_user_pvrdma::vfio::dma::MAX_WINDOWS;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+        warn!("cannot raise the descriptor limit from {soft} to {hard}");
+    }
+    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(soft, _)| soft);
+    // Per device: its windows, MSI-X eventfds, the socket and the UAR memfd; plus the
+    // process's own (control socket, TCP links, logs).
+    let needed = (devices * (2 * MAX_WINDOWS + 16) + 256) as u64;
+    if limit < needed {
+        warn!(
+            "the descriptor limit is {limit}, below the {needed} that {devices} devices may \
+             hold at most ({MAX_WINDOWS} DMA windows each): a client that maps that many can \
+             make another device's DMA_MAP fail (with an error, never silently)"
+        );
+    } else {
+        info!("descriptor limit {limit} ({needed} at most in use)");
+    }
+}
+
 /// Starts the TCP transport when --listen or --peer asks for it, chained behind the
 /// fabric's own devices.
 fn start_transport(cli: &Cli, fabric: &Fabric) -> Result<Option<Transport>, StartupError> {
@@ -279,6 +306,8 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.thread_block().map_err(StartupError::Signals)?;
+
+    raise_fd_limit(cli.sockets.len());
 
     // Bind every socket before serving any, so a bad path fails the whole
     // start; servers already bound remove their files when dropped.

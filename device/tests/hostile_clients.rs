@@ -25,14 +25,23 @@ struct TwoDevices {
 }
 
 fn two_devices(tag: &str) -> TwoDevices {
+    two_devices_limited(tag, None)
+}
+
+/// Two devices on one server, its descriptor limit at `fds` if given.
+fn two_devices_limited(tag: &str, fds: Option<u32>) -> TwoDevices {
     let dir = TempDir::new(tag);
     let sockets = [dir.path().join("a.sock"), dir.path().join("b.sock")];
-    let server = ServerProcess::start([
+    let args = [
         "--socket".as_ref(),
         sockets[0].as_os_str(),
         "--socket".as_ref(),
         sockets[1].as_os_str(),
-    ]);
+    ];
+    let server = match fds {
+        Some(fds) => ServerProcess::start_with_fd_limit(fds, args),
+        None => ServerProcess::start(args),
+    };
     sockets.iter().for_each(|s| wait_for_path(s));
     TwoDevices {
         _dir: dir,
@@ -232,4 +241,53 @@ fn a_client_that_stalls_mid_message_is_dropped_and_the_next_one_served() {
     );
     lab.server
         .wait_for_line("stalled in the middle of a message");
+}
+
+#[test]
+fn dma_windows_are_capped_per_client_and_a_map_that_cannot_be_done_is_an_error() {
+    let mut lab = two_devices("window-cap");
+    let mut attacker = RawClient::connect(&lab.sockets[0]);
+    let ram = memfd(4096);
+    for i in 0..256u64 {
+        let reply = attacker
+            .dma_map(0, RAM_BASE + i * 0x10_0000, 4096, Some(ram.as_fd()))
+            .expect("a reply");
+        assert_eq!(reply.errno, None, "window {i} of 256");
+    }
+    let reply = attacker
+        .dma_map(0, RAM_BASE + 256 * 0x10_0000, 4096, Some(ram.as_fd()))
+        .expect("a reply");
+    assert_eq!(reply.errno, Some(libc::ENOSPC as u32), "the 257th window");
+    lab.server.wait_for_line("too many DMA windows");
+
+    // With a descriptor limit too low for 256 windows, the attacker's maps fail with an
+    // error once descriptors run out, never with a success that drops the window.
+    let mut lab = two_devices_limited("window-fds", Some(160));
+    let mut bystander = RawClient::connect(&lab.sockets[1]);
+    let mut attacker = RawClient::connect(&lab.sockets[0]);
+    let mut refused = None;
+    for i in 0..256u64 {
+        let reply = attacker
+            .dma_map(0, RAM_BASE + i * 0x10_0000, 4096, Some(ram.as_fd()))
+            .expect("a reply");
+        if let Some(errno) = reply.errno {
+            refused = Some((i, errno));
+            break;
+        }
+    }
+    let (at, errno) = refused.expect("a limit of 160 descriptors cannot hold 256 windows");
+    assert!(
+        errno == libc::ENOMEM as u32 || errno == libc::EMFILE as u32,
+        "window {at}: errno {errno}"
+    );
+    lab.server.wait_for_line("refused");
+    answers_promptly(&mut bystander);
+    // Once the attacker is gone, the other device maps its RAM.
+    drop(attacker);
+    lab.server.wait_for_line("released");
+    let own = memfd(MIB);
+    let reply = bystander
+        .dma_map(0, RAM_BASE, MIB, Some(own.as_fd()))
+        .expect("a reply");
+    assert_eq!(reply.errno, None, "the bystander maps its RAM");
 }

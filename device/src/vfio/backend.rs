@@ -145,10 +145,12 @@ impl PciFunctionBackend {
         );
     }
 
-    /// Maps the current DMA windows for the device.
-    fn remap(&self) {
-        let ram = guest_ram::build(&self.dma);
+    /// Maps the current DMA windows for the device; on failure the device keeps the RAM it
+    /// had.
+    fn remap(&self) -> Result<(), String> {
+        let ram = guest_ram::build(&self.dma)?;
         self.with_slot(|slot, _| slot.set_ram(ram));
+        Ok(())
     }
 
     /// Objects the guest has created on this function's device.
@@ -340,7 +342,13 @@ impl DeviceBackend for PciFunctionBackend {
                         " (no fd)"
                     },
                 );
-                self.remap();
+                if let Err(e) = self.remap() {
+                    // Never a silent success: the window goes again, the device keeps the
+                    // RAM it had, and the client learns the map failed.
+                    warn!("DMA map {address:#x}+{size:#x} refused: {e}");
+                    let _ = self.dma.unmap(0, address, size);
+                    return Err(Errno::ENOMEM);
+                }
                 Ok(())
             }
             Err(e) => {
@@ -361,7 +369,12 @@ impl DeviceBackend for PciFunctionBackend {
                 }
                 // The old mappings go with the old GuestRam, replaced under the fabric
                 // lock: no copy of any device can be using them once this returns.
-                self.remap();
+                if let Err(e) = self.remap() {
+                    // Fewer windows need fewer descriptors, so this is rare; the device
+                    // must not keep a mapping of a window the client withdrew.
+                    warn!("remapping after DMA unmap failed ({e}); the device has no RAM");
+                    self.with_slot(|slot, _| slot.set_ram(GuestRam::default()));
+                }
                 Ok(())
             }
             Err(e) => {

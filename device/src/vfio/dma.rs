@@ -12,10 +12,12 @@ use thiserror::Error;
 use vfio_bindings::bindings::vfio::VFIO_DMA_UNMAP_FLAG_ALL;
 use vfio_user::DmaMapFlags;
 
-/// Most windows a client may keep mapped: the vfio-user default for
-/// `max_dma_maps`, which the crate advertises implicitly. Each window holds a
-/// file descriptor, so the cap also bounds our fd usage.
-pub const MAX_WINDOWS: usize = 65535;
+/// Most windows a client may keep mapped, advertised as `max_dma_maps`. QEMU maps a
+/// guest's RAM and ROMs in a handful of windows; each read-write window holds two file
+/// descriptors (the table's and the mapping's), so the cap bounds what one client can
+/// take of the process's descriptors, leaving room for every other device (the server
+/// raises its descriptor limit to match at start-up).
+pub const MAX_WINDOWS: usize = 256;
 
 /// Errors from DMA map and unmap requests.
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -5,26 +5,31 @@
 //! left out: the device never needs them, and leaving them out makes any guest address that
 //! points there a clean fault instead of a write into a ROM.
 
-use log::warn;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
 use super::dma::DmaWindows;
 use crate::pvrdma::GuestRam;
 
-/// Maps every writable window that has a file.
-pub fn build(windows: &DmaWindows) -> GuestRam {
+/// Maps every writable window that has a file. An error (out of descriptors or address
+/// space) maps nothing: the caller keeps the RAM it had and tells the client.
+pub fn build(windows: &DmaWindows) -> Result<GuestRam, String> {
     let mut ranges = Vec::new();
     for window in windows.iter().filter(|w| w.readable && w.writable) {
         let Some(file) = window.file.as_ref() else {
             continue;
         };
-        let (Ok(size), Ok(file)) = (usize::try_from(window.size), file.try_clone()) else {
-            warn!(
-                "DMA window {:#x}+{:#x} cannot be mapped",
+        let size = usize::try_from(window.size).map_err(|_| {
+            format!(
+                "DMA window {:#x}+{:#x} is larger than the address space",
                 window.address, window.size
-            );
-            continue;
-        };
+            )
+        })?;
+        let file = file.try_clone().map_err(|e| {
+            format!(
+                "cannot duplicate the fd of DMA window {:#x}+{:#x}: {e}",
+                window.address, window.size
+            )
+        })?;
         ranges.push((
             GuestAddress(window.address),
             size,
@@ -32,15 +37,8 @@ pub fn build(windows: &DmaWindows) -> GuestRam {
         ));
     }
     if ranges.is_empty() {
-        return GuestRam::default();
+        return Ok(GuestRam::default());
     }
-    match GuestMemoryMmap::from_ranges_with_files(ranges) {
-        Ok(ram) => ram,
-        Err(e) => {
-            // Only a failed mmap gets here; the device then sees no RAM and every access it
-            // attempts fails cleanly.
-            warn!("cannot map the client's DMA windows: {e}");
-            GuestRam::default()
-        }
-    }
+    GuestMemoryMmap::from_ranges_with_files(ranges)
+        .map_err(|e| format!("cannot map the client's DMA windows: {e}"))
 }

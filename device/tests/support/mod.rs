@@ -60,8 +60,28 @@ impl ServerProcess {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vfio-user-pvrdma"))
-            .args(args)
+        Self::spawn(Command::new(env!("CARGO_BIN_EXE_vfio-user-pvrdma")).args(args))
+    }
+
+    /// [`ServerProcess::start`] with the descriptor limit (soft and hard) at `fds`, through
+    /// util-linux's `prlimit`.
+    #[allow(dead_code)] // Not every suite that shares this module uses it.
+    pub fn start_with_fd_limit<I, S>(fds: u32, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut command = Command::new("prlimit");
+        command
+            .arg(format!("--nofile={fds}:{fds}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_vfio-user-pvrdma"))
+            .args(args);
+        Self::spawn(&mut command)
+    }
+
+    fn spawn(command: &mut Command) -> Self {
+        let mut child = command
             .env("RUST_LOG", "vfio_user_pvrdma=debug,info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -51,7 +51,7 @@ pub const MAX_VERSION_DATA: usize = 4096;
 pub const DMA_PGSIZES: u64 = 4096;
 
 /// Most DMA windows at once (our `max_dma_maps`, the protocol default).
-pub const MAX_DMA_MAPS: u32 = 65535;
+pub const MAX_DMA_MAPS: u32 = 256;
 
 /// One region of the device, as `DEVICE_GET_REGION_INFO` describes it.
 ///

@@ -29,7 +29,7 @@ fn version_reply_suits_qemu() {
         json,
         serde_json::json!({"capabilities": {
             "max_msg_fds": 16, "max_data_xfer_size": 1048576,
-            "pgsizes": 4096, "max_dma_maps": 65535}})
+            "pgsizes": 4096, "max_dma_maps": 256}})
     );
     h.assert_in_sync();
     let (_, result) = h.finish();
