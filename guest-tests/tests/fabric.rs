@@ -99,6 +99,100 @@ fn two_guests_on_two_servers_talk_rdma_over_tcp() {
     talk_rdma(config);
 }
 
+/// Three guests, two servers: guests 0 and 2 on server 0, guest 1 on server 1. Server 1
+/// dies (SIGKILL) while guest 0 streams RDMA WRITEs to guest 1: guest 0's `ib_write_bw`
+/// ends with an error instead of hanging, and guest 0 and guest 2 still talk through
+/// server 0.
+#[test]
+#[ignore = "boots QEMU guests; run by scripts/test after scripts/lab"]
+fn a_dead_server_fails_its_peers_traffic_and_spares_the_other_guests() {
+    let mut config = LabConfig::new("fabric-tcp-death", 3, AGENT);
+    config.servers = 2;
+    let mut lab = Lab::start(config).unwrap_or_else(|e| panic!("{e}"));
+    let mut checks = Checks::default();
+    let gids: Vec<String> = (0..3)
+        .map(|i| prepare(lab.guest(i)).unwrap_or_else(|e| panic!("guest{i}: {e}")))
+        .collect();
+    let peer_ip = lab.guest(1).ip().to_string();
+    let started = lab.guest(1).check(&format!(
+        "(ib_write_bw -d vmw_pvrdma0 -x {} -D 120) >/tmp/bw.out 2>&1 & echo started",
+        gids[1]
+    ));
+    checks.check(
+        "ib_write_bw listens in guest1",
+        started.map(drop).map_err(|e| e.to_string()),
+    );
+    let listening = lab.guest(1).check(
+        "for i in $(seq 300); do ss -Hltn 'sport = :18515' | grep -q LISTEN && exit 0; sleep 0.1; done; exit 1",
+    );
+    checks.check(
+        "guest1 listens",
+        listening.map(drop).map_err(|e| e.to_string()),
+    );
+    let client = lab.guest(0).check(&format!(
+        "(stdbuf -oL ib_write_bw -d vmw_pvrdma0 -x {} -D 120 {peer_ip}; echo \"exit $?\" >>/tmp/bw.out) >/tmp/bw.out 2>&1 & \
+         for i in $(seq 600); do grep -q 'remote address' /tmp/bw.out && exit 0; sleep 0.1; done; cat /tmp/bw.out; exit 1",
+        gids[0]
+    ));
+    checks.check(
+        "guest0's ib_write_bw connected to guest1 across the servers",
+        client.map(drop).map_err(|e| e.to_string()),
+    );
+    // Let the WRITEs flow for a while, then kill guest1's server.
+    std::thread::sleep(Duration::from_secs(5));
+    lab.servers()[1].kill();
+    let ended = lab.guest(0).run_with_timeout(
+        "for i in $(seq 900); do grep -q '^exit ' /tmp/bw.out && break; sleep 0.1; done; cat /tmp/bw.out",
+        Duration::from_secs(120),
+    );
+    checks.check(
+        "guest0's ib_write_bw ends with an error, not a hang",
+        ended.map_err(|e| e.to_string()).and_then(|out| {
+            let text = out.stdout;
+            match text.lines().rev().find_map(|l| l.strip_prefix("exit ")) {
+                Some(code) if code.trim() != "0" => Ok(()),
+                Some(_) => Err(format!("it exited 0:\n{text}")),
+                None => Err(format!("it never ended:\n{text}")),
+            }
+        }),
+    );
+    checks.check(
+        "server 0 is still running",
+        if lab.servers()[0].is_running() {
+            Ok(())
+        } else {
+            Err(lab.servers()[0].log_text())
+        },
+    );
+    // Guests 0 and 2 share server 0: the memcpy fabric there is untouched.
+    let server_ip = lab.guest(0).ip().to_string();
+    let result = lab
+        .guest(0)
+        .check(&format!(
+            "(ibv_rc_pingpong -d vmw_pvrdma0 -g {} -n 20) >/tmp/pp.out 2>&1 & echo $! >/tmp/pp.pid; \
+             for i in $(seq 300); do ss -Hltn 'sport = :18515' | grep -q LISTEN && exit 0; sleep 0.1; done; exit 1",
+            gids[0]
+        ))
+        .map_err(|e| e.to_string())
+        .and_then(|_| {
+            lab.guest(2)
+                .run_with_timeout(
+                    &format!("ibv_rc_pingpong -d vmw_pvrdma0 -g {} -n 20 {server_ip}", gids[2]),
+                    Duration::from_secs(120),
+                )
+                .map_err(|e| e.to_string())
+        })
+        .and_then(|out| {
+            let text = format!("{}{}", out.stdout, out.stderr);
+            expect_contains(&text, "20 iters")
+        });
+    checks.check("guest0 and guest2 still talk through server 0", result);
+    // Guest 1 lost its device with its server; its QEMU is not expected to shut down
+    // cleanly, so the lab is dropped (which kills everything) rather than shut down.
+    drop(lab);
+    checks.finish();
+}
+
 fn talk_rdma(config: LabConfig) {
     let mut lab = Lab::start(config).unwrap_or_else(|e| panic!("{e}"));
     let mut checks = Checks::default();
