@@ -178,6 +178,11 @@ pub trait Network {
     /// port of the whole fabric: a device may not bind one that another holds, or it would
     /// receive (and could send as) that tenant's traffic.
     fn gid_taken(&self, gid: &Gid) -> bool;
+
+    /// The requesting QP `qpn` of the port holding `gid` went to the error state, to reset,
+    /// or away: a transport drops what it still holds of it (resends, retries), so nothing
+    /// of the old QP reaches a peer later. Default: nothing to drop.
+    fn forget_qp(&self, _gid: &Gid, _qpn: u32) {}
 }
 
 /// The responder side, implemented by the device model: executes a request against its

@@ -134,6 +134,12 @@ impl<E: Responder> Network for Peers<'_, E> {
                 .as_ref()
                 .is_some_and(|remote| remote.gid_taken(gid))
     }
+
+    fn forget_qp(&self, gid: &Gid, qpn: u32) {
+        if let Some(remote) = &self.remote {
+            remote.forget_qp(gid, qpn);
+        }
+    }
 }
 
 #[cfg(test)]

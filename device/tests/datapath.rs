@@ -9,8 +9,29 @@
 
 mod driver;
 
+/// The profiler's stage timing covers work the device completes itself, so its exact
+/// clock-read tests run on the memcpy topologies only.
+macro_rules! memcpy_topologies {
+    ($($(#[$attr:meta])* $name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            $(#[$attr])*
+            fn loopback() {
+                super::$name(crate::harness::Net::loopback());
+            }
+
+            #[test]
+            $(#[$attr])*
+            fn two_devices() {
+                super::$name(crate::harness::Net::two_devices());
+            }
+        }
+    )*};
+}
+
 /// Runs each scenario `fn name<B: Bus>(net: Net<B>)` on one device (`name::loopback`) and
-/// across two devices (`name::two_devices`). Attributes (e.g. `#[ignore]`) apply to both.
+/// across two devices of one fabric (`name::two_devices`) and of two hosts joined by the TCP
+/// transport's protocol (`name::over_tcp`, `driver::tcp_bus`). Attributes (e.g. `#[ignore]`) apply to both.
 macro_rules! both_topologies {
     ($($(#[$attr:meta])* $name:ident),* $(,)?) => {$(
         mod $name {
@@ -24,6 +45,12 @@ macro_rules! both_topologies {
             $(#[$attr])*
             fn two_devices() {
                 super::$name(crate::harness::Net::two_devices());
+            }
+
+            #[test]
+            $(#[$attr])*
+            fn over_tcp() {
+                super::$name(crate::harness::Net::over_tcp());
             }
         }
     )*};

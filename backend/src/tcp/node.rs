@@ -111,6 +111,10 @@ struct Receiver {
     epoch: u32,
     expected: u32,
     answers: VecDeque<Answer>,
+    /// An error was answered: the requester's QP is in the error state and flushes what it
+    /// sent behind, so nothing more of this epoch is executed (as one device's responder
+    /// never sees work behind a failed request on the memcpy fabric).
+    failed: bool,
 }
 
 type QpKey = (Gid, u32);
@@ -425,7 +429,9 @@ impl Node {
         }
         self.receivers
             .get(&(peer, request.src_gid, request.src_qpn))
-            .is_some_and(|r| r.epoch == request.epoch && seq_before(request.seq, r.expected))
+            .is_some_and(|r| {
+                r.epoch == request.epoch && !r.failed && seq_before(request.seq, r.expected)
+            })
     }
 
     fn on_request(&mut self, from: PeerId, request: RequestFrame) {
@@ -458,7 +464,9 @@ impl Node {
                 ..Receiver::default()
             };
         }
-        if request.seq == receiver.expected {
+        if receiver.failed {
+            // Sent behind a request that failed: the requester flushes it.
+        } else if request.seq == receiver.expected {
             receiver.expected = receiver.expected.wrapping_add(1);
             self.events.push_back(Event::Execute {
                 peer: from,
@@ -523,6 +531,7 @@ impl Node {
                 // Not executed: the requester resends it (and what followed) later.
                 receiver.expected = request.seq;
             } else {
+                receiver.failed |= result.is_err();
                 let mut cached = response.clone();
                 if request.op == Op::Read {
                     cached.reply = Vec::new();

@@ -235,6 +235,10 @@ impl Network for RemoteNetwork {
     fn gid_taken(&self, gid: &Gid) -> bool {
         self.shared.node().gid_taken(gid)
     }
+
+    fn forget_qp(&self, gid: &Gid, qpn: u32) {
+        self.shared.node().forget_qp(*gid, qpn);
+    }
 }
 
 enum State {

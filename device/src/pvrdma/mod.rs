@@ -321,6 +321,14 @@ impl PvrdmaDevice {
         }
     }
 
+    /// Whether a transport still carries work requests of this device (answers pending).
+    pub fn has_remote_work(&self) -> bool {
+        self.objects
+            .qps
+            .iter()
+            .any(|(_, qp)| !qp.in_flight.is_empty())
+    }
+
     /// Whether a send queue waits for a peer to post a receive.
     pub fn has_stalled_work(&self) -> bool {
         self.objects.qps.iter().any(|(_, qp)| qp.stalled)

@@ -200,6 +200,13 @@ impl Net<FabricBus> {
     }
 }
 
+impl Net<crate::driver::tcp_bus::TcpBus> {
+    /// Two devices on two hosts, joined by the TCP transport's protocol.
+    pub fn over_tcp() -> Net<crate::driver::tcp_bus::TcpBus> {
+        Net::new(crate::driver::tcp_bus::pair(FABRIC_RAM))
+    }
+}
+
 impl<B: Bus> Net<B> {
     fn new(mut d: Vec<Driver<B>>) -> Net<B> {
         let mut busy = Vec::new();

@@ -13,7 +13,7 @@ use crate::driver::fabric_bus::FabricBus;
 use crate::harness::{Net, Pair, QpOpts, Wr};
 use crate::operations::summary;
 
-both_topologies!(
+memcpy_topologies!(
     send_stages_are_timed_exactly,
     counters_count_bytes_errors_and_rnr_stalls,
 );

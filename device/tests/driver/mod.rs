@@ -26,6 +26,7 @@ pub mod layout;
 pub mod memory;
 pub mod queues;
 pub mod socket_bus;
+pub mod tcp_bus;
 pub mod uar_bus;
 pub mod verbs;
 

@@ -84,6 +84,9 @@ pub(super) fn execute(
         device.note_wake_event();
     }
     let result = dispatch(device, mem, net, command, &request, flush);
+    if matches!(command, Command::ModifyQp | Command::DestroyQp) {
+        forget_stopped_qp(device, net, &request);
+    }
     debug!(
         "command {command:?}: {}",
         match &result {
@@ -102,6 +105,25 @@ pub(super) fn execute(
     };
     bytes[..size_of::<ResponseHeader>()].copy_from_slice(hdr.as_bytes());
     memory::write_bytes(mem, resp_slot, &bytes).map_err(|_| errno::EFAULT)
+}
+
+/// After MODIFY_QP or DESTROY_QP: a QP now in the error state, in reset, or gone has its
+/// transport state dropped, so no resend of its old work reaches a peer (see
+/// `Network::forget_qp`).
+fn forget_stopped_qp(device: &PvrdmaDevice, net: &dyn Network, request: &Request) {
+    // Both requests start with the header and the QP handle.
+    let handle: crate::abi::HandleRequest = request.parse();
+    let stopped = device.objects.qps.get(handle.handle).is_none_or(|qp| {
+        matches!(
+            qp.attr.qp_state,
+            crate::abi::qp_state::ERR | crate::abi::qp_state::RESET
+        )
+    });
+    if stopped {
+        for gid in device.objects.gids.iter().flatten() {
+            net.forget_qp(&gid.raw, handle.handle);
+        }
+    }
 }
 
 fn dispatch(

@@ -470,12 +470,10 @@ pub fn complete_remote(
     }
     entry.result = Some(result);
     finish_answered(device, mem, irq, completion.qpn);
-    let more = device
-        .objects
-        .qps
-        .get_mut(completion.qpn)
-        .is_some_and(|qp| std::mem::take(&mut qp.waiting_transport) || !qp.in_flight.is_empty());
-    if more {
+    // Go on with the queue: work the transport refused for lack of room, and a WQE that
+    // waited for everything ahead of it to complete (one that fails locally) go now.
+    if let Some(qp) = device.objects.qps.get_mut(completion.qpn) {
+        qp.waiting_transport = false;
         let started = device.profiler.now();
         process_send_queue(device, mem, irq, net, completion.qpn, started);
     }
