@@ -451,7 +451,24 @@ fn device_config(index: usize) -> DeviceConfig {
     let low = u8::try_from(index + 1).unwrap_or(u8::MAX);
     DeviceConfig {
         node_guid: caps::eui64([0x52, 0x54, 0x00, 0x5e, 0x01, low]),
+        key_seed: random_seed(),
         ..DeviceConfig::default()
+    }
+}
+
+/// 64 bits from the kernel's random source, so each device's memory keys are its own and
+/// unpredictable. Falls back to the clock (with a warning) if /dev/urandom cannot be read.
+fn random_seed() -> u64 {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(e) => {
+            warn!("cannot read /dev/urandom ({e}); memory keys are seeded from the clock");
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0x9e37_79b9, |d| d.as_nanos() as u64)
+        }
     }
 }
 

@@ -189,7 +189,11 @@ fn kernel_registration_sequence() {
     let pd = ok(d.create_pd(0), &d);
     let dma_mr = ok(d.get_dma_mr(pd), &d);
     assert_eq!(dma_mr.lkey, dma_mr.rkey);
-    assert_eq!(dma_mr.lkey >> 8, dma_mr.handle);
+    assert_ne!(
+        dma_mr.lkey >> 8,
+        dma_mr.handle,
+        "the key does not give the handle away"
+    );
 
     let cq = ok(d.create_cq_on(KERNEL_UC, MAD_CQE), &d);
     assert_eq!(
@@ -339,7 +343,11 @@ fn user_mr_over_a_page_directory() {
     );
     let mr = ok(d.create_mr(&request), &d);
     assert_eq!(mr.lkey, mr.rkey);
-    assert_eq!(mr.lkey >> 8, mr.mr_handle, "key = handle << 8 | tag");
+    assert_ne!(
+        mr.lkey >> 8,
+        mr.mr_handle,
+        "the key does not give the handle away"
+    );
     assert_eq!(d.device().object_count(), before + 1);
 
     // A recreated MR under the same handle answers to a different key.
@@ -374,11 +382,11 @@ fn dma_and_fast_register_mrs() {
     let mut d = Driver::probed();
     let pd = ok(d.create_pd(0), &d);
     let dma = ok(d.get_dma_mr(pd), &d);
-    assert_eq!(dma.lkey >> 8, dma.handle);
+    assert_ne!(dma.lkey >> 8, dma.handle);
     for max in [1, 32, MAX_FAST_REG_PAGES] {
         let frmr = ok(d.alloc_frmr(pd, max), &d);
         assert_eq!(frmr.lkey, frmr.rkey);
-        assert_eq!(frmr.lkey >> 8, frmr.handle);
+        assert_ne!(frmr.lkey >> 8, frmr.handle);
         assert_ne!(frmr.handle, dma.handle);
         ok(d.destroy_mr(frmr.handle), &d);
     }
@@ -1310,5 +1318,32 @@ fn responses_fill_the_whole_176_byte_slot() {
         tail.iter().all(|&b| b == 0),
         "bytes 64..176 of the response slot hold {:#04x} (stale), not 0",
         tail[0]
+    );
+}
+
+/// Hardening: memory keys are unpredictable. They do not encode the MR's handle, every live
+/// MR has its own upper 24 bits, and a device with another seed hands out other keys.
+#[test]
+fn memory_keys_are_neither_handles_nor_repeated() {
+    use std::collections::HashSet;
+    let mut d = Driver::probed();
+    let pd = ok(d.create_pd(0), &d);
+    let mut uppers = HashSet::new();
+    let mut keys = Vec::new();
+    for max in 1..=64 {
+        let frmr = ok(d.alloc_frmr(pd, max), &d);
+        assert_ne!(frmr.rkey >> 8, frmr.handle, "MR {}", frmr.handle);
+        assert!(
+            uppers.insert(frmr.rkey >> 8),
+            "two MRs share key bits {:#x}",
+            frmr.rkey
+        );
+        keys.push(frmr.rkey);
+    }
+    // Consecutive keys are not a sequence either.
+    let steps: HashSet<u32> = keys.windows(2).map(|w| w[1].wrapping_sub(w[0])).collect();
+    assert!(
+        steps.len() > 32,
+        "keys step by a few fixed amounts: {steps:?}"
     );
 }

@@ -217,7 +217,7 @@ fn kernel_registration_over_the_socket() {
     let mad = d.kernel_registration().unwrap();
     assert_eq!(d.last.as_ref().unwrap().vectors, [vector::COMMAND]);
     assert_eq!((mad.qp.qpn, mad.qp.handle), (1, 1), "the GSI QP is QP1");
-    assert_eq!(mad.dma_mr.lkey >> 8, mad.dma_mr.handle);
+    assert_eq!(mad.dma_mr.lkey, mad.dma_mr.rkey);
     let attrs = ok(d.query_qp(mad.qp.handle, 0), &d);
     assert_eq!(attrs.qp_state, qp_state::RTS);
     assert_eq!(attrs.qkey, QP1_QKEY);
@@ -285,7 +285,7 @@ fn user_context_objects_over_the_socket() {
     );
     assert_eq!(mr.buffer.as_ref().unwrap().nchunks(), 4);
     assert_eq!(mr.lkey, mr.rkey);
-    assert_eq!(mr.lkey >> 8, mr.handle);
+    assert_eq!(mr.lkey, mr.rkey);
     let cq = ok(d.create_cq_on(uc, 512), &d);
     assert_eq!(d.cq_indices(&cq), (0, 0));
     let qp = rc_qp(&mut d, uc, pd, cq.handle, cq.handle, PINGPONG_SIZES);

@@ -60,6 +60,9 @@ const ERR_UNINITIALISED: u32 = 0xffff;
 pub struct DeviceConfig {
     pub limits: Limits,
     pub node_guid: [u8; 8],
+    /// Seeds the memory keys the device hands out, so that they cannot be guessed from a
+    /// handle (the server takes it from the kernel's random source; tests use a fixed one).
+    pub key_seed: u64,
 }
 
 impl Default for DeviceConfig {
@@ -67,6 +70,7 @@ impl Default for DeviceConfig {
         DeviceConfig {
             limits: Limits::default(),
             node_guid: caps::eui64([0x52, 0x54, 0x00, 0x00, 0x00, 0x01]),
+            key_seed: 0x243f_6a88_85a3_08d3,
         }
     }
 }
@@ -97,7 +101,7 @@ pub struct PvrdmaDevice {
 impl PvrdmaDevice {
     pub fn new(config: DeviceConfig) -> PvrdmaDevice {
         PvrdmaDevice {
-            objects: Objects::new(&config.limits),
+            objects: Objects::new(&config.limits, config.key_seed),
             config,
             dsr_low: 0,
             dsr_high: 0,

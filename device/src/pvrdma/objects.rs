@@ -162,8 +162,11 @@ pub struct Objects {
     pub qps: HandleTable<Qp>,
     pub srqs: HandleTable<Srq>,
     pub gids: Vec<Option<Gid>>,
-    /// Low byte of the next MR key, so that a recreated MR never answers to a stale key.
-    pub next_key_tag: u8,
+    /// The MR each key names, by the key's upper 24 bits (the low byte is the consumer's:
+    /// fast-register users change it).
+    mr_keys: std::collections::HashMap<u32, u32>,
+    /// The generator of MR keys (xorshift; seeded per device).
+    key_state: u64,
     /// The epoch of the next QP created (see `Qp::epoch`).
     pub next_qp_epoch: u32,
     /// See `Limits::max_mapped_pages`.
@@ -177,7 +180,7 @@ pub const GSI_QP_HANDLE: u32 = 1;
 pub const FIRST_QP_HANDLE: u32 = 2;
 
 impl Objects {
-    pub fn new(limits: &Limits) -> Objects {
+    pub fn new(limits: &Limits, key_seed: u64) -> Objects {
         Objects {
             contexts: HandleTable::new(1, limits.max_contexts),
             pds: HandleTable::new(1, limits.max_pd),
@@ -186,16 +189,49 @@ impl Objects {
             qps: HandleTable::new(FIRST_QP_HANDLE, limits.max_qp),
             srqs: HandleTable::new(1, limits.max_srq),
             gids: vec![None; limits.gid_tbl_len as usize],
-            next_key_tag: 0,
+            mr_keys: std::collections::HashMap::new(),
+            key_state: key_seed | 1,
             next_qp_epoch: 0,
             page_limit: limits.max_mapped_pages,
         }
+    }
+
+    /// A fresh key for MR `handle`: 24 unpredictable bits no other MR's key has, and an
+    /// unpredictable low byte, so a key cannot be guessed from the MR's handle or from the
+    /// keys seen before.
+    pub fn new_mr_key(&mut self, handle: u32) -> u32 {
+        loop {
+            let mut x = self.key_state;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.key_state = x;
+            let key = (x >> 16) as u32;
+            let upper = key >> 8;
+            if upper != 0 && !self.mr_keys.contains_key(&upper) {
+                self.mr_keys.insert(upper, handle);
+                return key;
+            }
+        }
+    }
+
+    /// The handle of the MR that `key` (an lkey or rkey, any low byte) names.
+    pub fn mr_of_key(&self, key: u32) -> Option<u32> {
+        self.mr_keys.get(&(key >> 8)).copied()
+    }
+
+    /// Removes MR `handle` and its key.
+    pub fn remove_mr(&mut self, handle: u32) -> Option<Mr> {
+        let mr = self.mrs.remove(handle)?;
+        self.mr_keys.remove(&(mr.rkey >> 8));
+        Some(mr)
     }
 
     pub fn clear(&mut self) {
         self.contexts.clear();
         self.pds.clear();
         self.mrs.clear();
+        self.mr_keys.clear();
         self.cqs.clear();
         self.qps.clear();
         self.srqs.clear();

@@ -38,7 +38,6 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
         _ => return Err(errno::EINVAL),
     };
     let objects = &mut device.objects;
-    let tag = objects.next_key_tag;
     let handle = objects
         .mrs
         .insert(Mr {
@@ -53,10 +52,10 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
             kind,
         })
         .ok_or(errno::ENOMEM)?;
-    // Key = handle in the upper 24 bits, a tag in the low byte (consumers of fast-register
-    // MRs change the low byte; a recreated MR gets a new tag).
-    let key = handle << 8 | u32::from(tag);
-    objects.next_key_tag = tag.wrapping_add(1);
+    // An unpredictable key (consumers of fast-register MRs change its low byte): a peer
+    // that may use one MR of a PD cannot guess the others' keys, and a recreated MR never
+    // answers to a stale key.
+    let key = objects.new_mr_key(handle);
     if let Some(mr) = objects.mrs.get_mut(handle) {
         mr.lkey = key;
         mr.rkey = key;
@@ -92,6 +91,6 @@ fn user_mr(device: &PvrdmaDevice, mem: &GuestRam, req: &CreateMrRequest) -> Resu
 
 pub(super) fn destroy(device: &mut PvrdmaDevice, request: &Request) -> Reply {
     let req: HandleRequest = request.parse();
-    device.objects.mrs.remove(req.handle).ok_or(errno::ENOENT)?;
+    device.objects.remove_mr(req.handle).ok_or(errno::ENOENT)?;
     header_only()
 }

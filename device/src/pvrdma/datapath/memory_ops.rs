@@ -27,7 +27,9 @@ pub fn fast_register(
     pd: u32,
     wr: &FastReg,
 ) -> Result<(), MemOpError> {
-    let handle = wr.rkey >> 8;
+    let Some(handle) = objects.mr_of_key(wr.rkey) else {
+        return Err(MemOpError::Protection);
+    };
     let max_pages = match objects.mrs.get(handle) {
         Some(mr) if mr.pd == pd => match mr.kind {
             MrKind::FastReg {
@@ -96,7 +98,8 @@ pub fn fast_register(
 /// Invalidates the fast-register MR named by `key` in `pd` (LOCAL_INV, or the rkey of a
 /// SEND_WITH_INV at the responder).
 pub fn invalidate(objects: &mut Objects, pd: u32, key: u32) -> Result<(), MemOpError> {
-    match objects.mrs.get_mut(key >> 8) {
+    let handle = objects.mr_of_key(key).unwrap_or(0);
+    match objects.mrs.get_mut(handle) {
         Some(mr) if mr.pd == pd && (mr.lkey == key || mr.rkey == key) => match &mut mr.kind {
             MrKind::FastReg { mapping, .. } => {
                 *mapping = None;

@@ -82,7 +82,9 @@ pub fn respond(
             let extra = match (imm, invalidate) {
                 (_, Some(rkey)) => {
                     // The rkey must name a registered fast-register MR of this QP's PD.
-                    let registered = device.objects.mrs.get(rkey >> 8).is_some_and(|mr| {
+                    let objects = &device.objects;
+                    let mr = objects.mr_of_key(*rkey).and_then(|h| objects.mrs.get(h));
+                    let registered = mr.is_some_and(|mr| {
                         mr.pd == pd
                             && mr.rkey == *rkey
                             && matches!(

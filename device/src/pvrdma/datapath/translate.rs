@@ -19,7 +19,10 @@ pub enum KeyError {
 
 /// The MR named by `key` (an lkey or rkey) in protection domain `pd`.
 fn lookup(objects: &Objects, pd: u32, key: u32, remote: bool) -> Result<&Mr, KeyError> {
-    let mr = objects.mrs.get(key >> 8).ok_or(KeyError::BadKey)?;
+    let mr = objects
+        .mr_of_key(key)
+        .and_then(|handle| objects.mrs.get(handle))
+        .ok_or(KeyError::BadKey)?;
     let matches = if remote {
         mr.rkey == key
     } else {
