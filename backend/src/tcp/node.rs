@@ -46,12 +46,15 @@ pub const PING_EVERY: Duration = Duration::from_secs(1);
 const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 /// Answers a responder remembers per requesting QP, for retransmissions.
 const ANSWER_CACHE: usize = 64;
+/// Remote requesting QPs this node keeps state for, all peers together: a peer that makes
+/// up QP numbers cannot grow the table without bound.
+const MAX_RECEIVERS: usize = 64 * 1024;
 
 /// What the runtime must do.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
     /// Execute `request` on the local device that holds `request.dst_gid`, then report the
-    /// result with [`Node::answer`]. Check [`Node::still_wanted`] first. `replay`: a READ
+    /// result with [`Node::answer`]. `replay`: a READ
     /// the requester sent again (its answer was lost), read again without changing state.
     Execute {
         peer: PeerId,
@@ -97,6 +100,24 @@ struct Sender {
     rnr_left: u8,
     deadline: Option<Instant>,
     rnr_until: Option<Instant>,
+}
+
+impl Sender {
+    /// A requesting QP's state at the start of a connection to `peer`.
+    fn new(peer: PeerId, request: &Request<'_>) -> Sender {
+        Sender {
+            peer,
+            epoch: request.epoch,
+            next_seq: 0,
+            unanswered: VecDeque::new(),
+            unanswered_bytes: 0,
+            policy: request.retry,
+            retries_left: request.retry.retry_cnt,
+            rnr_left: request.retry.rnr_retry,
+            deadline: None,
+            rnr_until: None,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -283,11 +304,11 @@ impl Node {
         let Some(peer_id) = self.peer_of(&request.destination.gid) else {
             return Delivery::Done(Err(RemoteError::Unreachable));
         };
-        let frames = match frames_of(request) {
-            Ok(frames) => frames,
-            Err(error) => return Delivery::Done(Err(error)),
-        };
         if let Service::Datagram { .. } = request.service {
+            let frames = match frames_of(request) {
+                Ok(frames) => frames,
+                Err(error) => return Delivery::Done(Err(error)),
+            };
             let peer = self.peers.get_mut(&peer_id).expect("peer_of found it");
             // Unreliable: sent if the link can take it, and complete either way.
             if peer.up && peer.out.len() < LINK_QUEUE {
@@ -300,38 +321,25 @@ impl Node {
             return Delivery::Done(Ok(Outcome { bytes }));
         }
         let key = (request.source.gid, request.source.qpn);
-        let sender = self.senders.entry(key).or_insert_with(|| Sender {
-            peer: peer_id,
-            epoch: request.epoch,
-            next_seq: 0,
-            unanswered: VecDeque::new(),
-            unanswered_bytes: 0,
-            policy: request.retry,
-            retries_left: request.retry.retry_cnt,
-            rnr_left: request.retry.rnr_retry,
-            deadline: None,
-            rnr_until: None,
-        });
+        let sender = self
+            .senders
+            .entry(key)
+            .or_insert_with(|| Sender::new(peer_id, request));
         if sender.epoch != request.epoch || sender.peer != peer_id {
             // A new QP with an old number, or a connection to another server: start over.
-            *sender = Sender {
-                peer: peer_id,
-                epoch: request.epoch,
-                next_seq: 0,
-                unanswered: VecDeque::new(),
-                unanswered_bytes: 0,
-                policy: request.retry,
-                retries_left: request.retry.retry_cnt,
-                rnr_left: request.retry.rnr_retry,
-                deadline: None,
-                rnr_until: None,
-            };
+            *sender = Sender::new(peer_id, request);
         }
         sender.policy = request.retry;
-        let size: u64 = frames.iter().map(|f| f.payload.len() as u64).sum();
-        if !sender.unanswered.is_empty() && sender.unanswered_bytes + size > QP_WINDOW {
+        // Decided before the payload is gathered: a refused request costs no copy.
+        if !sender.unanswered.is_empty()
+            && sender.unanswered_bytes + payload_len(request) > QP_WINDOW
+        {
             return Delivery::Busy;
         }
+        let frames = match frames_of(request) {
+            Ok(frames) => frames,
+            Err(error) => return Delivery::Done(Err(error)),
+        };
         let peer = self.peers.get_mut(&peer_id).expect("peer_of found it");
         for mut frame in frames {
             frame.seq = sender.next_seq;
@@ -454,10 +462,12 @@ impl Node {
             });
             return;
         }
-        let receiver = self
-            .receivers
-            .entry((from, request.src_gid, request.src_qpn))
-            .or_default();
+        let key = (from, request.src_gid, request.src_qpn);
+        if self.receivers.len() >= MAX_RECEIVERS && !self.receivers.contains_key(&key) {
+            warn!("peer {from:016x}: {MAX_RECEIVERS} remote QPs already known; request dropped");
+            return;
+        }
+        let receiver = self.receivers.entry(key).or_default();
         if receiver.epoch != request.epoch {
             *receiver = Receiver {
                 epoch: request.epoch,
@@ -604,6 +614,7 @@ impl Node {
             if let Some(peer) = self.peers.get_mut(&id) {
                 peer.gids.clear();
             }
+            self.receivers.retain(|(peer, _, _), _| *peer != id);
         }
         let mut failed = Vec::new();
         for (key, sender) in &mut self.senders {
@@ -654,8 +665,22 @@ impl Node {
         silent
     }
 
+    /// The next thing for the runtime to do. An [`Event::Execute`] that no longer stands
+    /// (see [`Node::still_wanted`]) is dropped here, so callers carry out what they get.
     pub fn next_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        loop {
+            let event = self.events.pop_front()?;
+            if let Event::Execute {
+                peer,
+                request,
+                replay,
+            } = &event
+                && !self.still_wanted(*peer, request, *replay)
+            {
+                continue;
+            }
+            return Some(event);
+        }
     }
 
     /// Forgets a requesting QP (destroyed, or in the error state): nothing of it is resent.
@@ -709,6 +734,25 @@ fn rnr_delay(code: u8) -> Duration {
         245_760, 327_680, 491_520,
     ];
     Duration::from_micros(MICROS[usize::from(code & 31)])
+}
+
+/// Payload bytes `request` sends (SEND and WRITE data).
+fn payload_len(request: &Request<'_>) -> u64 {
+    match &request.operation {
+        Operation::Send { payload, .. } | Operation::Write { payload, .. } => payload.len(),
+        Operation::Read { .. } | Operation::Atomic { .. } => 0,
+    }
+}
+
+/// `(offset, length, last)` of each piece of a `total`-byte transfer of at most
+/// [`wire::CHUNK`] bytes (one empty piece for an empty transfer).
+fn pieces(total: u64) -> impl Iterator<Item = (u64, u64, bool)> {
+    let count = total.div_ceil(wire::CHUNK).max(1);
+    (0..count).map(move |i| {
+        let offset = i * wire::CHUNK;
+        let len = (total - offset).min(wire::CHUNK);
+        (offset, len, i + 1 == count)
+    })
 }
 
 /// The request frames (sequence numbers still 0) that carry `request`: one, or for a large
@@ -777,12 +821,8 @@ fn frames_of(request: &Request<'_>) -> Result<Vec<RequestFrame>, RemoteError> {
             imm,
             solicited,
         } => {
-            let total = payload.len();
             let mut frames = Vec::new();
-            let mut offset = 0;
-            loop {
-                let len = (total - offset).min(wire::CHUNK);
-                let last = offset + len == total;
+            for (offset, len, last) in pieces(payload.len()) {
                 let mut frame = base.clone();
                 frame.op = Op::Write;
                 frame.rkey = *rkey;
@@ -796,38 +836,29 @@ fn frames_of(request: &Request<'_>) -> Result<Vec<RequestFrame>, RemoteError> {
                     }
                 }
                 frames.push(frame);
-                offset += len;
-                if last {
-                    break frames;
-                }
             }
+            frames
         }
         Operation::Read {
             reply,
             remote_addr,
             rkey,
         } => {
-            let total = reply.len();
-            let mut frames = Vec::new();
-            let mut offset = 0;
-            loop {
-                let len = (total - offset).min(wire::CHUNK);
-                let last = offset + len == total;
-                let mut frame = base.clone();
-                frame.op = Op::Read;
-                frame.rkey = *rkey;
-                frame.remote_addr = remote_addr.wrapping_add(offset);
-                frame.read_len = len as u32;
-                frame.reply_offset = offset;
-                if last {
-                    frame.flags |= flags::LAST;
-                }
-                frames.push(frame);
-                offset += len;
-                if last {
-                    break frames;
-                }
-            }
+            pieces(reply.len())
+                .map(|(offset, len, last)| {
+                    let mut frame = base.clone();
+                    frame.op = Op::Read;
+                    frame.rkey = *rkey;
+                    frame.remote_addr = remote_addr.wrapping_add(offset);
+                    // A piece is at most CHUNK (256 KiB) long.
+                    frame.read_len = len as u32;
+                    frame.reply_offset = offset;
+                    if last {
+                        frame.flags |= flags::LAST;
+                    }
+                    frame
+                })
+                .collect()
         }
         Operation::Atomic {
             kind,

@@ -577,19 +577,7 @@ impl Runtime {
     /// lock while the host works (the host takes the fabric's).
     fn run_events(&mut self) {
         loop {
-            let event = {
-                let mut node = self.shared.node();
-                loop {
-                    match node.next_event() {
-                        Some(Event::Execute {
-                            peer,
-                            request,
-                            replay,
-                        }) if !node.still_wanted(peer, &request, replay) => continue,
-                        other => break other,
-                    }
-                }
-            };
+            let event = self.shared.node().next_event();
             let Some(event) = event else { return };
             match event {
                 Event::Execute {

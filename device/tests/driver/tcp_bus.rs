@@ -148,19 +148,7 @@ impl World {
     fn run_events(&mut self, at: usize) -> bool {
         let mut worked = false;
         loop {
-            let event = {
-                let mut node = self.hosts[at].node.lock().unwrap();
-                loop {
-                    match node.next_event() {
-                        Some(Event::Execute {
-                            peer,
-                            request,
-                            replay,
-                        }) if !node.still_wanted(peer, &request, replay) => continue,
-                        other => break other,
-                    }
-                }
-            };
+            let event = self.hosts[at].node.lock().unwrap().next_event();
             let Some(event) = event else {
                 return worked;
             };

@@ -223,7 +223,6 @@ impl Pair {
                 request,
                 replay,
             } = event
-                && self.b.still_wanted(peer, &request, replay)
             {
                 let device = &mut self.device;
                 let (result, reply) = self.staging.execute(&request, |r| device.respond(r));
