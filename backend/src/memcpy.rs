@@ -165,6 +165,33 @@ mod tests {
         }
     }
 
+    /// An empty SEND from QP 2 of GID 1 to QP 7 at `gid`.
+    fn send_to<'a>(
+        gid: [u8; 16],
+        service: Service,
+        mem: &'a GuestMemory,
+        payload: &'a Sgl,
+    ) -> Request<'a> {
+        Request {
+            source: Source {
+                gid: [1; 16],
+                qpn: 2,
+            },
+            destination: Destination { gid, qpn: 7 },
+            service,
+            memory: mem,
+            operation: Operation::Send {
+                payload,
+                imm: None,
+                invalidate: None,
+                solicited: false,
+            },
+            ticket: 0,
+            epoch: 0,
+            retry: RetryPolicy::default(),
+        }
+    }
+
     #[test]
     fn requests_reach_the_port_with_the_gid_and_nothing_else() {
         let mut fabric = MemcpyFabric::new();
@@ -178,24 +205,7 @@ mod tests {
         });
         let mem = GuestMemory::default();
         let payload = Sgl::new();
-        let request = |gid| Request {
-            source: Source {
-                gid: [1; 16],
-                qpn: 2,
-            },
-            destination: Destination { gid, qpn: 7 },
-            service: Service::Reliable,
-            memory: &mem,
-            operation: Operation::Send {
-                payload: &payload,
-                imm: None,
-                invalidate: None,
-                solicited: false,
-            },
-            ticket: 0,
-            epoch: 0,
-            retry: RetryPolicy::default(),
-        };
+        let request = |gid| send_to(gid, Service::Reliable, &mem, &payload);
         let to_b = fabric
             .with_endpoint(a, |_, net| net.deliver(&request([2; 16])))
             .unwrap();
@@ -220,27 +230,7 @@ mod tests {
         let holders = [[2; 16], [2; 16]].map(|gid| fabric.add(Port { gid, answered: 0 }));
         let mem = GuestMemory::default();
         let payload = Sgl::new();
-        let request = Request {
-            source: Source {
-                gid: [1; 16],
-                qpn: 2,
-            },
-            destination: Destination {
-                gid: [2; 16],
-                qpn: 7,
-            },
-            service: Service::Datagram { qkey: 1 },
-            memory: &mem,
-            operation: Operation::Send {
-                payload: &payload,
-                imm: None,
-                invalidate: None,
-                solicited: false,
-            },
-            ticket: 0,
-            epoch: 0,
-            retry: RetryPolicy::default(),
-        };
+        let request = send_to([2; 16], Service::Datagram { qkey: 1 }, &mem, &payload);
         let sent = fabric
             .with_endpoint(sender, |_, net| {
                 (

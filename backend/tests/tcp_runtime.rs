@@ -67,6 +67,36 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> 
     false
 }
 
+/// An RC SEND of `payload` from QP 3 at `from` to QP 4 at `to`, as a device issues it.
+fn rc_send<'a>(
+    memory: &'a GuestMemory,
+    payload: &'a Sgl,
+    from: [u8; 16],
+    to: [u8; 16],
+    ticket: u64,
+) -> Request<'a> {
+    Request {
+        source: Source { gid: from, qpn: 3 },
+        destination: Destination { gid: to, qpn: 4 },
+        service: Service::Reliable,
+        memory,
+        operation: Operation::Send {
+            payload,
+            imm: None,
+            invalidate: None,
+            solicited: false,
+        },
+        ticket,
+        epoch: 1,
+        retry: RetryPolicy {
+            timeout: 14,
+            retry_cnt: 7,
+            rnr_retry: 7,
+            min_rnr_timer: 12,
+        },
+    }
+}
+
 fn linked(transport: &Transport) -> bool {
     transport
         .peers()
@@ -92,32 +122,7 @@ fn peers_with_the_same_key_link_and_carry_a_request_and_its_answer() {
     let memory = GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 4096)]).unwrap();
     let mut payload = Sgl::new();
     payload.push(0, 5).unwrap();
-    let request = Request {
-        source: Source {
-            gid: [0xb; 16],
-            qpn: 3,
-        },
-        destination: Destination {
-            gid: [0xa; 16],
-            qpn: 4,
-        },
-        service: Service::Reliable,
-        memory: &memory,
-        operation: Operation::Send {
-            payload: &payload,
-            imm: None,
-            invalidate: None,
-            solicited: false,
-        },
-        ticket: 42,
-        epoch: 1,
-        retry: RetryPolicy {
-            timeout: 14,
-            retry_cnt: 7,
-            rnr_retry: 7,
-            min_rnr_timer: 12,
-        },
-    };
+    let request = rc_send(&memory, &payload, [0xb; 16], [0xa; 16], 42);
     assert_eq!(b.network().deliver(&request), Delivery::Pending);
     assert!(wait_until("the answer", Duration::from_secs(5), || {
         !host_b.completed.lock().unwrap().is_empty()
@@ -183,32 +188,7 @@ fn two_servers_that_dial_each_other_settle_on_one_working_link() {
     assert!(linked(&a) && linked(&b), "{:?} {:?}", a.peers(), b.peers());
     let memory = GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 4096)]).unwrap();
     let payload = Sgl::new();
-    let request = Request {
-        source: Source {
-            gid: [0xa; 16],
-            qpn: 3,
-        },
-        destination: Destination {
-            gid: [0xb; 16],
-            qpn: 4,
-        },
-        service: Service::Reliable,
-        memory: &memory,
-        operation: Operation::Send {
-            payload: &payload,
-            imm: None,
-            invalidate: None,
-            solicited: false,
-        },
-        ticket: 7,
-        epoch: 1,
-        retry: RetryPolicy {
-            timeout: 14,
-            retry_cnt: 7,
-            rnr_retry: 7,
-            min_rnr_timer: 12,
-        },
-    };
+    let request = rc_send(&memory, &payload, [0xa; 16], [0xb; 16], 7);
     assert_eq!(a.network().deliver(&request), Delivery::Pending);
     assert!(wait_until("the answer", Duration::from_secs(5), || {
         !host_a.completed.lock().unwrap().is_empty()

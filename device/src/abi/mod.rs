@@ -1,6 +1,7 @@
 //! The PVRDMA device ABI as the Linux `vmw_pvrdma` driver and rdma-core's provider use it:
 //! register offsets, the Device Shared Region, command and response slots, ring elements.
-//! Layouts and values follow `shared/spec/pvrdma-device.md` (section numbers in the docs).
+//! Layouts and values follow the Linux driver's ABI headers; docs/device.md names the parts
+//! the § numbers refer to.
 //!
 //! Every struct is `repr(C)` with explicit padding and derives zerocopy's traits, so a struct
 //! is read from a copy of guest bytes (`read_from_bytes`) and written back as bytes

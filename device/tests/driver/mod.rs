@@ -1,6 +1,6 @@
 //! A host-side PVRDMA driver that plays the guest: the register traffic of the Linux
 //! `vmw_pvrdma` probe, its command channel, and the ring handling of the kernel and of
-//! rdma-core's provider (`shared/spec/pvrdma-device.md`). Integration tests use it with
+//! rdma-core's provider (docs/device.md). Integration tests use it with
 //! `mod driver;`.
 //!
 //! * [`bus`] — the transport: the [`Bus`] trait and the in-process implementation.

@@ -13,7 +13,7 @@
 //! the interrupts it raised are already in the eventfds.
 //!
 //! The crate's client ignores error bits in replies and desyncs (or blocks) after an error
-//! reply (`shared/notes/vfio-user.md` §2.3). So every setup step is confirmed from the server's
+//! reply (docs/vfio-user-server.md, the crate's bugs). So every setup step is confirmed from the server's
 //! debug log, and every client call runs under a watchdog that kills the server when a call
 //! takes longer than [`TIMEOUT`]: the blocked call then fails and the test panics with the
 //! server's log instead of hanging.
@@ -328,16 +328,38 @@ impl SocketServer {
     /// previous wait for this socket matched. Returns the line.
     pub fn wait_for_line(&self, index: usize, needle: &str) -> String {
         let path = self.sockets[index].display().to_string();
+        self.wait_matching(
+            |log| &mut log.cursors[index],
+            |line| line.contains(&path) && line.contains(needle),
+            &format!("{needle:?} for {path}"),
+        )
+    }
+
+    /// Waits for a log line containing `needle` that is not about one socket (the TCP
+    /// transport's, say), after the previous one this found; returns it.
+    pub fn wait_for_server_line(&self, needle: &str) -> String {
+        self.wait_matching(
+            |log| &mut log.server_cursor,
+            |line| line.contains(needle),
+            &format!("{needle:?}"),
+        )
+    }
+
+    /// Waits (up to [`TIMEOUT`]) for a line that `matches`, after the position `cursor`
+    /// selects, moves that position past it and returns the line; panics with the log.
+    fn wait_matching(
+        &self,
+        cursor: impl Fn(&mut ServerLog) -> &mut usize,
+        matches: impl Fn(&str) -> bool,
+        what: &str,
+    ) -> String {
         let deadline = Instant::now() + TIMEOUT;
         let mut log = lock(&self.log);
         loop {
-            let cursor = log.cursors[index];
-            let found = log.log[cursor..]
-                .iter()
-                .position(|line| line.contains(&path) && line.contains(needle));
-            if let Some(pos) = found {
-                log.cursors[index] = cursor + pos + 1;
-                return log.log[cursor + pos].clone();
+            let at = *cursor(&mut log);
+            if let Some(pos) = log.log[at..].iter().position(|line| matches(line)) {
+                *cursor(&mut log) = at + pos + 1;
+                return log.log[at + pos].clone();
             }
             let left = deadline.saturating_duration_since(Instant::now());
             match log.lines.recv_timeout(left) {
@@ -345,38 +367,12 @@ impl SocketServer {
                 Err(RecvTimeoutError::Timeout) => {
                     let text = log.log.join("\n");
                     drop(log);
-                    panic!("no log line of {path} with {needle:?} within {TIMEOUT:?}; log:\n{text}")
+                    panic!("no log line with {what} within {TIMEOUT:?}; log:\n{text}")
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     let text = log.log.join("\n");
                     drop(log);
-                    panic!("the server exited before logging {needle:?} for {path}; log:\n{text}")
-                }
-            }
-        }
-    }
-
-    /// Waits for a log line containing `needle` that is not about one socket (the TCP
-    /// transport's, say), after the previous one this found; returns it.
-    pub fn wait_for_server_line(&self, needle: &str) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        let mut log = lock(&self.log);
-        loop {
-            let cursor = log.server_cursor;
-            if let Some(pos) = log.log[cursor..]
-                .iter()
-                .position(|line| line.contains(needle))
-            {
-                log.server_cursor = cursor + pos + 1;
-                return log.log[cursor + pos].clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match log.lines.recv_timeout(left) {
-                Ok(line) => log.log.push(line),
-                Err(_) => {
-                    let text = log.log.join("\n");
-                    drop(log);
-                    panic!("no server log line with {needle:?} within {TIMEOUT:?}; log:\n{text}")
+                    panic!("the server exited before logging {what}; log:\n{text}")
                 }
             }
         }
