@@ -537,6 +537,11 @@ impl Node {
         {
             if replay || receiver.epoch != request.epoch {
                 // Nothing to remember.
+            } else if matches!(result, Err(RemoteError::Dropped)) {
+                // Dropped on the floor, as a fabric drops a packet for a QP not ready yet:
+                // no answer; the requester resends it (and what followed) after its timeout.
+                receiver.expected = request.seq;
+                return;
             } else if matches!(result, Err(RemoteError::ReceiverNotReady)) {
                 // Not executed: the requester resends it (and what followed) later.
                 receiver.expected = request.seq;

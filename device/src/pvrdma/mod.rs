@@ -325,6 +325,16 @@ impl PvrdmaDevice {
         }
     }
 
+    /// Whether `qpn` is an RC QP not yet ready for requests (RESET or INIT): on a real
+    /// fabric a request arriving then is dropped and the requester's transport retries,
+    /// which covers the moment between a peer's RTS and this QP's RTR.
+    pub fn rc_qp_not_ready(&self, qpn: u32) -> bool {
+        self.objects.qps.get(qpn).is_some_and(|qp| {
+            qp.qp_type == abi::qp_type::RC
+                && matches!(qp.attr.qp_state, abi::qp_state::RESET | abi::qp_state::INIT)
+        })
+    }
+
     /// Whether a transport still carries work requests of this device (answers pending).
     pub fn has_remote_work(&self) -> bool {
         self.objects

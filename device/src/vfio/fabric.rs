@@ -208,8 +208,17 @@ impl Fabric {
                 pvrdma_backend::Service::Reliable => RemoteError::Unreachable,
             });
         };
+        let reliable = matches!(request.service, pvrdma_backend::Service::Reliable);
+        let qpn = request.destination.qpn;
         let result = fabric
-            .with_endpoint(index, |slot, _| slot.respond(request))
+            .with_endpoint(index, |slot, _| {
+                // Dropped, not refused: the transport resends after the QP's timeout, by
+                // when a QP caught between its peer's RTS and its own RTR is ready.
+                if reliable && slot.device.rc_qp_not_ready(qpn) {
+                    return Err(RemoteError::Dropped);
+                }
+                slot.respond(request)
+            })
             .unwrap_or(Err(RemoteError::Unreachable));
         self.contain_faults(&mut fabric);
         result

@@ -21,6 +21,8 @@ const REGION: u64 = 0x10_0000;
 /// The responder's device, reduced to what the protocol needs: receives to take, one
 /// memory region, and a record of what it executed.
 struct FakeDevice {
+    /// Requests dropped before any is executed (a QP not ready yet).
+    not_ready: u32,
     receives: u32,
     region: Vec<u8>,
     sends: Vec<Vec<u8>>,
@@ -29,6 +31,10 @@ struct FakeDevice {
 
 impl FakeDevice {
     fn respond(&mut self, request: &Request<'_>) -> Result<Outcome, RemoteError> {
+        if self.not_ready > 0 {
+            self.not_ready -= 1;
+            return Err(RemoteError::Dropped);
+        }
         self.executed += 1;
         let offset = |addr: u64, len: u64| -> Result<usize, RemoteError> {
             let start = addr.checked_sub(REGION).ok_or(RemoteError::AccessError)?;
@@ -138,6 +144,7 @@ impl Pair {
             to_b: Decoder::new(),
             to_a: Decoder::new(),
             device: FakeDevice {
+                not_ready: 0,
                 receives: 1000,
                 region: vec![0; 4 << 20],
                 sends: Vec::new(),
@@ -675,4 +682,24 @@ fn a_silent_peer_is_closed_and_later_forgotten() {
     p.now += PEER_TIMEOUT + Duration::from_millis(1);
     p.a.tick(p.now);
     assert!(!p.a.gid_taken(&GID_B));
+}
+
+#[test]
+fn a_request_for_a_qp_not_ready_is_dropped_and_resent_after_the_timeout() {
+    let mut p = Pair::new();
+    p.device.not_ready = 1;
+    let first = p.send(b"early");
+    let second = p.send(b"behind it");
+    p.pump(usize::MAX);
+    // The second is not executed either: it came behind the dropped one.
+    assert!(
+        p.completions().is_empty(),
+        "no answer for a dropped request"
+    );
+    assert_eq!(p.device.executed, 0);
+    // timeout 14: at least 100 ms; then both are resent, in order, and now executed.
+    p.advance(Duration::from_millis(101));
+    p.pump(usize::MAX);
+    assert_eq!(p.completions(), [(first, ok(5)), (second, ok(9))]);
+    assert_eq!(p.device.sends, [b"early".to_vec(), b"behind it".to_vec()]);
 }
