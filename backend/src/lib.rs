@@ -49,6 +49,22 @@ pub struct RetryPolicy {
     pub min_rnr_timer: u8,
 }
 
+impl RetryPolicy {
+    /// `rnr_retry` 7: receiver-not-ready is retried for ever.
+    pub const RNR_FOR_EVER: u8 = 7;
+
+    /// The pause before a request refused for receiver-not-ready is tried again: IB's
+    /// `min_rnr_timer` table (code 0 is the longest, 655.36 ms).
+    pub fn rnr_delay(&self) -> std::time::Duration {
+        const MICROS: [u64; 32] = [
+            655_360, 10, 20, 30, 40, 60, 80, 120, 160, 240, 320, 480, 640, 960, 1280, 1920, 2560,
+            3840, 5120, 7680, 10_240, 15_360, 20_480, 30_720, 40_960, 61_440, 81_920, 122_880,
+            163_840, 245_760, 327_680, 491_520,
+        ];
+        std::time::Duration::from_micros(MICROS[usize::from(self.min_rnr_timer & 31)])
+    }
+}
+
 /// The transport service of the requesting QP: the responder only accepts requests from a
 /// QP of the same kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

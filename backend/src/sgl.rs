@@ -76,19 +76,30 @@ impl Sgl {
 
     /// The first `len` bytes as a new list.
     pub fn prefix(&self, len: u64) -> Sgl {
+        self.slice(0, len)
+    }
+
+    /// Bytes `[offset, offset + len)` as a new list (clipped to the list's end).
+    pub fn slice(&self, offset: u64, len: u64) -> Sgl {
         let mut out = Sgl::new();
-        let mut left = len;
+        let (mut skip, mut left) = (offset, len);
         for seg in &self.segments {
             if left == 0 {
                 break;
             }
-            let take = u64::from(seg.len).min(left);
+            let seg_len = u64::from(seg.len);
+            if skip >= seg_len {
+                skip -= seg_len;
+                continue;
+            }
+            let take = (seg_len - skip).min(left);
             out.segments.push(Segment {
-                addr: seg.addr,
+                addr: seg.addr + skip,
                 len: take as u32,
             });
             out.len += take;
             left -= take;
+            skip = 0;
         }
         out
     }
@@ -226,6 +237,19 @@ mod tests {
         assert!(sgl.push(u64::MAX - 1, 4).is_none());
         assert_eq!(sgl.prefix(100).len(), 100);
         assert_eq!(sgl.prefix(205).segments().len(), 2);
+    }
+
+    #[test]
+    fn a_slice_covers_exactly_its_bytes_across_segments() {
+        let mut sgl = Sgl::new();
+        sgl.push(1000, 100).unwrap();
+        sgl.push(5000, 50).unwrap();
+        let seg = |addr, len| Segment { addr, len };
+        assert_eq!(sgl.slice(90, 20).segments(), [seg(1090, 10), seg(5000, 10)]);
+        assert_eq!(sgl.slice(100, 50).segments(), [seg(5000, 50)]);
+        assert_eq!(sgl.slice(140, 99).len(), 10, "clipped at the end");
+        assert!(sgl.slice(150, 10).is_empty());
+        assert!(sgl.slice(0, 0).is_empty());
     }
 
     #[test]

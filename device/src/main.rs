@@ -25,9 +25,9 @@ use vfio_user_pvrdma::pvrdma::{DeviceConfig, caps};
 use vfio_user_pvrdma::vfio::PciFunctionBackend;
 use vfio_user_pvrdma::vfio::fabric::Fabric;
 use vfio_user_pvrdma::vfio::listener::{self, ListenError};
-use vfio_user_pvrdma::vfio::poller;
 use vfio_user_pvrdma::vfio::remote::FabricHost;
 use vfio_user_pvrdma::vfio::uar::DoorbellMode;
+use vfio_user_pvrdma::vfio::{poller, rnr_timer};
 
 /// vfio-user server emulating a VMware paravirtual RDMA NIC (PVRDMA, PCI 15ad:0820).
 ///
@@ -369,6 +369,18 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
             return Err(StartupError::Thread { path, source });
         }
         info!("control socket listening on {}", path.display());
+    }
+
+    let target = fabric.clone();
+    let spawned = thread::Builder::new()
+        .name("rnr timer".into())
+        .spawn(move || rnr_timer::run(&target));
+    if let Err(source) = spawned {
+        remove_sockets(&serving);
+        return Err(StartupError::Thread {
+            path: PathBuf::from("rnr timer"),
+            source,
+        });
     }
 
     if cli.doorbells == Doorbells::Trapped && cli.poller_cpu.is_some() {

@@ -400,7 +400,7 @@ impl Node {
                     sender.rnr_left -= 1;
                 }
                 sender.deadline = None;
-                sender.rnr_until = Some(now + rnr_delay(sender.policy.min_rnr_timer));
+                sender.rnr_until = Some(now + sender.policy.rnr_delay());
             }
             Err(_) => {
                 // The QP goes to the error state and flushes the rest: nothing more of it
@@ -729,16 +729,6 @@ fn deadline(now: Instant, timeout: u8) -> Option<Instant> {
         .checked_shl(u32::from(timeout.min(31)))
         .unwrap_or(u64::MAX);
     Some(now + Duration::from_nanos(nanos).max(MIN_TIMEOUT))
-}
-
-/// IB's `min_rnr_timer` codes, in microseconds (code 0 is the longest, 655.36 ms).
-fn rnr_delay(code: u8) -> Duration {
-    const MICROS: [u64; 32] = [
-        655_360, 10, 20, 30, 40, 60, 80, 120, 160, 240, 320, 480, 640, 960, 1280, 1920, 2560, 3840,
-        5120, 7680, 10_240, 15_360, 20_480, 30_720, 40_960, 61_440, 81_920, 122_880, 163_840,
-        245_760, 327_680, 491_520,
-    ];
-    Duration::from_micros(MICROS[usize::from(code & 31)])
 }
 
 /// Payload bytes `request` sends (SEND and WRITE data).

@@ -325,6 +325,11 @@ impl PvrdmaDevice {
         }
     }
 
+    /// A responder keeps a request of QP `qpn` to retry for receiver-not-ready (counted).
+    pub fn note_receiver_not_ready(&mut self, qpn: u32) {
+        datapath::note_receiver_not_ready(self, qpn);
+    }
+
     /// Whether `qpn` is an RC QP not yet ready for requests (RESET or INIT): on a real
     /// fabric a request arriving then is dropped and the requester's transport retries,
     /// which covers the moment between a peer's RTS and this QP's RTR.

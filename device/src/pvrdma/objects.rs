@@ -120,6 +120,8 @@ pub struct Qp {
     /// the send queue (not consumed) until they complete, so the guest cannot post more
     /// than the queue holds, and a flush finds them there.
     pub in_flight: std::collections::VecDeque<InFlight>,
+    /// The profiler's clock of the sampled pass whose work is still in flight.
+    pub timing: Option<crate::pvrdma::datapath::Timing>,
     /// The ticket of the next work request this QP issues.
     pub next_ticket: u64,
     /// Tells this QP apart from earlier QPs with the same number (transports key their
@@ -144,6 +146,8 @@ pub struct InFlight {
     /// The answer, once it came (completions are written in order, so an answer may wait
     /// for an older request's).
     pub result: Option<Result<pvrdma_backend::Outcome, pvrdma_backend::RemoteError>>,
+    /// Issued by a sampled pass: its stages are timed when its answer comes.
+    pub timed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

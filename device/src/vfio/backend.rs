@@ -109,10 +109,9 @@ impl PciFunctionBackend {
             .unwrap_or(false)
     }
 
-    /// Runs `work`, which changes this function's slot, then lets stalled senders anywhere in
-    /// the fabric retry: a receive may have been posted, or a peer may have gone away.
+    /// Runs `work`, which changes this function's slot (and may send to other devices).
     fn with_slot<R>(&self, work: impl FnOnce(&mut Slot, &mut dyn Network) -> R) -> Option<R> {
-        self.fabric.with_slot_resuming(self.slot, work)
+        self.fabric.with_slot(self.slot, work)
     }
 
     /// Runs `work`, which only reads this function's slot.

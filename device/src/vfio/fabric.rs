@@ -2,18 +2,20 @@
 //!
 //! Each socket's thread owns its PCI function (config space, DMA windows); the parts a peer
 //! must reach — the device model, the guest RAM mapped for it and its interrupt eventfds —
-//! live in a slot of the shared fabric. One lock guards the fabric: a request from one
-//! guest to another runs entirely under it, so the two devices, both memories and the
-//! responder's interrupts are consistent for its whole duration, and a DMA_UNMAP (which
-//! also takes the lock) can never pull memory out from under a copy.
+//! live in a slot of the fabric, each slot behind its own lock. A thread holds one slot's
+//! lock at a time: a request from one guest to another waits in the responder's inbox and
+//! is executed under the responder's lock alone, in bounded pieces, so no guest's work ever
+//! holds a lock another guest's register access needs (docs/backends.md). A DMA_UNMAP takes
+//! the slot's lock too; a copy already under way keeps the unmapped pages alive, since every
+//! request holds a reference to its requester's mapping.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use log::{debug, error, warn};
-use pvrdma_backend::memcpy::MemcpyFabric;
-use pvrdma_backend::{Outcome, RemoteError, Request, Responder};
+use pvrdma_backend::memcpy::{Endpoint, MemcpyFabric};
+use pvrdma_backend::{Completion, Gid, Network, Outcome, RemoteError, Request, Responder};
 
 use super::irqs::MsixEventfds;
 use super::memory_fault::{self, GuardedRam};
@@ -125,10 +127,40 @@ impl Responder for Slot {
     }
 }
 
+impl Endpoint for Slot {
+    fn complete(&mut self, completion: &Completion<'_>, net: &mut dyn Network) {
+        let (device, mem, mut irq) = self.parts();
+        device.complete_remote(mem, &mut irq, net, completion);
+    }
+
+    fn receiver_not_ready(&mut self, qpn: u32) {
+        self.device.note_receiver_not_ready(qpn);
+    }
+
+    fn wake_events(&self) -> u64 {
+        self.device.wake_events()
+    }
+
+    fn resume_stalled(&mut self, net: &mut dyn Network) {
+        if self.device.has_stalled_work() {
+            let (device, mem, mut irq) = self.parts();
+            device.resume_stalled(mem, &mut irq, net);
+        }
+    }
+
+    fn gids(&self) -> Vec<Gid> {
+        self.device.gids().collect()
+    }
+
+    fn same_gids(&self, gids: &[Gid]) -> bool {
+        self.device.gids().eq(gids.iter().copied())
+    }
+}
+
 /// The fabric shared by every socket thread of the process.
 #[derive(Clone, Default)]
 pub struct Fabric {
-    shared: Arc<Mutex<MemcpyFabric<Slot>>>,
+    shared: Arc<MemcpyFabric<Slot>>,
     /// How many devices were failed so far: a socket thread compares it with the count it
     /// saw last to learn, without the lock, whether to look at its slot's `failed`.
     failures: Arc<AtomicUsize>,
@@ -138,7 +170,7 @@ pub struct Fabric {
 
 impl std::fmt::Debug for Fabric {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Fabric({} devices)", self.lock().len())
+        write!(f, "Fabric({} devices)", self.shared.len())
     }
 }
 
@@ -149,60 +181,60 @@ impl Fabric {
 
     /// Adds a device; returns its slot index.
     pub fn add_device(&self, config: DeviceConfig) -> usize {
-        self.lock().add(Slot::new(config))
+        self.shared.add(Slot::new(config))
     }
 
     /// Makes slot `index`'s doorbells exit-free: the poller reads them from `uar`.
     pub fn set_uar(&self, index: usize, uar: Arc<UarPages>) {
-        self.lock()
+        self.shared
             .with_endpoint(index, |slot, _| slot.uar = Some(uar));
     }
 
     /// One poll of every exit-free device's doorbells; whether anything happened.
     pub fn poll_doorbells(&self) -> bool {
-        let mut fabric = self.lock();
         let mut activity = false;
-        let mut woke = false;
-        for index in fabric.indices() {
-            fabric.with_endpoint(index, |slot, net| {
-                let Some(uar) = slot.uar.clone() else { return };
+        for index in self.shared.indices() {
+            let polled = self.shared.with_endpoint(index, |slot, net| {
+                let uar = slot.uar.clone()?;
                 if !slot.bus_master {
-                    return;
+                    return None;
                 }
                 let (device, mem, mut irq) = slot.parts();
-                let before = device.wake_events();
-                activity |= device.poll_uar(mem, &mut irq, net, &mut |offset| uar.take(offset));
-                woke |= device.wake_events() != before;
+                Some(device.poll_uar(mem, &mut irq, net, &mut |offset| uar.take(offset)))
             });
+            if polled == Some(Some(true)) {
+                activity = true;
+                // Exit-free doorbell words are last-writer-wins: a receive doorbell may be
+                // lost under a later send word of the same page, so any activity may have
+                // posted a receive.
+                self.shared.wake(index);
+            }
         }
-        // Exit-free doorbell words are last-writer-wins: a receive doorbell may be lost under
-        // a later send word of the same page, so any activity may have posted a receive.
-        if woke || activity {
-            resume_stalled(&mut fabric);
-        }
-        self.contain_faults(&mut fabric);
+        self.contain_faults();
         activity
+    }
+
+    /// Retries the requests waiting for a receiver whose RNR timer ended; returns when the
+    /// next timer ends, if any request waits.
+    pub fn tick(&self) -> Option<Instant> {
+        let next = self.shared.tick(Instant::now());
+        self.contain_faults();
+        next
     }
 
     /// Sends requests for GIDs outside this process to `remote` (the TCP transport).
     pub fn set_remote(&self, remote: pvrdma_backend::memcpy::Remote) {
-        self.lock().set_remote(remote);
+        self.shared.set_remote(remote);
     }
 
     /// Every GID the devices of this process hold.
     pub fn local_gids(&self) -> Vec<[u8; 16]> {
-        let mut fabric = self.lock();
-        let mut gids = Vec::new();
-        for index in fabric.indices() {
-            fabric.with_endpoint(index, |slot, _| gids.extend(slot.device.gids()));
-        }
-        gids
+        self.shared.gids()
     }
 
     /// A peer server's request for the device that holds its destination GID.
     pub fn respond_remote(&self, request: &Request<'_>) -> Result<Outcome, RemoteError> {
-        let mut fabric = self.lock();
-        let Some(index) = fabric.find(&request.destination.gid) else {
+        let Some(index) = self.shared.find(&request.destination.gid) else {
             return Err(match request.service {
                 pvrdma_backend::Service::Datagram { .. } => RemoteError::Dropped,
                 pvrdma_backend::Service::Reliable => RemoteError::Unreachable,
@@ -210,8 +242,12 @@ impl Fabric {
         };
         let reliable = matches!(request.service, pvrdma_backend::Service::Reliable);
         let qpn = request.destination.qpn;
-        let result = fabric
+        let result = self
+            .shared
             .with_endpoint(index, |slot, _| {
+                if !slot.has_gid(&request.destination.gid) {
+                    return Err(RemoteError::Unreachable);
+                }
                 // Dropped, not refused: the transport resends after the QP's timeout, by
                 // when a QP caught between its peer's RTS and its own RTR is ready.
                 if reliable && slot.device.rc_qp_not_ready(qpn) {
@@ -220,22 +256,19 @@ impl Fabric {
                 slot.respond(request)
             })
             .unwrap_or(Err(RemoteError::Unreachable));
-        self.contain_faults(&mut fabric);
+        self.contain_faults();
         result
     }
 
     /// A transport's answer for the device that holds `gid`, which issued the request.
-    pub fn complete_remote(&self, gid: &[u8; 16], completion: &pvrdma_backend::Completion<'_>) {
-        let mut fabric = self.lock();
-        let Some(index) = fabric.find(gid) else {
+    pub fn complete_remote(&self, gid: &[u8; 16], completion: &Completion<'_>) {
+        let Some(index) = self.shared.find(gid) else {
             debug!("an answer for GID {gid:02x?}, which no device holds, dropped");
             return;
         };
-        fabric.with_endpoint(index, |slot, net| {
-            let (device, mem, mut irq) = slot.parts();
-            device.complete_remote(mem, &mut irq, net, completion);
-        });
-        self.contain_faults(&mut fabric);
+        self.shared
+            .with_endpoint(index, |slot, net| slot.complete(completion, net));
+        self.contain_faults();
     }
 
     /// Devices failed so far (see [`Fabric::failures`] field docs).
@@ -245,12 +278,12 @@ impl Fabric {
 
     /// Fails every device whose guest memory faulted during the work just done: its RAM is
     /// taken away (so nothing touches the lost pages again) and its client is to be dropped.
-    fn contain_faults(&self, fabric: &mut MemcpyFabric<Slot>) {
+    fn contain_faults(&self) {
         if !memory_fault::take_pending() {
             return;
         }
-        for index in fabric.indices() {
-            fabric.with_endpoint(index, |slot, _| {
+        for index in self.shared.indices() {
+            self.shared.with_endpoint(index, |slot, _| {
                 if !slot.ram_guard.take_fault() {
                     return;
                 }
@@ -265,34 +298,26 @@ impl Fabric {
         }
     }
 
-    /// The fabric, locked. A thread that panicked while holding the lock leaves the fabric
-    /// usable: every operation on it is self-contained.
-    pub fn lock(&self) -> MutexGuard<'_, MemcpyFabric<Slot>> {
-        self.shared
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// Times one pass over a send queue in `every` on every device (1: all).
     pub fn set_profile_sampling(&self, every: u32) {
-        let mut fabric = self.lock();
-        for index in fabric.indices() {
-            fabric.with_endpoint(index, |slot, _| slot.device.set_profile_sampling(every));
+        for index in self.shared.indices() {
+            self.shared
+                .with_endpoint(index, |slot, _| slot.device.set_profile_sampling(every));
         }
     }
 
     /// Turns the profiler's stage timing on or off on every device.
     pub fn set_profiling(&self, on: bool) {
-        let mut fabric = self.lock();
-        for index in fabric.indices() {
-            fabric.with_endpoint(index, |slot, _| slot.device.set_profiling(on));
+        for index in self.shared.indices() {
+            self.shared
+                .with_endpoint(index, |slot, _| slot.device.set_profiling(on));
         }
     }
 
     /// A copy of every device's profiler figures, taken under the lock and nothing else.
     pub fn profile(&self) -> Snapshot {
         type Destinations = Vec<(u32, Option<Option<[u8; 16]>>)>;
-        let mut fabric = self.lock();
+        let fabric = &self.shared;
         let mut profiling = false;
         let taken: Vec<(DeviceSnapshot, Destinations, Vec<[u8; 16]>)> = fabric
             .indices()
@@ -327,7 +352,6 @@ impl Fabric {
                 snapshot
             })
             .collect();
-        drop(fabric);
         let peers = self
             .peers
             .get()
@@ -350,55 +374,18 @@ impl Fabric {
         let _ = self.peers.set(view);
     }
 
-    /// Runs `work` on slot `index` with the rest of the fabric as its network.
+    /// Runs `work` on slot `index` with the rest of the fabric as its network; what it
+    /// sends to other devices is carried before this returns. If the work did something a
+    /// stalled sender may wait for ([`PvrdmaDevice::wake_events`] moved: a receive posted,
+    /// a QP changed), the requests waiting for this device's receivers go again.
     pub fn with_slot<R>(
         &self,
         index: usize,
-        work: impl FnOnce(&mut Slot, &mut dyn pvrdma_backend::Network) -> R,
+        work: impl FnOnce(&mut Slot, &mut dyn Network) -> R,
     ) -> Option<R> {
-        let mut fabric = self.lock();
-        let result = fabric.with_endpoint(index, work);
-        self.contain_faults(&mut fabric);
+        let result = self.shared.with_endpoint(index, work);
+        self.contain_faults();
         result
-    }
-
-    /// As [`Fabric::with_slot`], then, if the work did something a stalled sender may wait
-    /// for ([`PvrdmaDevice::wake_events`] moved: a receive posted, a QP changed), lets every
-    /// device whose senders wait for a receiver retry.
-    pub fn with_slot_resuming<R>(
-        &self,
-        index: usize,
-        work: impl FnOnce(&mut Slot, &mut dyn pvrdma_backend::Network) -> R,
-    ) -> Option<R> {
-        let mut fabric = self.lock();
-        let result = fabric.with_endpoint(index, |slot, net| {
-            let before = slot.device.wake_events();
-            let result = work(slot, net);
-            (result, slot.device.wake_events() != before)
-        });
-        let result = result.map(|(result, woke)| {
-            // Only something a stalled sender waits for (a receive posted, a QP changed or
-            // gone) is worth a retry: retrying on every access made each parked queue cost
-            // every other guest's register writes a page-list rebuild.
-            if woke {
-                resume_stalled(&mut fabric);
-            }
-            result
-        });
-        self.contain_faults(&mut fabric);
-        result
-    }
-}
-
-/// Retries, on every device, the send queues that wait for a receiver.
-fn resume_stalled(fabric: &mut MemcpyFabric<Slot>) {
-    for index in fabric.indices() {
-        fabric.with_endpoint(index, |slot, net| {
-            if slot.device.has_stalled_work() {
-                let (device, mem, mut irq) = slot.parts();
-                device.resume_stalled(mem, &mut irq, net);
-            }
-        });
     }
 }
 

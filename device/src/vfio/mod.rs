@@ -26,6 +26,7 @@ pub mod poller;
 pub mod protocol;
 pub mod regions;
 pub mod remote;
+pub mod rnr_timer;
 pub mod uar;
 
 pub use backend::PciFunctionBackend;

@@ -1,13 +1,13 @@
 //! Several in-process devices joined by the memcpy fabric, the way the server joins the
 //! devices of one process (`vfio::fabric`): each device has its own guest RAM and its own
-//! interrupt log, and a doorbell on one device may execute requests on another. Each device
-//! is driven by its own [`Driver`] over a [`FabricBus`].
+//! interrupt log, and a doorbell on one device may execute requests on another (carried
+//! through the other's inbox before the access returns). Each device is driven by its own
+//! [`Driver`] over a [`FabricBus`].
 
-use std::cell::RefCell;
 use std::rc::Rc;
 
 use pvrdma_backend::memcpy::MemcpyFabric;
-use pvrdma_backend::{Outcome, RemoteError, Request, Responder};
+use pvrdma_backend::{Completion, Gid, Network, Outcome, RemoteError, Request, Responder};
 use vfio_user_pvrdma::pvrdma::{DeviceConfig, GuestRam, Interrupts, PvrdmaDevice};
 
 use super::Driver;
@@ -41,7 +41,36 @@ impl Responder for Endpoint {
     }
 }
 
-pub type SharedFabric = Rc<RefCell<MemcpyFabric<Endpoint>>>;
+impl pvrdma_backend::memcpy::Endpoint for Endpoint {
+    fn complete(&mut self, completion: &Completion<'_>, net: &mut dyn Network) {
+        self.device
+            .complete_remote(&self.ram, &mut self.irqs, net, completion);
+    }
+
+    fn receiver_not_ready(&mut self, qpn: u32) {
+        self.device.note_receiver_not_ready(qpn);
+    }
+
+    fn wake_events(&self) -> u64 {
+        self.device.wake_events()
+    }
+
+    fn resume_stalled(&mut self, net: &mut dyn Network) {
+        if self.device.has_stalled_work() {
+            self.device.resume_stalled(&self.ram, &mut self.irqs, net);
+        }
+    }
+
+    fn gids(&self) -> Vec<Gid> {
+        self.device.gids().collect()
+    }
+
+    fn same_gids(&self, gids: &[Gid]) -> bool {
+        self.device.gids().eq(gids.iter().copied())
+    }
+}
+
+pub type SharedFabric = Rc<MemcpyFabric<Endpoint>>;
 
 /// The bus of one fabric device.
 pub struct FabricBus {
@@ -57,22 +86,8 @@ impl FabricBus {
         work: impl FnOnce(&mut Endpoint, &mut dyn pvrdma_backend::Network) -> R,
     ) -> R {
         self.fabric
-            .borrow_mut()
             .with_endpoint(self.index, work)
             .expect("the endpoint is in the fabric")
-    }
-
-    /// After a doorbell: every device whose senders wait for a receiver retries, as
-    /// `Fabric::with_slot` does in the server.
-    fn resume_everywhere(&self) {
-        let mut fabric = self.fabric.borrow_mut();
-        for index in fabric.indices() {
-            fabric.with_endpoint(index, |e, net| {
-                if e.device.has_stalled_work() {
-                    e.device.resume_stalled(&e.ram, &mut e.irqs, net);
-                }
-            });
-        }
     }
 
     pub fn index(&self) -> usize {
@@ -99,7 +114,6 @@ impl Bus for FabricBus {
                     e.device
                         .write_doorbell(&e.ram, &mut e.irqs, net, offset, value)
                 });
-                self.resume_everywhere();
             }
             _ => {}
         }
@@ -117,11 +131,11 @@ impl Bus for FabricBus {
 /// `count` devices with default limits in one fabric, each with `ram_size` bytes of its own
 /// RAM at the same guest-physical base (different guests may well use the same addresses).
 pub fn fabric(count: usize, ram_size: u64) -> Vec<Driver<FabricBus>> {
-    let shared: SharedFabric = Rc::new(RefCell::new(MemcpyFabric::new()));
+    let shared: SharedFabric = Rc::new(MemcpyFabric::new());
     (0..count)
         .map(|_| {
             let memory = GuestMemory::new(super::memory::DEFAULT_BASE, ram_size);
-            let index = shared.borrow_mut().add(Endpoint {
+            let index = shared.add(Endpoint {
                 device: PvrdmaDevice::new(DeviceConfig::default()),
                 ram: memory.ram().clone(),
                 irqs: IrqLog::default(),

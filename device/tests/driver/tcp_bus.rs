@@ -269,7 +269,7 @@ pub fn pair(ram_size: u64) -> Vec<Driver<TcpBus>> {
     let hosts = [0, 1].map(|i| {
         let node = Arc::new(Mutex::new(Node::new(IDS[i])));
         node.lock().unwrap().link_up(IDS[1 - i], now);
-        let mut fabric = MemcpyFabric::new();
+        let fabric = MemcpyFabric::new();
         fabric.add(Endpoint {
             device: PvrdmaDevice::new(DeviceConfig::default()),
             ram: memories[i].ram().clone(),

@@ -118,6 +118,7 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
         doorbell_ns: None,
         rnr_counted: false,
         in_flight: Default::default(),
+        timing: None,
         next_ticket: 0,
         epoch: device.objects.next_qp_epoch,
         waiting_transport: false,

@@ -7,7 +7,10 @@ mod requester;
 mod responder;
 mod translate;
 
-pub(super) use requester::{complete_remote, process_send_queue, resume_stalled};
+pub use requester::Timing;
+pub(super) use requester::{
+    complete_remote, note_receiver_not_ready, process_send_queue, resume_stalled,
+};
 pub(super) use responder::respond;
 
 use zerocopy::FromBytes;

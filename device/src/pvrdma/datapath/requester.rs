@@ -19,7 +19,7 @@ use crate::pvrdma::{Interrupts, PvrdmaDevice};
 
 /// The profiler's view of one pass over a send queue: when its doorbell rang, and when the
 /// device last finished something (the next WQE is picked up then).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
     pub doorbell_ns: u64,
     pub last_ns: u64,
@@ -56,6 +56,21 @@ pub fn process_send_queue(
         if !step(device, mem, irq, net, qp_handle, &mut timing) {
             break;
         }
+    }
+    // Work issued by this pass and still in flight is timed when its answers come.
+    if timing.is_some()
+        && let Some(qp) = device.objects.qps.get_mut(qp_handle)
+        && qp.in_flight.iter().any(|entry| entry.timed)
+    {
+        qp.timing = timing;
+    }
+}
+
+/// A responder refused a request of `qpn` for receiver-not-ready and keeps it to retry:
+/// counted once per work request, as the requester does for a refusal it sees itself.
+pub fn note_receiver_not_ready(device: &mut PvrdmaDevice, qpn: u32) {
+    if let Some(qp) = device.objects.qps.get_mut(qpn) {
+        qp.stats.rnr_stalls += 1;
     }
 }
 
@@ -277,11 +292,11 @@ fn step(
             return false;
         }
         Delivery::Done(result) => {
-            issue(device, qp_handle, &plan, Some(result));
+            issue(device, qp_handle, &plan, Some(result), timing.is_some());
             return true;
         }
         Delivery::Pending => {
-            issue(device, qp_handle, &plan, None);
+            issue(device, qp_handle, &plan, None, timing.is_some());
             return true;
         }
         Delivery::Busy => {
@@ -314,10 +329,10 @@ fn step(
             wc_status::RNR_RETRY_EXC_ERR
         }
         Err(RemoteError::ReceiverNotReady) => {
-            // RNR: keep the WQE at the head and retry when a receive is posted anywhere in
-            // the fabric. There is no timer to count retry intervals, so any non-zero
-            // rnr_retry waits until the receiver is ready, as 7 ("retry forever", what every
-            // guest tool sets) does. docs/backends.md.
+            // RNR from this device itself (loopback; the fabric parks other devices'
+            // refusals at the responder and times them): keep the WQE at the head and retry
+            // when this device posts a receive. No timer counts these retries, so any
+            // non-zero rnr_retry waits like 7 ("retry forever") here. docs/backends.md.
             if let Some(qp) = device.objects.qps.get_mut(qp_handle) {
                 qp.stalled = true;
                 // Once per WQE, however often the fabric retries it.
@@ -378,20 +393,31 @@ fn step(
             ..Cqe::default()
         };
         let written = completion::complete(device, mem, irq, cq, &cqe, false, timing.is_some());
-        if let (Some(t), Some(w)) = (timing.as_mut(), written)
-            && let Some(qp) = device.objects.qps.get_mut(qp_handle)
-        {
-            qp.stats
-                .record(Stage::Complete, w.cqe_ns.saturating_sub(t.last_ns));
-            t.last_ns = w.cqe_ns;
-            if let Some(irq_ns) = w.irq_ns {
-                qp.stats
-                    .record(Stage::Interrupt, irq_ns.saturating_sub(w.cqe_ns));
-                t.last_ns = irq_ns;
-            }
+        if let (Some(t), Some(w)) = (timing.as_mut(), written) {
+            record_completion(device, qp_handle, t, w);
         }
     }
     true
+}
+
+/// Records the Complete and Interrupt stages of a timed work request's completion.
+fn record_completion(
+    device: &mut PvrdmaDevice,
+    qp_handle: u32,
+    t: &mut Timing,
+    written: completion::Written,
+) {
+    let Some(qp) = device.objects.qps.get_mut(qp_handle) else {
+        return;
+    };
+    qp.stats
+        .record(Stage::Complete, written.cqe_ns.saturating_sub(t.last_ns));
+    t.last_ns = written.cqe_ns;
+    if let Some(irq_ns) = written.irq_ns {
+        qp.stats
+            .record(Stage::Interrupt, irq_ns.saturating_sub(written.cqe_ns));
+        t.last_ns = irq_ns;
+    }
 }
 
 /// Records a work request a transport took (or answered behind older ones in flight).
@@ -400,6 +426,7 @@ fn issue(
     qp_handle: u32,
     plan: &Plan,
     result: Option<Result<Outcome, RemoteError>>,
+    timed: bool,
 ) {
     let Some(qp) = device.objects.qps.get_mut(qp_handle) else {
         return;
@@ -421,6 +448,7 @@ fn issue(
         },
         length: plan.local.len(),
         result,
+        timed,
     });
     qp.next_ticket = qp.next_ticket.wrapping_add(1);
     qp.stats.wqes_posted += 1;
@@ -471,11 +499,11 @@ pub fn complete_remote(
     entry.result = Some(result);
     finish_answered(device, mem, irq, completion.qpn);
     // Go on with the queue: work the transport refused for lack of room, and a WQE that
-    // waited for everything ahead of it to complete (one that fails locally) go now.
+    // waited for everything ahead of it to complete (one that fails locally) go now. The
+    // pass is not timed: no doorbell started it.
     if let Some(qp) = device.objects.qps.get_mut(completion.qpn) {
         qp.waiting_transport = false;
-        let started = device.profiler.now();
-        process_send_queue(device, mem, irq, net, completion.qpn, started);
+        process_send_queue(device, mem, irq, net, completion.qpn, None);
     }
 }
 
@@ -510,8 +538,9 @@ fn finish_answered(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut dyn Inte
         if status != wc_status::SUCCESS {
             // The head of the ring is this request: fail() consumes it (counting it as
             // posted, which issue() did already), moves the QP to the error state and
-            // flushes the rest, in flight or not.
-            qp.stats.wqes_posted = qp.stats.wqes_posted.saturating_sub(1);
+            // flushes the rest, in flight or not (counting those again too).
+            let counted = 1 + qp.in_flight.len() as u64;
+            qp.stats.wqes_posted = qp.stats.wqes_posted.saturating_sub(counted);
             fail(device, mem, irq, qpn, entry.wr_id, entry.opcode, status);
             return;
         }
@@ -527,6 +556,18 @@ fn finish_answered(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut dyn Inte
             _ => qp.stats.bytes_sent += moved,
         }
         let cq = qp.send_cq;
+        // Timed as the same pass would have been had the answer come at once: picked up
+        // when the one before it was answered, placed when its own answer came.
+        let mut timing = if entry.timed { qp.timing } else { None };
+        if let Some(t) = timing.as_mut()
+            && let Some(placed) = device.profiler.now()
+        {
+            qp.stats
+                .record(Stage::Pickup, t.last_ns.saturating_sub(t.doorbell_ns));
+            qp.stats
+                .record(Stage::Place, placed.saturating_sub(t.last_ns));
+            t.last_ns = placed;
+        }
         if entry.signaled {
             let cqe = Cqe {
                 wr_id: entry.wr_id,
@@ -535,7 +576,15 @@ fn finish_answered(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut dyn Inte
                 byte_len: u32::try_from(entry.length).unwrap_or(u32::MAX),
                 ..Cqe::default()
             };
-            completion::complete(device, mem, irq, cq, &cqe, false, false);
+            let written = completion::complete(device, mem, irq, cq, &cqe, false, timing.is_some());
+            if let (Some(t), Some(w)) = (timing.as_mut(), written) {
+                record_completion(device, qpn, t, w);
+            }
+        }
+        if let Some(qp) = device.objects.qps.get_mut(qpn)
+            && timing.is_some()
+        {
+            qp.timing = timing;
         }
     }
 }
