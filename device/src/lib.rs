@@ -11,7 +11,7 @@
 //!
 //! The PVRDMA register file (BAR1), the device shared region, the command
 //! channel and the data path will be added as further modules next to `pci`
-//! and plugged into [`vfio::PciFunctionBackend`].
+//! and plugged into [`vfio::PciFunction`].
 
 // `deny`, not `forbid`: exactly two modules may opt out: `vfio::protocol::socket`, to take
 // ownership of file descriptors received over the socket, and `vfio::memory_fault`, whose
@@ -22,4 +22,5 @@ pub mod abi;
 pub mod pci;
 pub mod profiler;
 pub mod pvrdma;
+pub mod runtime;
 pub mod vfio;

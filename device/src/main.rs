@@ -22,12 +22,12 @@ use pvrdma_backend::tcp::runtime::{Config as TransportConfig, Transport};
 use thiserror::Error;
 use vfio_user_pvrdma::profiler::control;
 use vfio_user_pvrdma::pvrdma::{DeviceConfig, caps};
-use vfio_user_pvrdma::vfio::PciFunctionBackend;
-use vfio_user_pvrdma::vfio::fabric::Fabric;
+use vfio_user_pvrdma::runtime::fabric::Fabric;
+use vfio_user_pvrdma::runtime::remote::FabricHost;
+use vfio_user_pvrdma::runtime::{control as control_server, poller, rnr_timer};
+use vfio_user_pvrdma::vfio::PciFunction;
 use vfio_user_pvrdma::vfio::listener::{self, ListenError};
-use vfio_user_pvrdma::vfio::remote::FabricHost;
 use vfio_user_pvrdma::vfio::uar::DoorbellMode;
-use vfio_user_pvrdma::vfio::{poller, rnr_timer};
 
 /// vfio-user server emulating a VMware paravirtual RDMA NIC (PVRDMA, PCI 15ad:0820).
 ///
@@ -334,7 +334,7 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
             Doorbells::Trapped => DoorbellMode::Trapped,
             Doorbells::ExitFree => DoorbellMode::ExitFree,
         };
-        let mut backend = PciFunctionBackend::with_doorbells(&fabric, device_config(index), mode);
+        let mut backend = PciFunction::with_doorbells(&fabric, device_config(index), mode);
         let spawned = thread::Builder::new()
             .name(path.display().to_string())
             .spawn(move || listener::serve(&server, &mut backend, spin));
@@ -363,7 +363,7 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
         let target = fabric.clone();
         let spawned = thread::Builder::new()
             .name(format!("control {}", path.display()))
-            .spawn(move || control::serve(&server, &target));
+            .spawn(move || control_server::serve(&server, &target));
         if let Err(source) = spawned {
             remove_sockets(&serving);
             return Err(StartupError::Thread { path, source });

@@ -197,7 +197,7 @@ pub fn unix_rtt(size: usize, echo_cpu: usize, warmup: usize, iterations: usize) 
 /// runs of 200 000 reads through `dyn Clock`, as the device calls it).
 pub fn clock_read_ns() -> f64 {
     use vfio_user_pvrdma::pvrdma::Clock;
-    use vfio_user_pvrdma::vfio::fabric::MonotonicClock;
+    use vfio_user_pvrdma::runtime::fabric::MonotonicClock;
     const READS: u32 = 200_000;
     let clock: std::sync::Arc<dyn Clock> = std::sync::Arc::new(MonotonicClock::new());
     let mut runs: Vec<f64> = (0..5)

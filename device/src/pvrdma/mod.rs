@@ -266,7 +266,7 @@ impl PvrdmaDevice {
 
     /// The work requests a send doorbell (`value` at BAR2 `offset`) would find waiting in its
     /// QP's send queue; 0 for any other doorbell, or one that names no QP. A hint for how
-    /// to schedule the doorbell (see `vfio::backend`), never a check: ringing it validates.
+    /// to schedule the doorbell (see `vfio::function`), never a check: ringing it validates.
     pub fn send_doorbell_backlog(&self, mem: &GuestRam, offset: u64, value: u32) -> u32 {
         if !self.active || offset & 0xfff != uar::QP_OFFSET || value & uar::QP_SEND == 0 {
             return 0;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use log::{error, info, warn};
 use thiserror::Error;
 
-use super::backend::PciFunctionBackend;
+use super::function::PciFunction;
 use super::protocol;
 
 /// Pause after a failed `accept()` (e.g. out of file descriptors) so a
@@ -149,7 +149,7 @@ fn remove_stale_socket(path: &Path) -> Result<(), ListenError> {
 
 /// Serves clients on `listener` one after the other, forever, spinning for up to `spin`
 /// after each reply for the client's next message before sleeping.
-pub fn serve(listener: &Listener, backend: &mut PciFunctionBackend, spin: Duration) -> ! {
+pub fn serve(listener: &Listener, backend: &mut PciFunction, spin: Duration) -> ! {
     loop {
         let stream = match listener.accept() {
             Ok(stream) => stream,

@@ -6,27 +6,23 @@
 //! * [`dma`] — the client's DMA windows (guest memory it shared with us).
 //! * [`memory_fault`] — a window whose file shrinks fails its device, not the process.
 //! * [`irqs`] — decoding of `SET_IRQS` and the MSI-X eventfd table.
-//! * [`backend`] — the `DeviceBackend` that routes requests to the function.
+//! * [`function`] — the PCI function: the `DeviceBackend` that routes requests to it.
 //! * [`listener`] — socket creation and the accept-serve-accept loop.
-//! * [`uar`] and [`poller`] — exit-free doorbells: BAR2 shared with the client, and the
-//!   thread that polls it.
+//! * [`uar`] — exit-free doorbells: BAR2 shared with the client (the thread that polls it
+//!   is the runtime's).
 //!
 //! Errors returned by the backend become error replies carrying their
 //! errno, so the values chosen here are what QEMU sees.
 
-pub mod backend;
 pub mod dma;
-pub mod fabric;
+pub mod function;
 pub mod guest_ram;
 pub mod irqs;
 pub mod listener;
 #[allow(unsafe_code)] // The SIGBUS handler; see the module docs.
 pub mod memory_fault;
-pub mod poller;
 pub mod protocol;
 pub mod regions;
-pub mod remote;
-pub mod rnr_timer;
 pub mod uar;
 
-pub use backend::PciFunctionBackend;
+pub use function::PciFunction;

@@ -1,5 +1,5 @@
 //! Several in-process devices joined by the memcpy fabric, the way the server joins the
-//! devices of one process (`vfio::fabric`): each device has its own guest RAM and its own
+//! devices of one process (`runtime::fabric`): each device has its own guest RAM and its own
 //! interrupt log, and a doorbell on one device may execute requests on another (carried
 //! through the other's inbox before the access returns). Each device is driven by its own
 //! [`Driver`] over a [`FabricBus`].

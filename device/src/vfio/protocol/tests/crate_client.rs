@@ -13,7 +13,7 @@ use vfio_bindings::bindings::vfio::{
 use vfio_user::Client;
 
 use super::*;
-use crate::vfio::PciFunctionBackend;
+use crate::vfio::PciFunction;
 
 /// Serves one client on a socket under `dir`; returns the socket path.
 fn serve_one<B: DeviceBackend + Send + 'static>(
@@ -72,7 +72,7 @@ fn crate_client_sees_sparse_regions() {
 #[test]
 fn crate_client_drives_the_pci_function() {
     let dir = TempDir::new("pci");
-    let (path, done) = serve_one(&dir, PciFunctionBackend::new());
+    let (path, done) = serve_one(&dir, PciFunction::new());
     let mut client = Client::new(&path).expect("connect and negotiate");
     assert_eq!(client.region(7).expect("config").size, 256);
 

@@ -7,14 +7,14 @@ use vfio_bindings::bindings::vfio::{
 };
 
 use super::*;
-use crate::vfio::PciFunctionBackend;
+use crate::vfio::PciFunction;
 
 const EVENTFD_TRIGGER: u32 = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
 
 #[test]
 fn set_irqs_with_more_fds_than_vectors() {
     let pipe = Pipe::new();
-    let mut h = Harness::negotiated(PciFunctionBackend::new());
+    let mut h = Harness::negotiated(PciFunction::new());
     let fd = pipe.fd();
     h.expect_errno_with_fds(
         cmd::SET_IRQS,

@@ -11,7 +11,7 @@ use vfio_bindings::bindings::vfio::{
 };
 
 use super::*;
-use crate::vfio::PciFunctionBackend;
+use crate::vfio::PciFunction;
 
 #[test]
 fn version_reply_suits_qemu() {
@@ -38,7 +38,7 @@ fn version_reply_suits_qemu() {
 
 #[test]
 fn device_info_is_16_bytes() {
-    let mut h = Harness::negotiated(PciFunctionBackend::new());
+    let mut h = Harness::negotiated(PciFunction::new());
     let reply = h.call(cmd::GET_INFO, &info_query());
     assert_eq!(reply.payload.len(), 16, "QEMU reads exactly 16 bytes");
     assert_eq!(reply.u32_at(0), 16, "argsz");
@@ -59,7 +59,7 @@ fn device_info_is_16_bytes() {
 
 #[test]
 fn trapped_region_info() {
-    let mut h = Harness::negotiated(PciFunctionBackend::new());
+    let mut h = Harness::negotiated(PciFunction::new());
     for (index, size) in [(0, 0x4000), (2, 0x20_0000), (3, 0), (7, 256)] {
         let reply = h.call(cmd::GET_REGION_INFO, &region_query(index, 32));
         assert_eq!(reply.payload.len(), 32, "region {index}");
@@ -132,7 +132,7 @@ fn sparse_mmap_region_info_takes_two_queries() {
 
 #[test]
 fn irq_info() {
-    let mut h = Harness::negotiated(PciFunctionBackend::new());
+    let mut h = Harness::negotiated(PciFunction::new());
     let query = Bytes::default()
         .u32(16)
         .u32(0)
@@ -150,7 +150,7 @@ fn irq_info() {
 
 #[test]
 fn set_irqs_assigns_and_triggers_msix() {
-    let mut h = Harness::negotiated(PciFunctionBackend::new());
+    let mut h = Harness::negotiated(PciFunction::new());
     let efd = nix::sys::eventfd::EventFd::from_flags(nix::sys::eventfd::EfdFlags::EFD_NONBLOCK)
         .expect("eventfd");
     let assign = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
@@ -181,7 +181,7 @@ fn set_irqs_assigns_and_triggers_msix() {
 
 #[test]
 fn region_read_and_write() {
-    let mut h = Harness::negotiated(PciFunctionBackend::new());
+    let mut h = Harness::negotiated(PciFunction::new());
     let config = VFIO_PCI_CONFIG_REGION_INDEX;
     let reply = h.call(cmd::REGION_READ, &access(config, 0, 4, &[]));
     assert_eq!(reply.payload.len(), 16 + 4);
@@ -208,7 +208,7 @@ fn region_read_and_write() {
 
 #[test]
 fn largest_write_is_accepted() {
-    let mut h = Harness::negotiated(PciFunctionBackend::new());
+    let mut h = Harness::negotiated(PciFunction::new());
     let data = vec![0x5A; super::super::MAX_DATA_XFER_SIZE as usize];
     // BAR2 (UAR) is 2 MiB.
     let reply = h.call(cmd::REGION_WRITE, &access(2, 0, data.len() as u32, &data));
@@ -266,7 +266,7 @@ fn dma_map_unmap_and_reset() {
 
 #[test]
 fn backend_errnos_reach_the_wire() {
-    let mut h = Harness::negotiated(PciFunctionBackend::new());
+    let mut h = Harness::negotiated(PciFunction::new());
     let ram = memfd("ram");
     File::from(ram.try_clone().expect("dup"))
         .set_len(0x1_0000)

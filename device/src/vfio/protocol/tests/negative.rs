@@ -8,7 +8,7 @@ use vfio_bindings::bindings::vfio::{
 };
 
 use super::*;
-use crate::vfio::PciFunctionBackend;
+use crate::vfio::PciFunction;
 use crate::vfio::protocol::{MAX_DATA_XFER_SIZE, MAX_MESSAGE_SIZE};
 
 fn header_bytes(id: u16, command: u16, size: u32, flags: u32) -> Vec<u8> {
@@ -215,7 +215,7 @@ fn region_read_limits() {
 
 #[test]
 fn bad_region_writes_keep_the_stream_in_step() {
-    let mut h = Harness::negotiated(PciFunctionBackend::new());
+    let mut h = Harness::negotiated(PciFunction::new());
     // The crate returned before reading this data (bug C).
     h.expect_errno(
         cmd::REGION_WRITE,

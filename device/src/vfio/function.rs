@@ -11,13 +11,13 @@ use log::{debug, info, warn};
 use vfio_user::DmaMapFlags;
 
 use super::dma::{self, DmaWindows, Unmapped};
-use super::fabric::{Fabric, Slot};
 use super::guest_ram;
 use super::protocol::{self, DeviceBackend, Errno, IrqDescriptor, RegionDescriptor};
 use super::regions::{Region, server_irqs, server_regions_with_uar};
 use super::uar::{DoorbellMode, UarPages};
 use crate::pci::{ConfigSpace, ids};
 use crate::pvrdma::{DeviceConfig, GuestRam};
+use crate::runtime::fabric::{Fabric, Slot};
 use pvrdma_backend::Network;
 use std::sync::Arc;
 
@@ -26,7 +26,7 @@ const _: () = assert!(dma::MAX_WINDOWS == protocol::MAX_DMA_MAPS as usize);
 
 /// State of one PVRDMA PCI function as seen through vfio-user.
 #[derive(Debug)]
-pub struct PciFunctionBackend {
+pub struct PciFunction {
     config: ConfigSpace,
     dma: DmaWindows,
     /// The device model, its mapped RAM and its eventfds, in the process's fabric.
@@ -39,19 +39,19 @@ pub struct PciFunctionBackend {
     /// registers), unlike doorbells, whose next one waits on the guest's work.
     register_burst: bool,
     /// A send doorbell with a batch behind it, rung once the client has its reply (see
-    /// `PciFunctionBackend::doorbell`).
+    /// `PciFunction::doorbell`).
     deferred_doorbell: Option<(u64, u32)>,
     /// The fabric's failure count when this function last looked (see `failure`).
     failures_seen: usize,
 }
 
-impl Default for PciFunctionBackend {
+impl Default for PciFunction {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl PciFunctionBackend {
+impl PciFunction {
     /// A function in its power-on state with no client attached, alone in its own fabric.
     pub fn new() -> Self {
         Self::in_fabric(&Fabric::new(), DeviceConfig::default())
@@ -62,7 +62,7 @@ impl PciFunctionBackend {
         Self::with_doorbells(fabric, config, DoorbellMode::Trapped)
     }
 
-    /// As [`PciFunctionBackend::in_fabric`], with doorbells trapped or exit-free. If the UAR
+    /// As [`PciFunction::in_fabric`], with doorbells trapped or exit-free. If the UAR
     /// memfd cannot be made, the function falls back to trapped doorbells (with a warning).
     pub fn with_doorbells(fabric: &Fabric, config: DeviceConfig, mode: DoorbellMode) -> Self {
         let slot = fabric.add_device(config);
@@ -240,7 +240,7 @@ impl PciFunctionBackend {
     }
 }
 
-impl DeviceBackend for PciFunctionBackend {
+impl DeviceBackend for PciFunction {
     fn regions(&self) -> &[RegionDescriptor] {
         &self.regions
     }

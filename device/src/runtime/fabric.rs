@@ -17,11 +17,11 @@ use log::{debug, error, warn};
 use pvrdma_backend::memcpy::{Endpoint, MemcpyFabric};
 use pvrdma_backend::{Completion, Gid, Network, Outcome, RemoteError, Request, Responder};
 
-use super::irqs::MsixEventfds;
-use super::memory_fault::{self, GuardedRam};
-use super::uar::UarPages;
 use crate::profiler::{DeviceSnapshot, PeerSnapshot, QpPath, Snapshot};
 use crate::pvrdma::{Clock, DeviceConfig, GuestRam, Interrupts, PvrdmaDevice};
+use crate::vfio::irqs::MsixEventfds;
+use crate::vfio::memory_fault::{self, GuardedRam};
+use crate::vfio::uar::UarPages;
 
 /// The server's clock for the profiler: monotonic nanoseconds since the clock was made.
 #[derive(Debug, Clone, Copy)]

@@ -24,7 +24,7 @@ fn eventfd_file() -> File {
     ))
 }
 
-fn read_config_u32(b: &mut PciFunctionBackend, offset: u64) -> u32 {
+fn read_config_u32(b: &mut PciFunction, offset: u64) -> u32 {
     let mut raw = [0; 4];
     b.region_read(CONFIG, offset, &mut raw)
         .expect("config read");
@@ -33,7 +33,7 @@ fn read_config_u32(b: &mut PciFunctionBackend, offset: u64) -> u32 {
 
 #[test]
 fn config_region_serves_the_config_space() {
-    let mut b = PciFunctionBackend::new();
+    let mut b = PciFunction::new();
     assert_eq!(read_config_u32(&mut b, 0), 0x0820_15AD);
     let mut whole = [0; 256];
     b.region_read(CONFIG, 0, &mut whole).expect("whole space");
@@ -45,7 +45,7 @@ fn config_region_serves_the_config_space() {
 
 #[test]
 fn non_register_accesses_read_zero_and_ignore_writes() {
-    let mut b = PciFunctionBackend::new();
+    let mut b = PciFunction::new();
     for (region, offset, len) in [
         (VFIO_PCI_BAR0_REGION_INDEX, 0x2000, 8), // PBA
         (VFIO_PCI_BAR0_REGION_INDEX, 0x0, 16),   // table (normally emulated by QEMU)
@@ -63,7 +63,7 @@ fn non_register_accesses_read_zero_and_ignore_writes() {
 
 #[test]
 fn registers_reach_the_device_model() {
-    let mut b = PciFunctionBackend::new();
+    let mut b = PciFunction::new();
     let mut data = [0u8; 4];
     b.region_read(VFIO_PCI_BAR1_REGION_INDEX, 0, &mut data)
         .expect("VERSION");
@@ -91,7 +91,7 @@ fn registers_reach_the_device_model() {
 
 #[test]
 fn bad_regions_and_ranges_are_einval() {
-    let mut b = PciFunctionBackend::new();
+    let mut b = PciFunction::new();
     let cases: [(u32, u64, usize); 11] = [
         (9, 0, 4),
         (u32::MAX, 0, 4),
@@ -127,7 +127,7 @@ fn bad_regions_and_ranges_are_einval() {
 
 #[test]
 fn dma_map_and_unmap() {
-    let mut b = PciFunctionBackend::new();
+    let mut b = PciFunction::new();
     let rw = DmaMapFlags::READ_WRITE.bits();
     let file = File::from(
         nix::sys::memfd::memfd_create("ram", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
@@ -158,7 +158,7 @@ fn dma_map_and_unmap() {
 
 #[test]
 fn set_irqs_records_eventfds() {
-    let mut b = PciFunctionBackend::new();
+    let mut b = PciFunction::new();
     let flags = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
     b.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, flags, 1, 1, vec![eventfd_file()])
         .expect("assign");
@@ -180,9 +180,9 @@ fn set_irqs_records_eventfds() {
 
 #[test]
 fn reset_and_client_gone() {
-    let mut b = PciFunctionBackend::new();
+    let mut b = PciFunction::new();
     let flags = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
-    let populate = |b: &mut PciFunctionBackend, address: u64| {
+    let populate = |b: &mut PciFunction, address: u64| {
         b.region_write(CONFIG, regs::COMMAND as u64, &[0x06, 0])
             .expect("command");
         b.dma_map(DmaMapFlags::READ_WRITE.bits(), 0, address, 0x1000, None)
@@ -206,7 +206,7 @@ fn reset_and_client_gone() {
 
 #[test]
 fn tables_and_raw_flags() {
-    let mut b = PciFunctionBackend::new();
+    let mut b = PciFunction::new();
     assert_eq!(b.regions().len(), 9);
     assert_eq!(b.irqs().len(), 5);
     assert!(b.resettable());
@@ -220,7 +220,7 @@ fn tables_and_raw_flags() {
 
 #[test]
 fn only_register_and_config_accesses_ask_the_loop_to_spin() {
-    let mut b = PciFunctionBackend::new();
+    let mut b = PciFunction::new();
     assert!(!b.expects_follow_up(), "nothing happened yet");
     let mut word = [0u8; 4];
     b.region_read(VFIO_PCI_BAR1_REGION_INDEX, 0, &mut word)

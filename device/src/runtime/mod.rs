@@ -1,0 +1,15 @@
+//! The process runtime: what joins the devices of one server process and the threads that
+//! serve them, beside the vfio-user glue of each device (`vfio`).
+//!
+//! * [`fabric`] — the devices of the process in one memcpy fabric, each behind its own lock
+//!   (docs/backends.md).
+//! * [`poller`] — the exit-free doorbell poller thread (docs/doorbells.md).
+//! * [`rnr_timer`] — the thread that ends receiver-not-ready timers.
+//! * [`remote`] — the fabric as the TCP transport's host (docs/tcp-transport.md).
+//! * [`control`] — the control socket's server (the profiler's `stats` and `profile`).
+
+pub mod control;
+pub mod fabric;
+pub mod poller;
+pub mod remote;
+pub mod rnr_timer;
