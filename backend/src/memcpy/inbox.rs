@@ -41,10 +41,13 @@ impl Carried {
     }
 
     /// The requesting QP, as created (a QP reset or made anew has a new epoch).
-    fn key(&self) -> (usize, u32, u32) {
+    fn key(&self) -> QpKey {
         (self.from, self.request.source.qpn, self.request.epoch)
     }
 }
+
+/// A requesting QP as created: its port, its number, its epoch.
+pub type QpKey = (usize, u32, u32);
 
 #[derive(Debug)]
 pub enum Work {
@@ -72,7 +75,7 @@ pub struct Inbox {
     /// Reliable requests waiting for a receiver: per requesting QP, the refused one first,
     /// then the later ones (which have not been tried), in order.
     parked: Vec<Carried>,
-    failed: VecDeque<(usize, u32, u32)>,
+    failed: VecDeque<QpKey>,
 }
 
 impl Inbox {
@@ -98,6 +101,27 @@ impl Inbox {
         self.parked.len()
     }
 
+    /// Whether a request of `key` is queued, parked or failed here: a later one must then
+    /// go through the inbox, behind it.
+    pub fn holds(&self, key: QpKey) -> bool {
+        self.failed.contains(&key)
+            || self.parked.iter().any(|carried| carried.key() == key)
+            || self.work.iter().any(|work| match work {
+                Work::Request(carried) => carried.key() == key,
+                Work::Answer { .. } | Work::NotReady { .. } => false,
+            })
+    }
+
+    /// Records that a request of `key` failed here without passing through the inbox.
+    pub fn failed_key(&mut self, key: QpKey) {
+        if !self.failed.contains(&key) {
+            if self.failed.len() == FAILED_KEPT {
+                self.failed.pop_front();
+            }
+            self.failed.push_back(key);
+        }
+    }
+
     /// Gives `carried` back to execute, unless a request of its QP failed here (it is
     /// dropped) or waits for a receiver (it parks behind it: it must not overtake it).
     pub fn admit(&mut self, carried: Carried) -> Option<Carried> {
@@ -120,12 +144,7 @@ impl Inbox {
     pub fn failed(&mut self, carried: &Carried) {
         let key = carried.key();
         self.drop_qp(key);
-        if !self.failed.contains(&key) {
-            if self.failed.len() == FAILED_KEPT {
-                self.failed.pop_front();
-            }
-            self.failed.push_back(key);
-        }
+        self.failed_key(key);
     }
 
     /// Parks a request the responder refused for receiver-not-ready, ahead of its QP's later
@@ -228,7 +247,7 @@ impl Inbox {
         });
     }
 
-    fn drop_qp(&mut self, key: (usize, u32, u32)) {
+    fn drop_qp(&mut self, key: QpKey) {
         self.parked.retain(|carried| carried.key() != key);
         self.work.retain(|work| match work {
             Work::Request(carried) => carried.key() != key,

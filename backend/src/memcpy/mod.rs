@@ -29,13 +29,14 @@ mod tests;
 
 use std::cell::Cell;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 pub use owned::OwnedRequest;
 
 use super::{Completion, Delivery, Gid, Network, Outcome, RemoteError, Request, Responder};
-use inbox::{Carried, Inbox, Work};
+use inbox::{Carried, Inbox, QpKey, Work};
 
 /// Where requests for GIDs no endpoint of the fabric holds go: the transports to other
 /// hosts (TCP), chained behind the fabric.
@@ -73,9 +74,19 @@ pub trait Endpoint: Responder {
 }
 
 struct Port<E> {
-    endpoint: Mutex<E>,
+    endpoint: Mutex<Held<E>>,
+    /// The endpoint's wake events moved in work done outside its turns (a request executed
+    /// on the fast path): its next turn counts as woken.
+    woken: AtomicBool,
     /// Held only to put work in or take it out, never while another lock is taken.
     inbox: Mutex<Inbox>,
+}
+
+/// An endpoint with what the directory shows of it, both under the endpoint's lock, so
+/// a turn learns whether its GIDs changed without touching the shared directory.
+struct Held<E> {
+    endpoint: E,
+    published: Vec<Gid>,
 }
 
 pub struct MemcpyFabric<E> {
@@ -115,7 +126,11 @@ impl<E: Endpoint> MemcpyFabric<E> {
         let gids = endpoint.gids();
         let mut ports = write(&self.ports);
         ports.push(Arc::new(Port {
-            endpoint: Mutex::new(endpoint),
+            endpoint: Mutex::new(Held {
+                endpoint,
+                published: gids.clone(),
+            }),
+            woken: AtomicBool::new(false),
             inbox: Mutex::new(Inbox::default()),
         }));
         write(&self.directory).push(gids);
@@ -168,21 +183,24 @@ impl<E: Endpoint> MemcpyFabric<E> {
         index: usize,
         work: impl FnOnce(&mut E, &mut dyn Network) -> R,
     ) -> Option<R> {
+        self.with_endpoint_waking(index, |endpoint, net| (work(endpoint, net), false))
+    }
+
+    /// As [`with_endpoint`](Self::with_endpoint), for work that knows it may have posted
+    /// receives the endpoint's wake events do not show (exit-free doorbells overwrite each
+    /// other): when it says so, the endpoint's waiting senders and the requests parked at it
+    /// are tried again.
+    pub fn with_endpoint_waking<R>(
+        &self,
+        index: usize,
+        work: impl FnOnce(&mut E, &mut dyn Network) -> (R, bool),
+    ) -> Option<R> {
         let mut visits = VecDeque::new();
-        let result = self.turn(index, &mut visits, false, |endpoint, outbox| {
+        let result = self.turn(index, &mut visits, |endpoint, outbox| {
             work(endpoint, outbox)
         });
         self.carry(&mut visits);
         result
-    }
-
-    /// Tells endpoint `index` that it may have posted receives the fabric could not see
-    /// (exit-free doorbells overwrite each other): its waiting senders and the requests
-    /// parked at it are tried again.
-    pub fn wake(&self, index: usize) {
-        let mut visits = VecDeque::new();
-        self.turn(index, &mut visits, true, |_, _| ());
-        self.carry(&mut visits);
     }
 
     /// Tries again the parked requests whose RNR timer ended by `now`; returns when the
@@ -227,17 +245,20 @@ impl<E: Endpoint> MemcpyFabric<E> {
         }
     }
 
-    /// One turn on endpoint `index` under its lock; `woken` says it may have posted
-    /// receives whatever its wake events say.
+    /// One turn on endpoint `index` under its lock. `work` also says whether the endpoint
+    /// may have posted receives whatever its wake events say.
     fn turn<R>(
         &self,
         index: usize,
         visits: &mut VecDeque<usize>,
-        woken: bool,
-        work: impl FnOnce(&mut E, &mut Outbox<'_, E>) -> R,
+        work: impl FnOnce(&mut E, &mut Outbox<'_, E>) -> (R, bool),
     ) -> Option<R> {
         let port = self.port(index)?;
-        let mut endpoint = lock(&port.endpoint);
+        let mut held = lock(&port.endpoint);
+        let Held {
+            endpoint,
+            published,
+        } = &mut *held;
         let before = endpoint.wake_events();
         let mut outbox = Outbox {
             fabric: self,
@@ -245,7 +266,8 @@ impl<E: Endpoint> MemcpyFabric<E> {
             visits,
             claimed: Cell::new(false),
         };
-        let result = work(&mut endpoint, &mut outbox);
+        let (result, woken) = work(endpoint, &mut outbox);
+        let woken = woken || port.woken.swap(false, Ordering::AcqRel);
         if woken || endpoint.wake_events() != before {
             // A receive may be there now: what waits for one here goes again.
             if lock(&port.inbox).unpark_all() {
@@ -253,28 +275,22 @@ impl<E: Endpoint> MemcpyFabric<E> {
             }
             endpoint.resume_stalled(&mut outbox);
         }
-        self.publish_gids(index, &endpoint, outbox.claimed.get());
-        Some(result)
-    }
-
-    /// Makes the directory show the GIDs endpoint `index` holds after its turn (dropping
-    /// a claim its device did not bind after all).
-    fn publish_gids(&self, index: usize, endpoint: &E, claimed: bool) {
-        let current = read(&self.directory)
-            .get(index)
-            .is_some_and(|gids| endpoint.same_gids(gids));
-        if (claimed || !current)
-            && let Some(entry) = write(&self.directory).get_mut(index)
-        {
-            *entry = endpoint.gids();
+        // The directory shows what the port holds after its turn (a claim its device did
+        // not bind after all lapses).
+        if outbox.claimed.get() || !endpoint.same_gids(published) {
+            *published = endpoint.gids();
+            if let Some(entry) = write(&self.directory).get_mut(index) {
+                entry.clone_from(published);
+            }
         }
+        Some(result)
     }
 
     /// Visits the inboxes in `visits` (and those the visits fill) until all are empty.
     fn carry(&self, visits: &mut VecDeque<usize>) {
         while let Some(index) = visits.pop_front() {
-            self.turn(index, visits, false, |endpoint, outbox| {
-                self.drain(index, endpoint, outbox)
+            self.turn(index, visits, |endpoint, outbox| {
+                (self.drain(index, endpoint, outbox), false)
             });
             if visits.contains(&index) {
                 // That inbox holds more than one visit's worth (a large copy): the thread
@@ -442,6 +458,75 @@ struct Outbox<'f, E> {
     claimed: Cell<bool>,
 }
 
+impl<E: Endpoint> Outbox<'_, E> {
+    /// The fast path: when the responder's lock is free and nothing of the requesting QP
+    /// waits in its inbox, a request of at most one piece executes at once, with no copy
+    /// of it and no second visit. The responder's lock is only tried, never waited for,
+    /// while the requester's is held, so no two threads can wait for each other; and the
+    /// work is one bounded piece, as on a visit. `None`: go through the inbox.
+    fn execute_now(
+        &mut self,
+        port: &Port<E>,
+        to: usize,
+        request: &Request<'_>,
+    ) -> Option<Delivery> {
+        if request_bytes(request) > PIECE {
+            return None;
+        }
+        let key: QpKey = (self.from, request.source.qpn, request.epoch);
+        let mut held = port.endpoint.try_lock().ok()?;
+        if lock(&port.inbox).holds(key) {
+            return None;
+        }
+        let endpoint = &mut held.endpoint;
+        if !endpoint.has_gid(&request.destination.gid) {
+            return Some(Delivery::Done(Err(RemoteError::Unreachable)));
+        }
+        let before = endpoint.wake_events();
+        let result = endpoint.respond(request);
+        if endpoint.wake_events() != before {
+            port.woken.store(true, Ordering::Release);
+            push_visit(self.visits, to);
+        }
+        drop(held);
+        if request.service != crate::Service::Reliable {
+            return Some(Delivery::Done(result));
+        }
+        match result {
+            Err(RemoteError::ReceiverNotReady) if request.retry.rnr_retry != 0 => {
+                // Waits at the responder as if it had come through the inbox.
+                let carried = Carried::new(self.from, OwnedRequest::new(request));
+                lock(&port.inbox).park(carried, Instant::now());
+                notify(
+                    self,
+                    self.from,
+                    Work::NotReady {
+                        qpn: request.source.qpn,
+                    },
+                );
+                Some(Delivery::Pending)
+            }
+            Err(_) => {
+                lock(&port.inbox).failed_key(key);
+                Some(Delivery::Done(result))
+            }
+            Ok(_) => Some(Delivery::Done(result)),
+        }
+    }
+}
+
+/// Bytes `request` moves (payload or reply).
+fn request_bytes(request: &Request<'_>) -> u64 {
+    match request.operation {
+        crate::Operation::Send { payload, .. } | crate::Operation::Write { payload, .. } => {
+            payload.len()
+        }
+        crate::Operation::Read { reply, .. } | crate::Operation::Atomic { reply, .. } => {
+            reply.len()
+        }
+    }
+}
+
 impl<E: Endpoint> Network for Outbox<'_, E> {
     fn deliver(&mut self, request: &Request<'_>) -> Delivery {
         let to = match self.fabric.holder(&request.destination.gid) {
@@ -461,6 +546,9 @@ impl<E: Endpoint> Network for Outbox<'_, E> {
         let Some(port) = self.fabric.port(to) else {
             return Delivery::Done(Err(RemoteError::Unreachable));
         };
+        if let Some(delivery) = self.execute_now(&port, to, request) {
+            return delivery;
+        }
         let carried = Carried::new(self.from, OwnedRequest::new(request));
         let reliable = carried.request.is_reliable();
         let bytes = carried.request.bytes();

@@ -153,16 +153,18 @@ fn answers(fabric: &MemcpyFabric<Port>, index: usize) -> Vec<(u64, Result<Outcom
 }
 
 #[test]
-fn requests_reach_the_port_with_the_gid_and_answers_come_back_in_order() {
+fn a_free_responder_answers_at_once_and_unknown_gids_are_unreachable() {
     let fabric = MemcpyFabric::new();
     let a = fabric.add(Port::with_gid(1));
     let b = fabric.add(Port::with_gid(2));
     let sent = post_sends(&fabric, a, 2, 0..3, RetryPolicy::default());
-    assert_eq!(sent, vec![Delivery::Pending; 3]);
+    assert_eq!(sent, vec![Delivery::Done(Ok(Outcome { bytes: 16 })); 3]);
     let executed = fabric.with_endpoint(b, |port, _| port.executed.clone());
     assert_eq!(executed, Some(vec![(0, 16), (1, 16), (2, 16)]));
-    let ok = Ok(Outcome { bytes: 16 });
-    assert_eq!(answers(&fabric, a), vec![(0, ok), (1, ok), (2, ok)]);
+    assert!(
+        answers(&fabric, a).is_empty(),
+        "answered at once, not later"
+    );
     // The working port is not its own peer; unknown GIDs are unreachable.
     for to in [1, 9] {
         assert_eq!(
@@ -171,6 +173,31 @@ fn requests_reach_the_port_with_the_gid_and_answers_come_back_in_order() {
         );
     }
     assert!(fabric.with_endpoint(9, |_, _| ()).is_none());
+}
+
+#[test]
+fn requests_for_a_busy_responder_wait_in_its_inbox_and_are_answered_in_order() {
+    let fabric = MemcpyFabric::new();
+    let a = fabric.add(Port::with_gid(1));
+    let b = fabric.add(Port::with_gid(2));
+    let port_b = fabric.port(b).unwrap();
+    let held = std::sync::Barrier::new(2);
+    let sent = std::thread::scope(|scope| {
+        // Another thread is at work on B: its lock is taken.
+        scope.spawn(|| {
+            let _busy = port_b.endpoint.lock().unwrap();
+            held.wait();
+            std::thread::sleep(Duration::from_millis(50));
+        });
+        held.wait();
+        post_sends(&fabric, a, 2, 0..3, RetryPolicy::default())
+    });
+    // Taken without waiting for B; carried once B was free.
+    assert_eq!(sent, vec![Delivery::Pending; 3]);
+    let executed = fabric.with_endpoint(b, |port, _| port.executed.clone());
+    assert_eq!(executed, Some(vec![(0, 16), (1, 16), (2, 16)]));
+    let ok = Ok(Outcome { bytes: 16 });
+    assert_eq!(answers(&fabric, a), vec![(0, ok), (1, ok), (2, ok)]);
 }
 
 #[test]
@@ -193,8 +220,12 @@ fn a_datagram_is_sent_at_once_and_gets_no_answer() {
             send(&payload),
         ))
     });
-    assert_eq!(sent, Some(Delivery::Done(Ok(Outcome { bytes: 100 }))));
-    // Dropped for want of a receive: not parked, not answered.
+    // Dropped for want of a receive: the sender learns it at once (a datagram completes
+    // whatever happened to it), and it is neither parked nor answered later.
+    assert_eq!(
+        sent,
+        Some(Delivery::Done(Err(RemoteError::ReceiverNotReady)))
+    );
     assert_eq!(fabric.parked(), 0);
     assert!(answers(&fabric, a).is_empty());
     assert_eq!(fabric.with_endpoint(b, |p, _| p.executed.len()), Some(0));
@@ -303,11 +334,11 @@ fn rnr_retry_zero_fails_the_first_refusal() {
         receives: Some(0),
         ..Port::with_gid(2)
     });
-    post_sends(&fabric, a, 2, 0..1, rnr(0));
     assert_eq!(
-        answers(&fabric, a),
-        vec![(0, Err(RemoteError::ReceiverNotReady))]
+        post_sends(&fabric, a, 2, 0..1, rnr(0)),
+        vec![Delivery::Done(Err(RemoteError::ReceiverNotReady))]
     );
+    assert!(answers(&fabric, a).is_empty());
     assert_eq!(fabric.parked(), 0);
 }
 

@@ -194,21 +194,21 @@ impl Fabric {
     pub fn poll_doorbells(&self) -> bool {
         let mut activity = false;
         for index in self.shared.indices() {
-            let polled = self.shared.with_endpoint(index, |slot, net| {
-                let uar = slot.uar.clone()?;
+            let polled = self.shared.with_endpoint_waking(index, |slot, net| {
+                let Some(uar) = slot.uar.clone() else {
+                    return (false, false);
+                };
                 if !slot.bus_master {
-                    return None;
+                    return (false, false);
                 }
                 let (device, mem, mut irq) = slot.parts();
-                Some(device.poll_uar(mem, &mut irq, net, &mut |offset| uar.take(offset)))
-            });
-            if polled == Some(Some(true)) {
-                activity = true;
+                let active = device.poll_uar(mem, &mut irq, net, &mut |offset| uar.take(offset));
                 // Exit-free doorbell words are last-writer-wins: a receive doorbell may be
                 // lost under a later send word of the same page, so any activity may have
                 // posted a receive.
-                self.shared.wake(index);
-            }
+                (active, active)
+            });
+            activity |= polled == Some(true);
         }
         self.contain_faults();
         activity
