@@ -195,3 +195,52 @@ fn two_servers_that_dial_each_other_settle_on_one_working_link() {
     }));
     assert_eq!(*host_b.received.lock().unwrap(), [7]);
 }
+
+/// Reads from `stream` until the other side closes it; how long that took.
+fn time_until_closed(mut stream: std::net::TcpStream) -> Duration {
+    use std::io::Read;
+    let started = Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return started.elapsed(),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return started.elapsed(),
+            Err(e) => panic!("the server neither closed nor spoke: {e}"),
+        }
+    }
+}
+
+#[test]
+fn a_handshake_that_does_not_finish_is_closed_and_holds_up_no_real_peer() {
+    use std::io::Write;
+    let (host_a, host_b) = (FakeHost::new(0xa), FakeHost::new(0xb));
+    let key: &[u8] = b"the cluster key";
+    let a = start(&host_a, Some(key), Vec::new());
+    let addr = a.local_addr().unwrap();
+    // One connects and says nothing; another sends the start of something and stops.
+    let silent = std::net::TcpStream::connect(addr).unwrap();
+    let mut partial = std::net::TcpStream::connect(addr).unwrap();
+    partial.write_all(&[0x01, 0x00, 0x00]).unwrap();
+    // Meanwhile a real peer links and is served.
+    let b = start(&host_b, Some(key), vec![addr]);
+    assert!(wait_until(
+        "the real link",
+        Duration::from_secs(4),
+        || linked(&a) && linked(&b)
+    ));
+    let waiters =
+        [silent, partial].map(|stream| std::thread::spawn(move || time_until_closed(stream)));
+    for waiter in waiters {
+        let took = waiter.join().unwrap();
+        // The server's limit is 5 s from the connection; its check runs on its next wake-up.
+        assert!(took < Duration::from_secs(10), "closed after {took:?}");
+    }
+    assert!(
+        linked(&a) && linked(&b),
+        "the real link outlived the stalled ones"
+    );
+}
