@@ -199,6 +199,13 @@ pub trait Network {
     /// or away: a transport drops what it still holds of it (resends, retries), so nothing
     /// of the old QP reaches a peer later. Default: nothing to drop.
     fn forget_qp(&self, _gid: &Gid, _qpn: u32) {}
+
+    /// Whether this network also carries the asking device's requests to itself
+    /// (loopback), with the same receiver-not-ready timers as to any peer. Otherwise the
+    /// device answers those itself. Default: it does not.
+    fn carries_loopback(&self) -> bool {
+        false
+    }
 }
 
 /// The responder side, implemented by the device model: executes a request against its

@@ -20,7 +20,8 @@
 //!   retry spends one of the QP's `rnr_retry` (7: for ever), and when none is left the
 //!   request fails with [`RemoteError::ReceiverNotReady`].
 //!
-//! A device that sends to itself (loopback) answers its own requests without the fabric.
+//! A device that sends to itself (loopback) goes through its own inbox the same way, after
+//! the turn that sent it: the same order and the same receiver-not-ready timers.
 
 mod inbox;
 mod owned;
@@ -530,7 +531,8 @@ fn request_bytes(request: &Request<'_>) -> u64 {
 impl<E: Endpoint> Network for Outbox<'_, E> {
     fn deliver(&mut self, request: &Request<'_>) -> Delivery {
         let to = match self.fabric.holder(&request.destination.gid) {
-            Holder::One(to) if to != self.from => to,
+            // Its own GID too (loopback): it goes through its own inbox, after this turn.
+            Holder::One(to) => to,
             // Not in this process: another host's, if a transport knows it.
             Holder::None => {
                 return match lock(&self.fabric.remote).as_mut() {
@@ -538,15 +540,15 @@ impl<E: Endpoint> Network for Outbox<'_, E> {
                     None => Delivery::Done(Err(RemoteError::Unreachable)),
                 };
             }
-            // The asking port itself (its device answers those alone), or several.
-            Holder::One(_) | Holder::Several => {
-                return Delivery::Done(Err(RemoteError::Unreachable));
-            }
+            Holder::Several => return Delivery::Done(Err(RemoteError::Unreachable)),
         };
         let Some(port) = self.fabric.port(to) else {
             return Delivery::Done(Err(RemoteError::Unreachable));
         };
-        if let Some(delivery) = self.execute_now(&port, to, request) {
+        // Not for loopback: this port's lock is held, by this very turn.
+        if to != self.from
+            && let Some(delivery) = self.execute_now(&port, to, request)
+        {
             return delivery;
         }
         let carried = Carried::new(self.from, OwnedRequest::new(request));
@@ -561,6 +563,10 @@ impl<E: Endpoint> Network for Outbox<'_, E> {
             // learn.
             Delivery::Done(Ok(Outcome { bytes }))
         }
+    }
+
+    fn carries_loopback(&self) -> bool {
+        true
     }
 
     fn gid_taken(&self, gid: &Gid) -> bool {

@@ -165,13 +165,11 @@ fn a_free_responder_answers_at_once_and_unknown_gids_are_unreachable() {
         answers(&fabric, a).is_empty(),
         "answered at once, not later"
     );
-    // The working port is not its own peer; unknown GIDs are unreachable.
-    for to in [1, 9] {
-        assert_eq!(
-            post_sends(&fabric, a, to, 5..6, RetryPolicy::default()),
-            vec![Delivery::Done(Err(RemoteError::Unreachable))]
-        );
-    }
+    // Unknown GIDs are unreachable.
+    assert_eq!(
+        post_sends(&fabric, a, 9, 5..6, RetryPolicy::default()),
+        vec![Delivery::Done(Err(RemoteError::Unreachable))]
+    );
     assert!(fabric.with_endpoint(9, |_, _| ()).is_none());
 }
 
@@ -385,4 +383,38 @@ fn a_large_write_goes_in_pieces_that_add_up_to_it() {
     assert!(pieces.iter().all(|&(_, bytes)| bytes <= PIECE));
     assert_eq!(pieces.iter().map(|&(_, bytes)| bytes).sum::<u64>(), total);
     assert_eq!(answers(&fabric, a), vec![(9, Ok(Outcome { bytes: total }))]);
+}
+
+#[test]
+fn loopback_goes_through_the_own_inbox_with_the_same_rnr_timers() {
+    let fabric = MemcpyFabric::new();
+    let a = fabric.add(Port {
+        receives: Some(0),
+        ..Port::with_gid(1)
+    });
+    // To itself: taken now, executed after the turn, refused, parked.
+    assert_eq!(
+        post_sends(&fabric, a, 1, 0..2, rnr(1)),
+        vec![Delivery::Pending; 2]
+    );
+    assert_eq!(fabric.parked(), 2);
+    // Its one timer retry is refused too: the head fails, the follower never executes.
+    assert_eq!(fabric.tick(Instant::now() + Duration::from_secs(1)), None);
+    assert_eq!(
+        answers(&fabric, a),
+        vec![(0, Err(RemoteError::ReceiverNotReady))]
+    );
+    assert_eq!(fabric.with_endpoint(a, |p, _| p.executed.len()), Some(0));
+    // On a port with a receive it lands, answered through the same inbox.
+    let fabric = MemcpyFabric::new();
+    let b = fabric.add(Port::with_gid(2));
+    assert_eq!(
+        post_sends(&fabric, b, 2, 7..8, rnr(1)),
+        vec![Delivery::Pending]
+    );
+    assert_eq!(answers(&fabric, b), vec![(7, Ok(Outcome { bytes: 16 }))]);
+    assert_eq!(
+        fabric.with_endpoint(b, |p, _| p.executed.clone()),
+        Some(vec![(7, 16)])
+    );
 }

@@ -277,7 +277,7 @@ fn step(
             min_rnr_timer: qp.attr.min_rnr_timer,
         },
     };
-    let delivery = if device.has_gid(&request.destination.gid) {
+    let delivery = if device.has_gid(&request.destination.gid) && !net.carries_loopback() {
         Delivery::Done(respond(device, mem, irq, &request))
     } else {
         net.deliver(&request)
@@ -329,10 +329,11 @@ fn step(
             wc_status::RNR_RETRY_EXC_ERR
         }
         Err(RemoteError::ReceiverNotReady) => {
-            // RNR from this device itself (loopback; the fabric parks other devices'
-            // refusals at the responder and times them): keep the WQE at the head and retry
-            // when this device posts a receive. No timer counts these retries, so any
-            // non-zero rnr_retry waits like 7 ("retry forever") here. docs/backends.md.
+            // RNR from this device itself on a network that does not carry loopback (the
+            // memcpy fabric does, and parks refusals at the responder with their timers):
+            // keep the WQE at the head and retry when this device posts a receive. No timer
+            // counts these retries, so any non-zero rnr_retry waits like 7 here.
+            // docs/backends.md.
             if let Some(qp) = device.objects.qps.get_mut(qp_handle) {
                 qp.stalled = true;
                 // Once per WQE, however often the fabric retries it.
