@@ -178,11 +178,13 @@ fn two_servers_that_dial_each_other_settle_on_one_working_link() {
     };
     let a = Transport::start(config(ports[0], ports[1]), host_a.clone()).unwrap();
     let b = Transport::start(config(ports[1], ports[0]), host_b.clone()).unwrap();
-    assert!(wait_until(
-        "link up with GIDs",
-        Duration::from_secs(5),
-        || linked(&a) && linked(&b)
-    ));
+    assert!(
+        wait_until("link up with GIDs", Duration::from_secs(5), || linked(&a)
+            && linked(&b)),
+        "{:?} {:?}",
+        a.peers(),
+        b.peers()
+    );
     // It stays up (no flapping between the two connections), and it carries traffic.
     std::thread::sleep(Duration::from_millis(1200));
     assert!(linked(&a) && linked(&b), "{:?} {:?}", a.peers(), b.peers());

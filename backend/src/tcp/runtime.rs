@@ -547,6 +547,14 @@ impl Runtime {
             let dialer = if conn.dialed { self.id } else { peer };
             dialer == self.id.min(peer)
         };
+        // A connection to this peer that closed in this very pass is still marked Up until
+        // it is reaped, and reaping an Up connection takes the peer's link down: the link
+        // is this connection's now.
+        for conn in &mut self.conns {
+            if conn.closed && matches!(conn.state, State::Up { peer: p } if p == peer) {
+                conn.state = State::Hello;
+            }
+        }
         if let Some(j) = self
             .conns
             .iter()
