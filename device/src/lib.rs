@@ -19,6 +19,7 @@
 #![deny(unsafe_code)]
 
 pub mod abi;
+pub mod log_limit;
 pub mod pci;
 pub mod profiler;
 pub mod pvrdma;

@@ -20,6 +20,7 @@ use log::{info, warn};
 use nix::sys::signal::{SigSet, Signal};
 use pvrdma_backend::tcp::runtime::{Config as TransportConfig, Transport};
 use thiserror::Error;
+use vfio_user_pvrdma::log_limit::RateLimited;
 use vfio_user_pvrdma::profiler::control;
 use vfio_user_pvrdma::pvrdma::{DeviceConfig, caps};
 use vfio_user_pvrdma::runtime::fabric::Fabric;
@@ -497,21 +498,27 @@ fn remove_sockets(paths: &[PathBuf]) {
 }
 
 /// `RUST_LOG`-controlled logging on stderr, tagged with the thread name
-/// (the socket path) so several functions' logs can be told apart.
+/// (the socket path) so several functions' logs can be told apart, and limited per line of
+/// code, since guests and clients can make the server log (`log_limit`).
 fn init_logging() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format(|buf, record| {
-            let thread = thread::current();
-            writeln!(
-                buf,
-                "[{} {:5} {}] {}",
-                buf.timestamp_millis(),
-                record.level(),
-                thread.name().unwrap_or("?"),
-                record.args()
-            )
-        })
-        .init();
+    let logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+            .format(|buf, record| {
+                let thread = thread::current();
+                writeln!(
+                    buf,
+                    "[{} {:5} {}] {}",
+                    buf.timestamp_millis(),
+                    record.level(),
+                    thread.name().unwrap_or("?"),
+                    record.args()
+                )
+            })
+            .build();
+    let level = logger.filter();
+    if log::set_boxed_logger(Box::new(RateLimited::new(logger))).is_ok() {
+        log::set_max_level(level);
+    }
 }
 
 /// An error and its sources as one line: "a: b: c".

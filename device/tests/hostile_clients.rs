@@ -291,3 +291,39 @@ fn dma_windows_are_capped_per_client_and_a_map_that_cannot_be_done_is_an_error()
         .expect("a reply");
     assert_eq!(reply.errno, None, "the bystander maps its RAM");
 }
+
+#[test]
+fn a_client_cannot_flood_the_servers_log() {
+    let mut lab = two_devices("log-flood");
+    let mut attacker = RawClient::connect(&lab.sockets[0]);
+    let mut bystander = RawClient::connect(&lab.sockets[1]);
+    // Every one of these is refused with a warning naming it.
+    const UNKNOWN_COMMAND: u16 = 999;
+    const FLOOD: usize = 5_000;
+    let started = std::time::Instant::now();
+    for _ in 0..FLOOD {
+        let reply = attacker.call(UNKNOWN_COMMAND, &[], &[]).expect("a reply");
+        assert_eq!(reply.errno, Some(libc::ENOTSUP as u32));
+    }
+    // After the window, the site's next line says how many were left out.
+    std::thread::sleep(Duration::from_millis(1100));
+    attacker.call(UNKNOWN_COMMAND, &[], &[]).expect("a reply");
+    lab.server.wait_for_line("more like it left out");
+    answers_promptly(&mut bystander);
+    let seconds = started.elapsed().as_secs() + 1;
+    let written = lab
+        .server
+        .log()
+        .lines()
+        .filter(|line| line.contains("unknown command 999"))
+        .count() as u64;
+    // At most 20 lines per second of flooding (see log_limit.rs), not one per message.
+    assert!(
+        written <= 20 * (seconds + 1),
+        "{written} lines for {FLOOD} refusals in {seconds} s"
+    );
+    assert!(
+        written >= 20,
+        "the first lines are still written ({written})"
+    );
+}
