@@ -12,9 +12,11 @@
 //! See docs/backends.md for the whole design.
 
 pub mod memcpy;
+mod owned;
 mod sgl;
 pub mod tcp;
 
+pub use owned::OwnedRequest;
 pub use sgl::{CopyError, Segment, Sgl, copy, gather};
 
 /// Guest memory as the device maps it from the vfio-user client.

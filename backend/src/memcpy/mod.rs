@@ -24,7 +24,7 @@
 //! the turn that sent it: the same order and the same receiver-not-ready timers.
 
 mod inbox;
-mod owned;
+
 #[cfg(test)]
 mod tests;
 
@@ -34,9 +34,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
-pub use owned::OwnedRequest;
-
-use super::{Completion, Delivery, Gid, Network, Outcome, RemoteError, Request, Responder};
+use super::{
+    Completion, Delivery, Gid, Network, Outcome, OwnedRequest, RemoteError, Request, Responder,
+};
 use inbox::{Carried, Inbox, QpKey, Work};
 
 /// Where requests for GIDs no endpoint of the fabric holds go: the transports to other

@@ -24,8 +24,8 @@ use log::{info, warn};
 
 use super::wire::{self, Frame, Op, RequestFrame, ResponseFrame, flags};
 use crate::{
-    AtomicKind, Delivery, Gid, Operation, Outcome, RemoteError, Request, RetryPolicy, Service,
-    gather,
+    AtomicKind, Delivery, Gid, Operation, Outcome, OwnedRequest, RemoteError, Request, RetryPolicy,
+    Service, gather,
 };
 
 /// A peer server, named by the random id it announced in its HELLO.
@@ -86,6 +86,17 @@ struct Peer {
 struct Outstanding {
     seq: u32,
     frame: Vec<u8>,
+    /// What it holds of the QP's window (see [`piece_cost`]).
+    cost: u64,
+}
+
+/// A request taken whose later pieces wait for room in its QP's window. It holds the
+/// requester's lists and a handle on its memory, not the payload: each piece is gathered
+/// when it is framed, so a 2 GiB WRITE costs the window, not 2 GiB.
+struct Unframed {
+    request: OwnedRequest,
+    /// The offset of its next piece.
+    next: u64,
 }
 
 /// A requesting QP's reliable state.
@@ -100,6 +111,9 @@ struct Sender {
     rnr_left: u8,
     deadline: Option<Instant>,
     rnr_until: Option<Instant>,
+    /// The request being framed, if its pieces did not all fit the window yet: the QP's
+    /// next request waits behind it ([`Delivery::Busy`]).
+    unframed: Option<Unframed>,
 }
 
 impl Sender {
@@ -116,7 +130,64 @@ impl Sender {
             rnr_left: request.retry.rnr_retry,
             deadline: None,
             rnr_until: None,
+            unframed: None,
         }
+    }
+
+    /// Whether a piece costing `cost` fits the window now; an empty window takes any one
+    /// piece, so a request larger than the window still goes.
+    fn has_room(&self, cost: u64) -> bool {
+        self.unanswered.is_empty() || self.unanswered_bytes.saturating_add(cost) <= QP_WINDOW
+    }
+
+    /// Frames `request`'s piece at `offset` with the next sequence number, queues it on
+    /// `peer`'s link (if up) and keeps it until it is answered. Returns the offset of the
+    /// next piece, `None` after the last.
+    fn push_piece(
+        &mut self,
+        peer: &mut Peer,
+        request: &Request<'_>,
+        offset: u64,
+        now: Instant,
+    ) -> Result<Option<u64>, RemoteError> {
+        let cost = piece_cost(request, offset);
+        let (mut frame, next) = piece_frame(request, offset)?;
+        frame.seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        let mut bytes = Vec::new();
+        wire::encode(&Frame::Request(frame), &mut bytes);
+        if peer.up {
+            peer.out.extend_from_slice(&bytes);
+            peer.last_sent = now;
+        }
+        self.unanswered_bytes += cost;
+        self.unanswered.push_back(Outstanding {
+            seq: self.next_seq.wrapping_sub(1),
+            frame: bytes,
+            cost,
+        });
+        Ok(next)
+    }
+
+    /// Frames as much of the request still being framed as the window has room for.
+    /// An error (its memory can no longer be read) is the request's answer.
+    fn fill(&mut self, peer: &mut Peer, now: Instant) -> Result<(), (u64, RemoteError)> {
+        let Some(mut unframed) = self.unframed.take() else {
+            return Ok(());
+        };
+        loop {
+            let request = unframed.request.view();
+            if !self.has_room(piece_cost(&request, unframed.next)) {
+                break;
+            }
+            match self.push_piece(peer, &request, unframed.next, now) {
+                Ok(Some(next)) => unframed.next = next,
+                Ok(None) => return Ok(()),
+                Err(error) => return Err((request.ticket, error)),
+            }
+        }
+        self.unframed = Some(unframed);
+        Ok(())
     }
 }
 
@@ -331,35 +402,48 @@ impl Node {
         }
         sender.policy = request.retry;
         // Decided before the payload is gathered: a refused request costs no copy.
-        if !sender.unanswered.is_empty()
-            && sender.unanswered_bytes + payload_len(request) > QP_WINDOW
-        {
+        if sender.unframed.is_some() || !sender.has_room(piece_cost(request, 0)) {
             return Delivery::Busy;
         }
-        let frames = match frames_of(request) {
-            Ok(frames) => frames,
-            Err(error) => return Delivery::Done(Err(error)),
-        };
+        if let Operation::Send { payload, .. } = &request.operation
+            && payload.len() > wire::MAX_PAYLOAD as u64
+        {
+            return Delivery::Done(Err(RemoteError::OperationError));
+        }
         let peer = self.peers.get_mut(&peer_id).expect("peer_of found it");
-        for mut frame in frames {
-            frame.seq = sender.next_seq;
-            sender.next_seq = sender.next_seq.wrapping_add(1);
-            let mut bytes = Vec::new();
-            wire::encode(&Frame::Request(frame), &mut bytes);
-            if peer.up {
-                peer.out.extend_from_slice(&bytes);
-                peer.last_sent = now;
+        match sender.push_piece(peer, request, 0, now) {
+            Err(error) => return Delivery::Done(Err(error)),
+            Ok(None) => {}
+            Ok(Some(next)) => {
+                sender.unframed = Some(Unframed {
+                    request: OwnedRequest::new(request),
+                    next,
+                });
+                if let Err((ticket, error)) = sender.fill(peer, now) {
+                    self.fail_sender(key, ticket, error);
+                    return Delivery::Pending;
+                }
             }
-            sender.unanswered_bytes += bytes.len() as u64;
-            sender.unanswered.push_back(Outstanding {
-                seq: sender.next_seq.wrapping_sub(1),
-                frame: bytes,
-            });
         }
         if sender.deadline.is_none() && sender.rnr_until.is_none() {
             sender.deadline = deadline(now, sender.policy.timeout);
         }
         Delivery::Pending
+    }
+
+    /// A requesting QP's request `ticket` failed before all of it was sent: it completes
+    /// with `error`, and nothing more of the QP is sent (it goes to the error state).
+    fn fail_sender(&mut self, key: QpKey, ticket: u64, error: RemoteError) {
+        self.senders.remove(&key);
+        self.events.push_back(Event::Complete {
+            gid: key.0,
+            qpn: key.1,
+            ticket,
+            result: Err(error),
+            reply: Vec::new(),
+            reply_offset: 0,
+            last: true,
+        });
     }
 
     fn on_response(&mut self, from: PeerId, response: ResponseFrame, now: Instant) {
@@ -410,8 +494,13 @@ impl Node {
             }
             Ok(_) => {
                 if let Some(head) = sender.unanswered.pop_front() {
-                    sender.unanswered_bytes -= head.frame.len() as u64;
+                    sender.unanswered_bytes -= head.cost;
                 }
+                // The window opened: the rest of a large request may go now.
+                let filled = match self.peers.get_mut(&from) {
+                    Some(peer) => sender.fill(peer, now),
+                    None => Ok(()),
+                };
                 // Progress restores the budgets, as IB's retry counters do.
                 sender.retries_left = sender.policy.retry_cnt;
                 sender.rnr_left = sender.policy.rnr_retry;
@@ -423,6 +512,9 @@ impl Node {
                 let last = response.flags & flags::LAST != 0;
                 self.events
                     .push_back(complete(result, response.reply, last));
+                if let Err((ticket, error)) = filled {
+                    self.fail_sender(key, ticket, error);
+                }
             }
         }
     }
@@ -731,30 +823,32 @@ fn deadline(now: Instant, timeout: u8) -> Option<Instant> {
     Some(now + Duration::from_nanos(nanos).max(MIN_TIMEOUT))
 }
 
-/// Payload bytes `request` sends (SEND and WRITE data).
-fn payload_len(request: &Request<'_>) -> u64 {
+/// Bytes of transfer a piece of `request` at `offset` moves: payload it carries, or a
+/// reply it asks for. The window counts these, so READs are bounded like WRITEs (a peer
+/// answering a 2 GiB READ at once would queue 2 GiB).
+fn piece_len(request: &Request<'_>, offset: u64) -> u64 {
     match &request.operation {
-        Operation::Send { payload, .. } | Operation::Write { payload, .. } => payload.len(),
-        Operation::Read { .. } | Operation::Atomic { .. } => 0,
+        Operation::Send { payload, .. } => payload.len(),
+        Operation::Write { payload, .. } => payload.len().saturating_sub(offset).min(wire::CHUNK),
+        Operation::Read { reply, .. } => reply.len().saturating_sub(offset).min(wire::CHUNK),
+        Operation::Atomic { .. } => 8,
     }
 }
 
-/// `(offset, length, last)` of each piece of a `total`-byte transfer of at most
-/// [`wire::CHUNK`] bytes (one empty piece for an empty transfer).
-fn pieces(total: u64) -> impl Iterator<Item = (u64, u64, bool)> {
-    let count = total.div_ceil(wire::CHUNK).max(1);
-    (0..count).map(move |i| {
-        let offset = i * wire::CHUNK;
-        let len = (total - offset).min(wire::CHUNK);
-        (offset, len, i + 1 == count)
-    })
+/// What a piece holds of its QP's window: its transfer and its frame's fixed part.
+fn piece_cost(request: &Request<'_>, offset: u64) -> u64 {
+    piece_len(request, offset) + (wire::HEADER + wire::REQUEST_FIXED) as u64
 }
 
-/// The request frames (sequence numbers still 0) that carry `request`: one, or for a large
-/// WRITE or READ one per [`wire::CHUNK`].
-fn frames_of(request: &Request<'_>) -> Result<Vec<RequestFrame>, RemoteError> {
+/// The request frame (sequence number still 0) of `request`'s piece at `offset`, and the
+/// offset of the next piece (`None` after the last). SENDs and atomics are one piece; a
+/// WRITE or READ travels in pieces of [`wire::CHUNK`] (an empty one in one empty piece).
+fn piece_frame(
+    request: &Request<'_>,
+    offset: u64,
+) -> Result<(RequestFrame, Option<u64>), RemoteError> {
     let datagram = matches!(request.service, Service::Datagram { .. });
-    let base = RequestFrame {
+    let mut frame = RequestFrame {
         src_gid: request.source.gid,
         src_qpn: request.source.qpn,
         epoch: request.epoch,
@@ -778,14 +872,24 @@ fn frames_of(request: &Request<'_>) -> Result<Vec<RequestFrame>, RemoteError> {
         reply_offset: 0,
         payload: Vec::new(),
     };
-    let read_payload = |sgl: &crate::Sgl, offset: u64, len: u64| {
+    let read_payload = |sgl: &crate::Sgl, len: u64| {
         let mut out = Vec::with_capacity(len as usize);
         gather(request.memory, sgl, offset, len, &mut out)
             .map(|()| out)
             .map_err(|_| RemoteError::OperationError)
     };
     let solicited_flag = |solicited: bool| if solicited { flags::SOLICITED } else { 0 };
-    Ok(match &request.operation {
+    let len = piece_len(request, offset);
+    let total = match &request.operation {
+        Operation::Write { payload, .. } => payload.len(),
+        Operation::Read { reply, .. } => reply.len(),
+        Operation::Send { .. } | Operation::Atomic { .. } => len,
+    };
+    let next = Some(offset + len).filter(|&next| next < total);
+    if next.is_none() {
+        frame.flags |= flags::LAST;
+    }
+    match &request.operation {
         Operation::Send {
             payload,
             imm,
@@ -795,9 +899,8 @@ fn frames_of(request: &Request<'_>) -> Result<Vec<RequestFrame>, RemoteError> {
             if payload.len() > wire::MAX_PAYLOAD as u64 {
                 return Err(RemoteError::OperationError);
             }
-            let mut frame = base;
             frame.op = Op::Send;
-            frame.flags |= flags::LAST | solicited_flag(*solicited);
+            frame.flags |= solicited_flag(*solicited);
             if let Some(imm) = imm {
                 frame.flags |= flags::IMM;
                 frame.imm = *imm;
@@ -806,8 +909,7 @@ fn frames_of(request: &Request<'_>) -> Result<Vec<RequestFrame>, RemoteError> {
                 frame.flags |= flags::INVALIDATE;
                 frame.invalidate = *key;
             }
-            frame.payload = read_payload(payload, 0, payload.len())?;
-            vec![frame]
+            frame.payload = read_payload(payload, len)?;
         }
         Operation::Write {
             payload,
@@ -816,44 +918,27 @@ fn frames_of(request: &Request<'_>) -> Result<Vec<RequestFrame>, RemoteError> {
             imm,
             solicited,
         } => {
-            let mut frames = Vec::new();
-            for (offset, len, last) in pieces(payload.len()) {
-                let mut frame = base.clone();
-                frame.op = Op::Write;
-                frame.rkey = *rkey;
-                frame.remote_addr = remote_addr.wrapping_add(offset);
-                frame.payload = read_payload(payload, offset, len)?;
-                if last {
-                    frame.flags |= flags::LAST | solicited_flag(*solicited);
-                    if let Some(imm) = imm {
-                        frame.flags |= flags::IMM;
-                        frame.imm = *imm;
-                    }
+            frame.op = Op::Write;
+            frame.rkey = *rkey;
+            frame.remote_addr = remote_addr.wrapping_add(offset);
+            frame.payload = read_payload(payload, len)?;
+            if next.is_none() {
+                frame.flags |= solicited_flag(*solicited);
+                if let Some(imm) = imm {
+                    frame.flags |= flags::IMM;
+                    frame.imm = *imm;
                 }
-                frames.push(frame);
             }
-            frames
         }
         Operation::Read {
-            reply,
-            remote_addr,
-            rkey,
+            remote_addr, rkey, ..
         } => {
-            pieces(reply.len())
-                .map(|(offset, len, last)| {
-                    let mut frame = base.clone();
-                    frame.op = Op::Read;
-                    frame.rkey = *rkey;
-                    frame.remote_addr = remote_addr.wrapping_add(offset);
-                    // A piece is at most CHUNK (256 KiB) long.
-                    frame.read_len = len as u32;
-                    frame.reply_offset = offset;
-                    if last {
-                        frame.flags |= flags::LAST;
-                    }
-                    frame
-                })
-                .collect()
+            frame.op = Op::Read;
+            frame.rkey = *rkey;
+            frame.remote_addr = remote_addr.wrapping_add(offset);
+            // A piece is at most CHUNK (256 KiB) long.
+            frame.read_len = len as u32;
+            frame.reply_offset = offset;
         }
         Operation::Atomic {
             kind,
@@ -861,8 +946,6 @@ fn frames_of(request: &Request<'_>) -> Result<Vec<RequestFrame>, RemoteError> {
             rkey,
             ..
         } => {
-            let mut frame = base;
-            frame.flags |= flags::LAST;
             frame.rkey = *rkey;
             frame.remote_addr = *remote_addr;
             match kind {
@@ -876,9 +959,21 @@ fn frames_of(request: &Request<'_>) -> Result<Vec<RequestFrame>, RemoteError> {
                     frame.compare_add = *add;
                 }
             }
-            vec![frame]
         }
-    })
+    }
+    Ok((frame, next))
+}
+
+/// Every frame of a datagram (a UD SEND: one), sent at once.
+fn frames_of(request: &Request<'_>) -> Result<Vec<RequestFrame>, RemoteError> {
+    let mut frames = Vec::new();
+    let mut offset = Some(0);
+    while let Some(at) = offset {
+        let (frame, next) = piece_frame(request, at)?;
+        frames.push(frame);
+        offset = next;
+    }
+    Ok(frames)
 }
 
 #[cfg(test)]

@@ -146,12 +146,12 @@ impl Pair {
             device: FakeDevice {
                 not_ready: 0,
                 receives: 1000,
-                region: vec![0; 4 << 20],
+                region: vec![0; 16 << 20],
                 sends: Vec::new(),
                 executed: 0,
             },
             staging: Staging::new().unwrap(),
-            memory: GuestMemory::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap(),
+            memory: GuestMemory::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap(),
             completed: Vec::new(),
             now,
             next_ticket: 0,
@@ -570,6 +570,121 @@ fn a_full_window_is_busy_until_answers_come() {
         solicited: false,
     });
     assert_eq!(delivery, Delivery::Pending);
+}
+
+/// Moves everything both ways until nothing moves, like [`Pair::pump`], and returns the
+/// most bytes A had queued for its link at any point.
+fn pump_watching_a(p: &mut Pair) -> usize {
+    let mut most = p.a.outgoing(PEER_B).len();
+    loop {
+        let moved = p.move_bytes(true, usize::MAX) | p.move_bytes(false, usize::MAX);
+        p.run_events();
+        most = most.max(p.a.outgoing(PEER_B).len());
+        if !moved {
+            return most;
+        }
+    }
+}
+
+#[test]
+fn transfers_larger_than_the_window_are_gathered_as_it_opens() {
+    let mut p = Pair::new();
+    // Bound: the window and one piece with its frame.
+    let bound = (QP_WINDOW + wire::CHUNK) as usize + 2 * wire::HEADER + wire::REQUEST_FIXED;
+    let len = 3 * QP_WINDOW + 5;
+    let data: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
+    p.memory
+        .write_slice(&data, GuestAddress(0x10_0000))
+        .unwrap();
+    let payload = sgl(0x10_0000, len);
+    let (write, delivery) = p.post(Operation::Write {
+        payload: &payload,
+        remote_addr: REGION,
+        rkey: 1,
+        imm: Some(3),
+        solicited: false,
+    });
+    assert_eq!(delivery, Delivery::Pending);
+    // Only what fits the window was gathered; the QP's next request waits behind the rest.
+    assert!(p.a.outgoing(PEER_B).len() <= bound);
+    let small = sgl(0x1000, 4);
+    let (_, behind) = p.post(Operation::Send {
+        payload: &small,
+        imm: None,
+        invalidate: None,
+        solicited: false,
+    });
+    assert_eq!(behind, Delivery::Busy);
+    let most = pump_watching_a(&mut p);
+    assert!(most <= bound, "{most} bytes queued at once");
+    assert_eq!(p.completions(), [(write, ok(5))]);
+    assert_eq!(&p.device.region[..len as usize], &data[..]);
+    let pieces = len.div_ceil(wire::CHUNK);
+    assert_eq!(p.device.executed as u64, pieces);
+
+    // A READ's replies count against the window too: the peer never has more than the
+    // window of answers to queue.
+    let reply = sgl(0x100_0000, len);
+    let (read, delivery) = p.post(Operation::Read {
+        reply: &reply,
+        remote_addr: REGION,
+        rkey: 1,
+    });
+    assert_eq!(delivery, Delivery::Pending);
+    let mut most_answers = 0;
+    loop {
+        let moved = p.move_bytes(true, usize::MAX);
+        p.run_events();
+        most_answers = most_answers.max(p.b.outgoing(PEER_A).len());
+        let back = p.move_bytes(false, usize::MAX);
+        p.run_events();
+        if !moved && !back {
+            break;
+        }
+    }
+    assert!(most_answers <= bound, "{most_answers} reply bytes queued at once");
+    assert_eq!(p.completions(), [(write, ok(5)), (read, ok(5))]);
+    let mut assembled = vec![0u8; len as usize];
+    for piece in p.completed.iter().filter(|c| c.ticket == read) {
+        let at = piece.reply_offset as usize;
+        assembled[at..at + piece.reply.len()].copy_from_slice(&piece.reply);
+    }
+    assert_eq!(assembled, data);
+}
+
+#[test]
+fn a_piece_that_cannot_be_gathered_fails_its_request_once() {
+    let mut p = Pair::new();
+    // The list runs past the end of the requester's memory: the first pieces go, the
+    // one that cannot be read fails the request, and nothing more of the QP is sent.
+    let len = 2 * QP_WINDOW;
+    let payload = sgl((32 << 20) - QP_WINDOW - 10, len);
+    let (write, delivery) = p.post(Operation::Write {
+        payload: &payload,
+        remote_addr: REGION,
+        rkey: 1,
+        imm: None,
+        solicited: false,
+    });
+    assert_eq!(delivery, Delivery::Pending);
+    p.pump(usize::MAX);
+    assert_eq!(
+        p.completions(),
+        [(write, Err(RemoteError::OperationError))]
+    );
+    // Nothing is left to resend.
+    p.advance(Duration::from_secs(10));
+    assert_eq!(p.completions().len(), 1);
+    // A request of a list that cannot be read at all is refused at once.
+    let unreadable = sgl(64 << 20, 8);
+    let (_, delivery) = p.post(Operation::Write {
+        payload: &unreadable,
+        remote_addr: REGION,
+        rkey: 1,
+        imm: None,
+        solicited: false,
+    });
+    assert_eq!(delivery, Delivery::Done(Err(RemoteError::OperationError)));
 }
 
 #[test]

@@ -1,5 +1,7 @@
-//! A request owned by the fabric while it waits in its responder's inbox: the requester's
-//! scatter-gather lists and a handle on its guest memory, not a copy of the payload.
+//! A request a transport keeps after the requester's turn: the requester's scatter-gather
+//! lists and a handle on its guest memory, not a copy of the payload. The memcpy fabric
+//! keeps it in the responder's inbox; the TCP transport keeps a large one until the QP's
+//! window has room for its next piece.
 
 use crate::{
     AtomicKind, Destination, GuestMemory, Operation, Request, RetryPolicy, Service, Sgl, Source,
