@@ -24,4 +24,5 @@ pub mod pci;
 pub mod profiler;
 pub mod pvrdma;
 pub mod runtime;
+pub mod sandbox;
 pub mod vfio;

@@ -26,6 +26,7 @@ use vfio_user_pvrdma::pvrdma::{DeviceConfig, caps};
 use vfio_user_pvrdma::runtime::fabric::Fabric;
 use vfio_user_pvrdma::runtime::remote::FabricHost;
 use vfio_user_pvrdma::runtime::{control as control_server, poller, rnr_timer};
+use vfio_user_pvrdma::sandbox;
 use vfio_user_pvrdma::vfio::PciFunction;
 use vfio_user_pvrdma::vfio::listener::{self, ListenError};
 use vfio_user_pvrdma::vfio::uar::DoorbellMode;
@@ -129,6 +130,13 @@ struct Cli {
     /// are accepted.
     #[arg(long, value_name = "FILE")]
     cluster_key: Option<PathBuf>,
+
+    /// Once its sockets are bound, the server gives up what serving does not need: no new
+    /// privileges, a seccomp allowlist of system calls (others fail with EPERM), and, where
+    /// the kernel has Landlock, no file access but its own socket files and TCP ports
+    /// (docs/threat-model.md). `off` is for debugging (strace, gdb).
+    #[arg(long, value_enum, value_name = "on|off", default_value = "on")]
+    sandbox: Switch,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -212,6 +220,8 @@ enum StartupError {
     EmptyClusterKey(PathBuf),
     #[error("cannot start the TCP transport")]
     Transport(#[source] io::Error),
+    #[error("cannot enter the sandbox (--sandbox off runs without it)")]
+    Sandbox(#[from] vfio_user_pvrdma::sandbox::SandboxError),
 }
 
 fn main() -> ExitCode {
@@ -262,26 +272,56 @@ fn raise_fd_limit(devices: usize) {
     }
 }
 
+/// The --cluster-key file's secret (read before the sandbox shuts file access).
+fn read_cluster_key(cli: &Cli) -> Result<Option<Vec<u8>>, StartupError> {
+    let Some(path) = &cli.cluster_key else {
+        return Ok(None);
+    };
+    let key = std::fs::read(path).map_err(|source| StartupError::ClusterKey {
+        path: path.clone(),
+        source,
+    })?;
+    let key = key.trim_ascii().to_vec();
+    if key.is_empty() {
+        return Err(StartupError::EmptyClusterKey(path.clone()));
+    }
+    Ok(Some(key))
+}
+
+/// Enters the sandbox (unless --sandbox off) and says what the kernel enforced.
+fn enter_sandbox(cli: &Cli) -> Result<(), StartupError> {
+    if cli.sandbox == Switch::Off {
+        warn!("--sandbox off: the server runs with every system call and file it may reach");
+        return Ok(());
+    }
+    let needs = sandbox::Needs {
+        sockets: cli.sockets.iter().chain(&cli.control).cloned().collect(),
+        listen_port: cli.listen.map(|addr| addr.port()),
+        peer_ports: cli.peers.iter().map(|addr| addr.port()).collect(),
+    };
+    let entered = sandbox::enter(&needs)?;
+    let files = match entered.landlock_full {
+        Some(true) => "Landlock limits files and TCP ports",
+        Some(false) => "Landlock limits files and ports as far as this kernel can",
+        None => "this kernel has no Landlock, so files and ports are not limited",
+    };
+    info!(
+        "sandbox: no new privileges, {} system calls allowed (others fail with EPERM); {files}",
+        entered.allowed_calls
+    );
+    Ok(())
+}
+
 /// Starts the TCP transport when --listen or --peer asks for it, chained behind the
 /// fabric's own devices.
-fn start_transport(cli: &Cli, fabric: &Fabric) -> Result<Option<Transport>, StartupError> {
+fn start_transport(
+    cli: &Cli,
+    cluster_key: Option<Vec<u8>>,
+    fabric: &Fabric,
+) -> Result<Option<Transport>, StartupError> {
     if cli.listen.is_none() && cli.peers.is_empty() {
         return Ok(None);
     }
-    let cluster_key = match &cli.cluster_key {
-        Some(path) => {
-            let key = std::fs::read(path).map_err(|source| StartupError::ClusterKey {
-                path: path.clone(),
-                source,
-            })?;
-            let key = key.trim_ascii().to_vec();
-            if key.is_empty() {
-                return Err(StartupError::EmptyClusterKey(path.clone()));
-            }
-            Some(key)
-        }
-        None => None,
-    };
     let config = TransportConfig {
         listen: cli.listen,
         peers: cli.peers.clone(),
@@ -325,6 +365,11 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
         None => None,
     };
 
+    let cluster_key = read_cluster_key(cli)?;
+    // Every socket file is bound and every file read: from here on the server needs no
+    // more than serving does. No thread exists yet, so all of them inherit the sandbox.
+    enter_sandbox(cli)?;
+
     // The devices of one process form one fabric: their guests reach each other by memcpy.
     let fabric = Fabric::new();
     let spin = Duration::from_micros(cli.spin_us);
@@ -348,7 +393,7 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
         serving.push(path);
     }
     // Kept alive until the signal: dropping it stops the transport's thread.
-    let _transport = start_transport(cli, &fabric)?;
+    let _transport = start_transport(cli, cluster_key, &fabric)?;
     fabric.set_profiling(cli.profile == Switch::On);
     fabric.set_profile_sampling(cli.profile_every);
     info!(

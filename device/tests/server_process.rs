@@ -305,3 +305,45 @@ fn cli_requires_a_socket_and_documents_it() {
         assert!(text.contains(needle), "--help lacks {needle:?}:\n{text}");
     }
 }
+
+/// `NAME:\tVALUE` of the server's /proc status.
+fn proc_status(server: &ServerProcess, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))
+        .expect("the server's /proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name}:")))
+        .map(|value| value.trim().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_server_serves_from_inside_its_sandbox_unless_told_not_to() {
+    let dir = TempDir::new("sandbox");
+    let socket = dir.path().join("pvrdma.sock");
+    let mut server = ServerProcess::start([Path::new("--socket"), &socket]);
+    server.wait_for_line("sandbox: no new privileges");
+    wait_for_path(&socket);
+    // Every thread, the serving ones included, runs under the filter.
+    assert_eq!(proc_status(&server, "NoNewPrivs"), "1");
+    assert_eq!(proc_status(&server, "Seccomp"), "2", "seccomp filter mode");
+    let mut client = connect(&socket);
+    check_dma(&mut client, &mut server, dir.path());
+    check_msix_eventfd(&mut client);
+    drop(client);
+    server.wait_for_line("client disconnected");
+    // The socket file is still removed at exit, from inside the sandbox.
+    assert!(server.stop_with(Signal::SIGTERM).success());
+    assert!(!socket.exists(), "socket file removed on SIGTERM");
+
+    let socket = dir.path().join("debug.sock");
+    let mut server = ServerProcess::start([
+        Path::new("--socket"),
+        &socket,
+        Path::new("--sandbox"),
+        Path::new("off"),
+    ]);
+    server.wait_for_line("--sandbox off");
+    wait_for_path(&socket);
+    assert_eq!(proc_status(&server, "Seccomp"), "0");
+}
