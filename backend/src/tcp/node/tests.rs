@@ -642,7 +642,10 @@ fn transfers_larger_than_the_window_are_gathered_as_it_opens() {
             break;
         }
     }
-    assert!(most_answers <= bound, "{most_answers} reply bytes queued at once");
+    assert!(
+        most_answers <= bound,
+        "{most_answers} reply bytes queued at once"
+    );
     assert_eq!(p.completions(), [(write, ok(5)), (read, ok(5))]);
     let mut assembled = vec![0u8; len as usize];
     for piece in p.completed.iter().filter(|c| c.ticket == read) {
@@ -668,10 +671,7 @@ fn a_piece_that_cannot_be_gathered_fails_its_request_once() {
     });
     assert_eq!(delivery, Delivery::Pending);
     p.pump(usize::MAX);
-    assert_eq!(
-        p.completions(),
-        [(write, Err(RemoteError::OperationError))]
-    );
+    assert_eq!(p.completions(), [(write, Err(RemoteError::OperationError))]);
     // Nothing is left to resend.
     p.advance(Duration::from_secs(10));
     assert_eq!(p.completions().len(), 1);
