@@ -1,0 +1,148 @@
+//! The device model as a hostile guest kernel drives it: guest memory it writes at will (the
+//! DSR, page directories, rings, WQEs, command bodies), BAR1 register writes and reads, the
+//! command slot with every command code, and UAR doorbells. The fuzzer's bytes are a
+//! program of such steps; the harness only places the DSR and the command slot where the
+//! device will look, so that inputs reach the commands and the data path quickly.
+//!
+//! The device is alone on an isolated network, so a work request to one of its own GIDs is
+//! answered by its own responder (loopback): the requester and the responder both run.
+
+use pvrdma_backend::Isolated;
+use vfio_user_pvrdma::abi::{self, Dsr, RequestHeader, RingPages, regs, uar};
+use vfio_user_pvrdma::pvrdma::{DeviceConfig, GuestRam, Interrupts, PvrdmaDevice};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use zerocopy::IntoBytes;
+
+use crate::input::Input;
+
+/// Guest RAM: enough for rings and queues of a few pages, small enough to reset per input.
+pub const RAM: u64 = 2 << 20;
+const PAGES: u64 = RAM / abi::PAGE_SIZE;
+const DSR_AT: u64 = 0x1000;
+const COMMAND_AT: u64 = 0x2000;
+const RESPONSE_AT: u64 = 0x3000;
+/// Steps per input: enough for a bring-up and a few verbs, bounded so one input is quick.
+const MAX_STEPS: usize = 512;
+
+/// Counts interrupts (their order is the device's business).
+struct Raised(u64);
+
+impl Interrupts for Raised {
+    fn raise(&mut self, _vector: u16) {
+        self.0 += 1;
+    }
+}
+
+pub fn run(data: &[u8]) {
+    let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]) else {
+        return;
+    };
+    let mut device = PvrdmaDevice::new(DeviceConfig::default());
+    let mut irq = Raised(0);
+    let mut input = Input::new(data);
+    for _ in 0..MAX_STEPS {
+        if input.is_empty() {
+            break;
+        }
+        step(&mut device, &mem, &mut irq, &mut input);
+    }
+    // Whatever the guest did, the device still answers and resets.
+    let _ = device.read_register(regs::ERR);
+    device.reset();
+}
+
+/// A guest address the fuzzer chooses: usually inside RAM and page-aligned, since that is
+/// what the device checks most; sometimes anything at all.
+fn address(input: &mut Input<'_>) -> u64 {
+    match input.u8() % 4 {
+        0 => input.u64(),
+        1 => u64::from(input.u16()) % PAGES * abi::PAGE_SIZE + u64::from(input.u16() & 0xfff),
+        _ => u64::from(input.u16()) % PAGES * abi::PAGE_SIZE,
+    }
+}
+
+fn step(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut Raised, input: &mut Input<'_>) {
+    match input.u8() % 8 {
+        // The guest writes its memory: rings, WQEs, page directories, command bodies.
+        0 => {
+            let at = address(input);
+            let len = usize::from(input.u8()) * 4 + 4;
+            let bytes = input.bytes(len);
+            let _ = mem.write_slice(bytes, GuestAddress(at));
+        }
+        // A page of 64-bit entries, the shape of a page directory or table.
+        1 => {
+            let at = u64::from(input.u16()) % PAGES * abi::PAGE_SIZE;
+            let count = u64::from(input.u8() % 64) + 1;
+            let first = u64::from(input.u16()) % PAGES;
+            let stride = u64::from(input.u8() % 4);
+            for i in 0..count {
+                let page = (first + i * stride) % PAGES * abi::PAGE_SIZE;
+                let _ = mem.write_obj(page, GuestAddress(at + i * 8));
+            }
+        }
+        // Activation with a DSR of the fuzzer's rings.
+        2 => {
+            let ring = |input: &mut Input<'_>| RingPages {
+                num_pages: u32::from(input.u8() % 8),
+                reserved: 0,
+                pdir_dma: address(input),
+            };
+            let dsr = Dsr {
+                driver_version: input.u32(),
+                cmd_slot_dma: COMMAND_AT,
+                resp_slot_dma: RESPONSE_AT,
+                async_ring_pages: ring(input),
+                cq_ring_pages: ring(input),
+                uar_pfn64: u64::from(input.u8()),
+                ..Dsr::default()
+            };
+            let _ = mem.write_slice(dsr.as_bytes(), GuestAddress(DSR_AT));
+            write(device, mem, irq, regs::DSR_LOW, DSR_AT as u32);
+            write(device, mem, irq, regs::DSR_HIGH, 0);
+            write(device, mem, irq, regs::CTL, regs::CTL_ACTIVATE);
+        }
+        // A command: a code (one past the last is invalid), the slot's body, REQUEST, ERR.
+        3 => {
+            let header = RequestHeader {
+                response: input.u64(),
+                cmd: u32::from(input.u8() % 22),
+                reserved: 0,
+            };
+            let body = input.bytes(abi::REQUEST_SLOT_BYTES - size_of::<RequestHeader>());
+            let _ = mem.write_slice(header.as_bytes(), GuestAddress(COMMAND_AT));
+            let _ = mem.write_slice(
+                body,
+                GuestAddress(COMMAND_AT + size_of::<RequestHeader>() as u64),
+            );
+            write(device, mem, irq, regs::REQUEST, 0);
+            let _ = device.read_register(regs::ERR);
+        }
+        // Any register write or read.
+        4 => {
+            let offset = u64::from(input.u8() % 12) * 4;
+            let value = input.u32();
+            write(device, mem, irq, offset, value);
+        }
+        5 => {
+            let _ = device.read_register(u64::from(input.u8() % 12) * 4);
+        }
+        // A doorbell: QP (send or receive), CQ (arm or poll) or SRQ word of a UAR page.
+        6 => {
+            let page = u64::from(input.u8() % 4) * abi::PAGE_SIZE;
+            let word = match input.u8() % 3 {
+                0 => uar::QP_OFFSET,
+                1 => uar::CQ_OFFSET,
+                _ => uar::SRQ_OFFSET,
+            };
+            let value = input.u32();
+            device.write_doorbell(mem, irq, &mut Isolated, page + word, value);
+        }
+        // Work waiting for a receiver is tried again.
+        _ => device.resume_stalled(mem, irq, &mut Isolated),
+    }
+}
+
+fn write(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut Raised, offset: u64, value: u32) {
+    device.write_register(mem, irq, &Isolated, offset, value);
+}
