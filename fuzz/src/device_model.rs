@@ -16,13 +16,16 @@ use zerocopy::IntoBytes;
 use crate::input::Input;
 
 /// Guest RAM: enough for rings and queues of a few pages, small enough to reset per input.
-pub const RAM: u64 = 2 << 20;
+/// Above 4 GiB, as the test driver puts it (so its recorded sessions replay unchanged,
+/// and address 0 is not RAM).
+pub const RAM_BASE: u64 = 0x1_0000_0000;
+pub const RAM: u64 = 4 << 20;
 const PAGES: u64 = RAM / abi::PAGE_SIZE;
-const DSR_AT: u64 = 0x1000;
-const COMMAND_AT: u64 = 0x2000;
-const RESPONSE_AT: u64 = 0x3000;
-/// Steps per input: enough for a bring-up and a few verbs, bounded so one input is quick.
-const MAX_STEPS: usize = 512;
+const DSR_AT: u64 = RAM_BASE + 0x1000;
+const COMMAND_AT: u64 = RAM_BASE + 0x2000;
+const RESPONSE_AT: u64 = RAM_BASE + 0x3000;
+/// Steps per input: enough for a recorded verbs session, bounded so one input is quick.
+const MAX_STEPS: usize = 4096;
 
 /// Counts interrupts (their order is the device's business).
 struct Raised(u64);
@@ -34,7 +37,7 @@ impl Interrupts for Raised {
 }
 
 pub fn run(data: &[u8]) {
-    let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]) else {
+    let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(RAM_BASE), RAM as usize)]) else {
         return;
     };
     let mut device = PvrdmaDevice::new(DeviceConfig::default());
@@ -56,9 +59,14 @@ pub fn run(data: &[u8]) {
 fn address(input: &mut Input<'_>) -> u64 {
     match input.u8() % 4 {
         0 => input.u64(),
-        1 => u64::from(input.u16()) % PAGES * abi::PAGE_SIZE + u64::from(input.u16() & 0xfff),
-        _ => u64::from(input.u16()) % PAGES * abi::PAGE_SIZE,
+        1 => page(input) + u64::from(input.u16() & 0xfff),
+        _ => page(input),
     }
+}
+
+/// A page of guest RAM the fuzzer chooses.
+fn page(input: &mut Input<'_>) -> u64 {
+    RAM_BASE + u64::from(input.u16()) % PAGES * abi::PAGE_SIZE
 }
 
 fn step(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut Raised, input: &mut Input<'_>) {
@@ -72,13 +80,13 @@ fn step(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut Raised, input: &mut
         }
         // A page of 64-bit entries, the shape of a page directory or table.
         1 => {
-            let at = u64::from(input.u16()) % PAGES * abi::PAGE_SIZE;
+            let at = page(input);
             let count = u64::from(input.u8() % 64) + 1;
             let first = u64::from(input.u16()) % PAGES;
             let stride = u64::from(input.u8() % 4);
             for i in 0..count {
-                let page = (first + i * stride) % PAGES * abi::PAGE_SIZE;
-                let _ = mem.write_obj(page, GuestAddress(at + i * 8));
+                let entry = RAM_BASE + (first + i * stride) % PAGES * abi::PAGE_SIZE;
+                let _ = mem.write_obj(entry, GuestAddress(at + i * 8));
             }
         }
         // Activation with a DSR of the fuzzer's rings.
@@ -118,7 +126,7 @@ fn step(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut Raised, input: &mut
             write(device, mem, irq, regs::REQUEST, 0);
             let _ = device.read_register(regs::ERR);
         }
-        // Any register write or read.
+        // Any register write or read (offsets 0..=0x2c: every register and a few past).
         4 => {
             let offset = u64::from(input.u8() % 12) * 4;
             let value = input.u32();
@@ -127,9 +135,10 @@ fn step(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut Raised, input: &mut
         5 => {
             let _ = device.read_register(u64::from(input.u8() % 12) * 4);
         }
-        // A doorbell: QP (send or receive), CQ (arm or poll) or SRQ word of a UAR page.
+        // A doorbell: QP (send or receive), CQ (arm or poll) or SRQ word of a UAR page
+        // (the first 256 pages of BAR2).
         6 => {
-            let page = u64::from(input.u8() % 4) * abi::PAGE_SIZE;
+            let page = u64::from(input.u8()) * abi::PAGE_SIZE;
             let word = match input.u8() % 3 {
                 0 => uar::QP_OFFSET,
                 1 => uar::CQ_OFFSET,

@@ -208,7 +208,8 @@ impl Net<crate::driver::tcp_bus::TcpBus> {
 }
 
 impl<B: Bus> Net<B> {
-    fn new(mut d: Vec<Driver<B>>) -> Net<B> {
+    /// Probes `d`'s devices and binds each side's GID.
+    pub fn new(mut d: Vec<Driver<B>>) -> Net<B> {
         let mut busy = Vec::new();
         for driver in &mut d {
             driver.probe();
