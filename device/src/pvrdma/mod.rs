@@ -312,6 +312,24 @@ impl PvrdmaDevice {
         datapath::respond(self, mem, irq, request)
     }
 
+    /// Executes a request a transport brought from another host. A reliable one for a QP
+    /// not ready yet (RESET or INIT) is dropped ([`RemoteError::Dropped`]), as a fabric drops
+    /// such a packet: the requester's transport sends it again after its timeout, by when a
+    /// QP caught between its peer's RTS and its own RTR is ready.
+    pub fn respond_to_remote_host(
+        &mut self,
+        mem: &GuestRam,
+        irq: &mut dyn Interrupts,
+        request: &Request<'_>,
+    ) -> Result<Outcome, RemoteError> {
+        if request.service == pvrdma_backend::Service::Reliable
+            && self.rc_qp_not_ready(request.destination.qpn)
+        {
+            return Err(RemoteError::Dropped);
+        }
+        self.respond(mem, irq, request)
+    }
+
     /// A transport's answer to a request this device issued (see `Delivery::Pending`).
     pub fn complete_remote(
         &mut self,
@@ -333,7 +351,7 @@ impl PvrdmaDevice {
     /// Whether `qpn` is an RC QP not yet ready for requests (RESET or INIT): on a real
     /// fabric a request arriving then is dropped and the requester's transport retries,
     /// which covers the moment between a peer's RTS and this QP's RTR.
-    pub fn rc_qp_not_ready(&self, qpn: u32) -> bool {
+    fn rc_qp_not_ready(&self, qpn: u32) -> bool {
         self.objects.qps.get(qpn).is_some_and(|qp| {
             qp.qp_type == abi::qp_type::RC
                 && matches!(qp.attr.qp_state, abi::qp_state::RESET | abi::qp_state::INIT)

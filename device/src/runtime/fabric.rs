@@ -240,20 +240,14 @@ impl Fabric {
                 pvrdma_backend::Service::Reliable => RemoteError::Unreachable,
             });
         };
-        let reliable = matches!(request.service, pvrdma_backend::Service::Reliable);
-        let qpn = request.destination.qpn;
         let result = self
             .shared
             .with_endpoint(index, |slot, _| {
                 if !slot.has_gid(&request.destination.gid) {
                     return Err(RemoteError::Unreachable);
                 }
-                // Dropped, not refused: the transport resends after the QP's timeout, by
-                // when a QP caught between its peer's RTS and its own RTR is ready.
-                if reliable && slot.device.rc_qp_not_ready(qpn) {
-                    return Err(RemoteError::Dropped);
-                }
-                slot.respond(request)
+                let (device, mem, mut irq) = slot.parts();
+                device.respond_to_remote_host(mem, &mut irq, request)
             })
             .unwrap_or(Err(RemoteError::Unreachable));
         self.contain_faults();

@@ -246,6 +246,11 @@ impl<B: Bus> Net<B> {
         self.d.len() == 1
     }
 
+    /// Whether the devices are on two hosts joined by a transport between servers.
+    pub fn crosses_hosts(&self) -> bool {
+        self.d.iter().any(|d| d.bus.crosses_hosts())
+    }
+
     pub fn host_a(&self) -> Host {
         Host {
             dev: 0,

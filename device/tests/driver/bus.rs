@@ -30,6 +30,11 @@ pub trait Bus {
     fn ram(&self) -> &GuestRam {
         self.memory().ram()
     }
+    /// Whether the devices this bus joins are on different hosts (requests travel through
+    /// a transport between servers, with its retransmissions).
+    fn crosses_hosts(&self) -> bool {
+        false
+    }
 }
 
 /// Records raised vectors in order.

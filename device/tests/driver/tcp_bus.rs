@@ -166,7 +166,9 @@ impl World {
                             return Err(pvrdma_backend::RemoteError::Unreachable);
                         };
                         fabric
-                            .with_endpoint(index, |e, _| e.device.respond(&e.ram, &mut e.irqs, r))
+                            .with_endpoint(index, |e, _| {
+                                e.device.respond_to_remote_host(&e.ram, &mut e.irqs, r)
+                            })
                             .unwrap_or(Err(pvrdma_backend::RemoteError::Unreachable))
                     });
                     host.node
@@ -256,6 +258,10 @@ impl Bus for TcpBus {
 
     fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    fn crosses_hosts(&self) -> bool {
+        true
     }
 }
 
