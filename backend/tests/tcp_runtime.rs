@@ -246,3 +246,142 @@ fn a_handshake_that_does_not_finish_is_closed_and_holds_up_no_real_peer() {
         "the real link outlived the stalled ones"
     );
 }
+
+/// The resident memory of this process, in bytes.
+fn resident() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+#[test]
+fn a_peer_that_never_reads_its_answers_is_held_back_not_buffered() {
+    use hmac::{Hmac, Mac};
+    use pvrdma_backend::tcp::wire::{self, Decoder, Frame, Op, RequestFrame, flags};
+    use sha2::Sha256;
+    use std::io::{Read, Write};
+
+    let host_a = FakeHost::new(0xa);
+    let key: &[u8] = b"the cluster key";
+    let a = start(&host_a, Some(key), Vec::new());
+    // A peer that knows the key: the handshake as a server does it.
+    let mut peer = std::net::TcpStream::connect(a.local_addr().unwrap()).unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (my_id, my_nonce) = (0x0bad_f00d_u64, [7u8; 16]);
+    let mut out = Vec::new();
+    wire::encode(
+        &Frame::Hello {
+            version: wire::VERSION,
+            node: my_id,
+            nonce: my_nonce,
+        },
+        &mut out,
+    );
+    peer.write_all(&out).unwrap();
+    let mut decoder = Decoder::new();
+    let their_nonce = loop {
+        let mut buf = [0u8; 4096];
+        let n = peer.read(&mut buf).unwrap();
+        decoder.push(&buf[..n]);
+        if let Some(Frame::Hello { nonce, .. }) = decoder.next_frame().unwrap() {
+            break nonce;
+        }
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
+    mac.update(b"pvrdma-tcp-auth");
+    mac.update(&their_nonce);
+    mac.update(&my_id.to_le_bytes());
+    mac.update(&my_nonce);
+    let mut out = Vec::new();
+    wire::encode(
+        &Frame::Auth {
+            mac: mac.finalize().into_bytes().into(),
+        },
+        &mut out,
+    );
+    const MY_GID: [u8; 16] = [0xc; 16];
+    wire::encode(&Frame::Gids(vec![MY_GID]), &mut out);
+    peer.write_all(&out).unwrap();
+    assert!(wait_until("the link", Duration::from_secs(4), || linked(
+        &a
+    )));
+
+    // Thousands of 256 KiB READs, and never a byte of the answers read: 1 GiB of answers
+    // if the server queued them all.
+    let before = resident();
+    let mut flood = Vec::new();
+    for seq in 0..4000u32 {
+        let read = RequestFrame {
+            src_gid: MY_GID,
+            src_qpn: 1,
+            epoch: 1,
+            dst_gid: [0xa; 16],
+            dst_qpn: 4,
+            seq,
+            ticket: u64::from(seq),
+            op: Op::Read,
+            flags: flags::LAST,
+            qkey: 0,
+            imm: 0,
+            invalidate: 0,
+            rkey: 1,
+            remote_addr: 0,
+            read_len: wire::CHUNK as u32,
+            compare_add: 0,
+            swap: 0,
+            reply_offset: 0,
+            payload: Vec::new(),
+        };
+        wire::encode(&Frame::Request(read), &mut flood);
+    }
+    // The server stops taking them once its queue to this peer is full: the rest wait in
+    // the socket, and this writer waits on them (TCP's back-pressure).
+    let mut writer = peer.try_clone().unwrap();
+    writer.set_write_timeout(None).unwrap();
+    let writing = std::thread::spawn(move || writer.write_all(&flood));
+    // Wait until execution stops (or everything ran, which it must not).
+    let executed = || host_a.received.lock().unwrap().len();
+    let started = Instant::now();
+    let mut seen = (executed(), Instant::now());
+    while executed() < 4000 && seen.1.elapsed() < Duration::from_secs(1) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "still executing"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        if executed() != seen.0 {
+            seen = (executed(), Instant::now());
+        }
+    }
+    let held_back = executed();
+    let grown = resident().saturating_sub(before);
+    assert!(
+        held_back < 4000,
+        "all {held_back} READs were executed with nobody reading the answers"
+    );
+    assert!(
+        grown < 256 << 20,
+        "{} MiB more resident after {held_back} READs",
+        grown >> 20
+    );
+    // Once the peer reads its answers, the rest of its requests are executed.
+    let reader = std::thread::spawn(move || {
+        let mut sink = vec![0u8; 1 << 20];
+        while matches!(peer.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    assert!(wait_until(
+        "the rest of the READs",
+        Duration::from_secs(60),
+        || executed() == 4000
+    ));
+    writing
+        .join()
+        .unwrap()
+        .expect("every request was written in the end");
+    drop(a);
+    let _ = reader.join();
+}

@@ -35,7 +35,7 @@ pub type PeerId = u64;
 /// a slow responder holds back that QP, not the link.
 pub const QP_WINDOW: u64 = 4 << 20;
 /// Bytes queued for one link's socket beyond which datagrams are dropped (reliable frames
-/// are kept for resending anyway).
+/// are kept for resending anyway) and nothing more is read from that peer.
 pub const LINK_QUEUE: usize = 64 << 20;
 /// A peer that sent nothing for this long is considered gone.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -218,6 +218,9 @@ pub struct Node {
     receivers: HashMap<(PeerId, Gid, u32), Receiver>,
     local_gids: Vec<Gid>,
     events: VecDeque<Event>,
+    /// Requests of peers whose links are backlogged, in arrival order: executed once the
+    /// link drains, so answers nobody reads do not pile up.
+    deferred: VecDeque<Event>,
 }
 
 impl Node {
@@ -229,6 +232,7 @@ impl Node {
             receivers: HashMap::new(),
             local_gids: Vec::new(),
             events: VecDeque::new(),
+            deferred: VecDeque::new(),
         }
     }
 
@@ -285,6 +289,14 @@ impl Node {
     /// Bytes to write to `peer`'s socket; call [`Node::sent`] with how many were written.
     pub fn outgoing(&self, peer: PeerId) -> &[u8] {
         self.peers.get(&peer).map_or(&[], |p| &p.out)
+    }
+
+    /// Whether `peer`'s link has as much queued as it may ([`LINK_QUEUE`]): read nothing
+    /// more from that peer until it drains, so a peer that sends requests without reading
+    /// the answers is held back by TCP's own flow control instead of filling this server's
+    /// memory.
+    pub fn backlogged(&self, peer: PeerId) -> bool {
+        self.outgoing(peer).len() >= LINK_QUEUE
     }
 
     pub fn sent(&mut self, peer: PeerId, bytes: usize) {
@@ -764,7 +776,11 @@ impl Node {
 
     /// The next thing for the runtime to do. An [`Event::Execute`] that no longer stands
     /// (see [`Node::still_wanted`]) is dropped here, so callers carry out what they get.
+    ///
+    /// A peer's requests wait while its link is [backlogged](Node::backlogged): executing
+    /// them would queue answers it is not taking. They go, in order, once it drains.
     pub fn next_event(&mut self) -> Option<Event> {
+        self.restore_deferred();
         loop {
             let event = self.events.pop_front()?;
             if let Event::Execute {
@@ -772,11 +788,35 @@ impl Node {
                 request,
                 replay,
             } = &event
-                && !self.still_wanted(*peer, request, *replay)
             {
-                continue;
+                if !self.still_wanted(*peer, request, *replay) {
+                    continue;
+                }
+                if self.backlogged(*peer) {
+                    self.deferred.push_back(event);
+                    continue;
+                }
             }
             return Some(event);
+        }
+    }
+
+    /// Puts the deferred requests of peers no longer backlogged back at the head of the
+    /// queue, in their order, before anything of theirs that came later.
+    fn restore_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let (ready, waiting): (VecDeque<Event>, VecDeque<Event>) =
+            std::mem::take(&mut self.deferred)
+                .into_iter()
+                .partition(|event| match event {
+                    Event::Execute { peer, .. } => !self.backlogged(*peer),
+                    Event::Complete { .. } => true,
+                });
+        self.deferred = waiting;
+        for event in ready.into_iter().rev() {
+            self.events.push_front(event);
         }
     }
 

@@ -338,7 +338,11 @@ impl Runtime {
         for conn in &self.conns {
             let pending = !conn.out.is_empty()
                 || matches!(conn.state, State::Up { peer } if !node.outgoing(peer).is_empty());
-            let mut flags = PollFlags::POLLIN;
+            let backlogged = matches!(conn.state, State::Up { peer } if node.backlogged(peer));
+            let mut flags = PollFlags::empty();
+            if !backlogged {
+                flags |= PollFlags::POLLIN;
+            }
             if pending {
                 flags |= PollFlags::POLLOUT;
             }
@@ -439,6 +443,12 @@ impl Runtime {
     }
 
     fn read(&mut self, i: usize, now: Instant) {
+        if let State::Up { peer } = self.conns[i].state
+            && self.shared.node().backlogged(peer)
+        {
+            // Answers to that peer are not being taken: its requests wait in the socket.
+            return;
+        }
         let mut buf = [0u8; 64 * 1024];
         loop {
             let conn = &mut self.conns[i];
