@@ -16,8 +16,15 @@
 //! - a link that comes back resends everything unanswered at once.
 //!
 //! Datagrams (UD, GSI) are sent once and complete at once, as on a real fabric.
+//!
+//! A reliable piece keeps no bytes while it waits for its answer: it names its request (the
+//! requester's lists and a handle on its memory) and offset, and its frame is gathered when
+//! the link has room for it, again for every resend. So what a link holds is bounded by
+//! [`PRODUCE_AHEAD`] and the answers it queues ([`LINK_QUEUE`]), whatever its QPs have in
+//! flight; each QP's window bounds what it may have unanswered.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
@@ -37,6 +44,10 @@ pub const QP_WINDOW: u64 = 4 << 20;
 /// Bytes queued for one link's socket beyond which datagrams are dropped (reliable frames
 /// are kept for resending anyway) and nothing more is read from that peer.
 pub const LINK_QUEUE: usize = 64 << 20;
+/// Bytes of request frames made ahead of a link's socket: frames are gathered from the
+/// requesters' memory as the socket drains, so what the server holds for a link is this
+/// (and one frame), whatever its QPs have in flight.
+pub const PRODUCE_AHEAD: usize = 1 << 20;
 /// A peer that sent nothing for this long is considered gone.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often an idle link says it is alive.
@@ -78,23 +89,28 @@ struct Peer {
     /// The GIDs this peer announced and we accepted.
     gids: Vec<Gid>,
     out: Vec<u8>,
+    /// Senders with pieces to write on this link, taken in turn as the socket drains.
+    ready: VecDeque<QpKey>,
     last_heard: Instant,
     last_sent: Instant,
     down_since: Option<Instant>,
 }
 
+/// A piece sent (or to send) and not answered yet. It holds no bytes: its frame is
+/// gathered from the requester's memory whenever it is written, the first time and for
+/// every resend, as rxe does.
 struct Outstanding {
     seq: u32,
-    frame: Vec<u8>,
     /// What it holds of the QP's window (see [`piece_cost`]).
     cost: u64,
+    request: Arc<OwnedRequest>,
+    offset: u64,
 }
 
-/// A request taken whose later pieces wait for room in its QP's window. It holds the
-/// requester's lists and a handle on its memory, not the payload: each piece is gathered
-/// when it is framed, so a 2 GiB WRITE costs the window, not 2 GiB.
+/// A request taken whose later pieces wait for room in its QP's window (each piece is
+/// gathered only when it is written to the link).
 struct Unframed {
-    request: OwnedRequest,
+    request: Arc<OwnedRequest>,
     /// The offset of its next piece.
     next: u64,
 }
@@ -114,6 +130,11 @@ struct Sender {
     /// The request being framed, if its pieces did not all fit the window yet: the QP's
     /// next request waits behind it ([`Delivery::Busy`]).
     unframed: Option<Unframed>,
+    /// How many of `unanswered`, from the head, are written to the link since the last
+    /// (re)send; the rest wait for their turn on it.
+    written: usize,
+    /// On its peer's `ready` list.
+    ready: bool,
 }
 
 impl Sender {
@@ -131,6 +152,8 @@ impl Sender {
             deadline: None,
             rnr_until: None,
             unframed: None,
+            written: 0,
+            ready: false,
         }
     }
 
@@ -140,54 +163,55 @@ impl Sender {
         self.unanswered.is_empty() || self.unanswered_bytes.saturating_add(cost) <= QP_WINDOW
     }
 
-    /// Frames `request`'s piece at `offset` with the next sequence number, queues it on
-    /// `peer`'s link (if up) and keeps it until it is answered. Returns the offset of the
-    /// next piece, `None` after the last.
-    fn push_piece(
-        &mut self,
-        peer: &mut Peer,
-        request: &Request<'_>,
-        offset: u64,
-        now: Instant,
-    ) -> Result<Option<u64>, RemoteError> {
-        let cost = piece_cost(request, offset);
-        let (mut frame, next) = piece_frame(request, offset)?;
-        frame.seq = self.next_seq;
-        self.next_seq = self.next_seq.wrapping_add(1);
-        let mut bytes = Vec::new();
-        wire::encode(&Frame::Request(frame), &mut bytes);
-        if peer.up {
-            peer.out.extend_from_slice(&bytes);
-            peer.last_sent = now;
-        }
+    /// Takes `request`'s piece at `offset` with the next sequence number; it is written
+    /// when its link has room, and kept until answered. Returns the offset of the next
+    /// piece, `None` after the last.
+    fn push_piece(&mut self, request: &Arc<OwnedRequest>, offset: u64) -> Option<u64> {
+        let view = request.view();
+        let cost = piece_cost(&view, offset);
         self.unanswered_bytes += cost;
         self.unanswered.push_back(Outstanding {
-            seq: self.next_seq.wrapping_sub(1),
-            frame: bytes,
+            seq: self.next_seq,
             cost,
+            request: Arc::clone(request),
+            offset,
         });
-        Ok(next)
+        self.next_seq = self.next_seq.wrapping_add(1);
+        next_piece(&view, offset)
     }
 
-    /// Frames as much of the request still being framed as the window has room for.
-    /// An error (its memory can no longer be read) is the request's answer.
-    fn fill(&mut self, peer: &mut Peer, now: Instant) -> Result<(), (u64, RemoteError)> {
+    /// Takes as much of the request still being framed as the window has room for.
+    fn fill(&mut self) {
         let Some(mut unframed) = self.unframed.take() else {
-            return Ok(());
+            return;
         };
-        loop {
-            let request = unframed.request.view();
-            if !self.has_room(piece_cost(&request, unframed.next)) {
-                break;
-            }
-            match self.push_piece(peer, &request, unframed.next, now) {
-                Ok(Some(next)) => unframed.next = next,
-                Ok(None) => return Ok(()),
-                Err(error) => return Err((request.ticket, error)),
+        while self.has_room(piece_cost(&unframed.request.view(), unframed.next)) {
+            match self.push_piece(&unframed.request, unframed.next) {
+                Some(next) => unframed.next = next,
+                None => return,
             }
         }
         self.unframed = Some(unframed);
-        Ok(())
+    }
+
+    /// Everything unanswered goes again: a resend, or a link that came back.
+    fn rewind(&mut self) {
+        self.written = 0;
+    }
+
+    fn has_unwritten(&self) -> bool {
+        self.written < self.unanswered.len()
+    }
+}
+
+/// Puts `key`'s sender on its peer's list of senders with something to write.
+fn mark_ready(peers: &mut HashMap<PeerId, Peer>, key: QpKey, sender: &mut Sender) {
+    if sender.ready || !sender.has_unwritten() {
+        return;
+    }
+    if let Some(peer) = peers.get_mut(&sender.peer) {
+        peer.ready.push_back(key);
+        sender.ready = true;
     }
 }
 
@@ -250,6 +274,7 @@ impl Node {
             up: false,
             gids: Vec::new(),
             out: Vec::new(),
+            ready: VecDeque::new(),
             last_heard: now,
             last_sent: now,
             down_since: None,
@@ -258,12 +283,13 @@ impl Node {
         entry.down_since = None;
         entry.last_heard = now;
         entry.out.clear();
+        entry.ready.clear();
         wire::encode(&Frame::Gids(gids), &mut entry.out);
         entry.last_sent = now;
-        for sender in self.senders.values_mut().filter(|s| s.peer == peer) {
-            for outstanding in &sender.unanswered {
-                entry.out.extend_from_slice(&outstanding.frame);
-            }
+        for (key, sender) in self.senders.iter_mut().filter(|(_, s)| s.peer == peer) {
+            sender.ready = false;
+            sender.rewind();
+            mark_ready(&mut self.peers, *key, sender);
             if !sender.unanswered.is_empty() {
                 sender.deadline = deadline(now, sender.policy.timeout);
             }
@@ -278,7 +304,11 @@ impl Node {
         {
             p.up = false;
             p.out.clear();
+            p.ready.clear();
             p.down_since = Some(now);
+            for sender in self.senders.values_mut().filter(|s| s.peer == peer) {
+                sender.ready = false;
+            }
         }
     }
 
@@ -287,8 +317,18 @@ impl Node {
     }
 
     /// Bytes to write to `peer`'s socket; call [`Node::sent`] with how many were written.
-    pub fn outgoing(&self, peer: PeerId) -> &[u8] {
+    /// Request frames are gathered here, [`PRODUCE_AHEAD`] at a time, the senders of the
+    /// link taking turns piece by piece.
+    pub fn outgoing(&mut self, peer: PeerId) -> &[u8] {
+        self.produce(peer);
         self.peers.get(&peer).map_or(&[], |p| &p.out)
+    }
+
+    /// Whether `peer` has something to write, made or to be made.
+    pub fn has_output(&self, peer: PeerId) -> bool {
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| p.up && (!p.out.is_empty() || !p.ready.is_empty()))
     }
 
     /// Whether `peer`'s link has as much queued as it may ([`LINK_QUEUE`]): read nothing
@@ -296,7 +336,46 @@ impl Node {
     /// the answers is held back by TCP's own flow control instead of filling this server's
     /// memory.
     pub fn backlogged(&self, peer: PeerId) -> bool {
-        self.outgoing(peer).len() >= LINK_QUEUE
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| p.out.len() >= LINK_QUEUE)
+    }
+
+    /// Writes the ready senders' next pieces into `peer`'s queue while it holds less than
+    /// [`PRODUCE_AHEAD`]. A piece whose memory cannot be read fails its request.
+    fn produce(&mut self, peer_id: PeerId) {
+        let mut failed = Vec::new();
+        {
+            let Some(peer) = self.peers.get_mut(&peer_id).filter(|p| p.up) else {
+                return;
+            };
+            while peer.out.len() < PRODUCE_AHEAD {
+                let Some(key) = peer.ready.pop_front() else {
+                    break;
+                };
+                let Some(sender) = self.senders.get_mut(&key).filter(|s| s.peer == peer_id) else {
+                    continue;
+                };
+                let Some(piece) = sender.unanswered.get(sender.written) else {
+                    sender.ready = false;
+                    continue;
+                };
+                if let Err(error) = encode_piece(piece, &mut peer.out) {
+                    failed.push((key, piece.request.ticket, error));
+                    sender.ready = false;
+                    continue;
+                }
+                sender.written += 1;
+                if sender.has_unwritten() {
+                    peer.ready.push_back(key);
+                } else {
+                    sender.ready = false;
+                }
+            }
+        }
+        for (key, ticket, error) in failed {
+            self.fail_sender(key, ticket, error);
+        }
     }
 
     pub fn sent(&mut self, peer: PeerId, bytes: usize) {
@@ -308,9 +387,9 @@ impl Node {
     /// Peers with something to write.
     pub fn peers_with_output(&self) -> Vec<PeerId> {
         self.peers
-            .iter()
-            .filter(|(_, p)| p.up && !p.out.is_empty())
-            .map(|(id, _)| *id)
+            .keys()
+            .filter(|id| self.has_output(**id))
+            .copied()
             .collect()
     }
 
@@ -413,7 +492,6 @@ impl Node {
             *sender = Sender::new(peer_id, request);
         }
         sender.policy = request.retry;
-        // Decided before the payload is gathered: a refused request costs no copy.
         if sender.unframed.is_some() || !sender.has_room(piece_cost(request, 0)) {
             return Delivery::Busy;
         }
@@ -422,23 +500,22 @@ impl Node {
         {
             return Delivery::Done(Err(RemoteError::OperationError));
         }
-        let peer = self.peers.get_mut(&peer_id).expect("peer_of found it");
-        match sender.push_piece(peer, request, 0, now) {
-            Err(error) => return Delivery::Done(Err(error)),
-            Ok(None) => {}
-            Ok(Some(next)) => {
-                sender.unframed = Some(Unframed {
-                    request: OwnedRequest::new(request),
-                    next,
-                });
-                if let Err((ticket, error)) = sender.fill(peer, now) {
-                    self.fail_sender(key, ticket, error);
-                    return Delivery::Pending;
-                }
-            }
+        // Its lists and a handle on the requester's memory: the bytes are gathered when a
+        // piece is written, as often as it is.
+        let owned = Arc::new(OwnedRequest::new(request));
+        if let Some(next) = sender.push_piece(&owned, 0) {
+            sender.unframed = Some(Unframed {
+                request: owned,
+                next,
+            });
+            sender.fill();
         }
         if sender.deadline.is_none() && sender.rnr_until.is_none() {
             sender.deadline = deadline(now, sender.policy.timeout);
+        }
+        mark_ready(&mut self.peers, key, sender);
+        if let Some(peer) = self.peers.get_mut(&peer_id) {
+            peer.last_sent = now;
         }
         Delivery::Pending
     }
@@ -507,12 +584,11 @@ impl Node {
             Ok(_) => {
                 if let Some(head) = sender.unanswered.pop_front() {
                     sender.unanswered_bytes -= head.cost;
+                    sender.written = sender.written.saturating_sub(1);
                 }
                 // The window opened: the rest of a large request may go now.
-                let filled = match self.peers.get_mut(&from) {
-                    Some(peer) => sender.fill(peer, now),
-                    None => Ok(()),
-                };
+                sender.fill();
+                mark_ready(&mut self.peers, key, sender);
                 // Progress restores the budgets, as IB's retry counters do.
                 sender.retries_left = sender.policy.retry_cnt;
                 sender.rnr_left = sender.policy.rnr_retry;
@@ -524,9 +600,6 @@ impl Node {
                 let last = response.flags & flags::LAST != 0;
                 self.events
                     .push_back(complete(result, response.reply, last));
-                if let Err((ticket, error)) = filled {
-                    self.fail_sender(key, ticket, error);
-                }
             }
         }
     }
@@ -732,7 +805,7 @@ impl Node {
             {
                 sender.rnr_until = None;
                 sender.deadline = deadline(now, sender.policy.timeout);
-                resend(&mut self.peers, sender, now);
+                resend(&mut self.peers, *key, sender, now);
                 continue;
             }
             let Some(due) = sender.deadline else { continue };
@@ -745,7 +818,7 @@ impl Node {
             }
             sender.retries_left -= 1;
             sender.deadline = deadline(now, sender.policy.timeout);
-            resend(&mut self.peers, sender, now);
+            resend(&mut self.peers, *key, sender, now);
         }
         for key in failed {
             let Some(sender) = self.senders.remove(&key) else {
@@ -754,7 +827,7 @@ impl Node {
             let Some(head) = sender.unanswered.front() else {
                 continue;
             };
-            let ticket = ticket_of(&head.frame);
+            let ticket = head.request.ticket;
             warn!(
                 "QP {} of GID {}: no answer after {} retries; giving up",
                 key.1,
@@ -826,24 +899,31 @@ impl Node {
     }
 }
 
-fn resend(peers: &mut HashMap<PeerId, Peer>, sender: &Sender, now: Instant) {
-    if let Some(peer) = peers.get_mut(&sender.peer)
-        && peer.up
-    {
-        for outstanding in &sender.unanswered {
-            peer.out.extend_from_slice(&outstanding.frame);
-        }
+/// Everything `sender` has unanswered is written again, gathered anew, in its turn.
+fn resend(peers: &mut HashMap<PeerId, Peer>, key: QpKey, sender: &mut Sender, now: Instant) {
+    sender.rewind();
+    mark_ready(peers, key, sender);
+    if let Some(peer) = peers.get_mut(&sender.peer) {
         peer.last_sent = now;
     }
 }
 
-/// The ticket of an encoded request frame (at a fixed offset of its fixed part).
-fn ticket_of(frame: &[u8]) -> u64 {
-    let at = wire::HEADER + 16 + 4 + 4 + 16 + 4 + 4;
-    frame
-        .get(at..at + 8)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u64::from_le_bytes)
+/// Appends the frame of `piece`, gathered from its requester's memory now.
+fn encode_piece(piece: &Outstanding, out: &mut Vec<u8>) -> Result<(), RemoteError> {
+    let (mut frame, _) = piece_frame(&piece.request.view(), piece.offset)?;
+    frame.seq = piece.seq;
+    wire::encode(&Frame::Request(frame), out);
+    Ok(())
+}
+
+/// The offset of the piece after `request`'s piece at `offset`; `None` after the last.
+fn next_piece(request: &Request<'_>, offset: u64) -> Option<u64> {
+    let total = match &request.operation {
+        Operation::Write { payload, .. } => payload.len(),
+        Operation::Read { reply, .. } => reply.len(),
+        Operation::Send { .. } | Operation::Atomic { .. } => 0,
+    };
+    Some(offset + piece_len(request, offset)).filter(|&next| next < total)
 }
 
 /// Whether sequence number `a` comes before `b` (modulo 2^32).
@@ -920,12 +1000,7 @@ fn piece_frame(
     };
     let solicited_flag = |solicited: bool| if solicited { flags::SOLICITED } else { 0 };
     let len = piece_len(request, offset);
-    let total = match &request.operation {
-        Operation::Write { payload, .. } => payload.len(),
-        Operation::Read { reply, .. } => reply.len(),
-        Operation::Send { .. } | Operation::Atomic { .. } => len,
-    };
-    let next = Some(offset + len).filter(|&next| next < total);
+    let next = next_piece(request, offset);
     if next.is_none() {
         frame.flags |= flags::LAST;
     }

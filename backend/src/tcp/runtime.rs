@@ -337,7 +337,7 @@ impl Runtime {
         let node = self.shared.node();
         for conn in &self.conns {
             let pending = !conn.out.is_empty()
-                || matches!(conn.state, State::Up { peer } if !node.outgoing(peer).is_empty());
+                || matches!(conn.state, State::Up { peer } if node.has_output(peer));
             let backlogged = matches!(conn.state, State::Up { peer } if node.backlogged(peer));
             let mut flags = PollFlags::empty();
             if !backlogged {

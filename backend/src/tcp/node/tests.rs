@@ -675,16 +675,76 @@ fn a_piece_that_cannot_be_gathered_fails_its_request_once() {
     // Nothing is left to resend.
     p.advance(Duration::from_secs(10));
     assert_eq!(p.completions().len(), 1);
-    // A request of a list that cannot be read at all is refused at once.
+    // (Ten silent seconds closed the link; it comes back.)
+    p.connect();
+    p.pump(usize::MAX);
+    // A request of a list that cannot be read at all fails when its frame is made.
     let unreadable = sgl(64 << 20, 8);
-    let (_, delivery) = p.post(Operation::Write {
+    let (unread, delivery) = p.post(Operation::Write {
         payload: &unreadable,
         remote_addr: REGION,
         rkey: 1,
         imm: None,
         solicited: false,
     });
-    assert_eq!(delivery, Delivery::Done(Err(RemoteError::OperationError)));
+    assert_eq!(delivery, Delivery::Pending);
+    p.pump(usize::MAX);
+    assert_eq!(
+        p.completions(),
+        [
+            (write, Err(RemoteError::OperationError)),
+            (unread, Err(RemoteError::OperationError))
+        ]
+    );
+}
+
+#[test]
+fn a_link_holds_no_more_than_it_can_write_whatever_its_qps_have_in_flight() {
+    let mut p = Pair::new();
+    let len = QP_WINDOW;
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
+    p.memory
+        .write_slice(&data, GuestAddress(0x10_0000))
+        .unwrap();
+    let payload = sgl(0x10_0000, len);
+    // 16 QPs, each with a whole window of WRITE in flight: 64 MiB.
+    const QPS: u32 = 16;
+    for qpn in 0..QPS {
+        let request = Request {
+            source: Source { gid: GID_A, qpn },
+            destination: Destination {
+                gid: GID_B,
+                qpn: QP_B,
+            },
+            service: Service::Reliable,
+            memory: &p.memory,
+            operation: Operation::Write {
+                payload: &payload,
+                remote_addr: REGION,
+                rkey: 1,
+                imm: None,
+                solicited: false,
+            },
+            ticket: u64::from(qpn),
+            epoch: 1,
+            retry: p.policy,
+        };
+        assert_eq!(p.a.deliver(&request, p.now), Delivery::Pending);
+    }
+    // Frames are made as the link drains: never more than PRODUCE_AHEAD and one frame.
+    let bound = PRODUCE_AHEAD + wire::CHUNK as usize + wire::HEADER + wire::REQUEST_FIXED;
+    let most = pump_watching_a(&mut p);
+    assert!(most <= bound, "{most} bytes queued at once");
+    let done = p.completions();
+    assert_eq!(done.len(), QPS as usize, "every WRITE completes once");
+    // A WRITE's last piece answers for it.
+    assert!(done.iter().all(|(_, result)| *result == ok(wire::CHUNK)));
+    assert_eq!(&p.device.region[..len as usize], &data[..]);
+    // After a cut, what was unanswered is gathered again: still within the bound.
+    let _ = p.send(b"after");
+    p.cut();
+    p.connect();
+    assert!(pump_watching_a(&mut p) <= bound);
 }
 
 #[test]
