@@ -319,6 +319,26 @@ fn ok(bytes: u64) -> Result<Outcome, RemoteError> {
     Ok(Outcome { bytes })
 }
 
+/// `len` bytes of a pattern (`step` apart) written at 0x10_0000 of A's memory, and a list
+/// naming them.
+fn staged(p: &mut Pair, len: u64, step: u64) -> (Vec<u8>, Sgl) {
+    let data: Vec<u8> = (0..len).map(|i| (i * step % 251) as u8).collect();
+    p.memory
+        .write_slice(&data, GuestAddress(0x10_0000))
+        .unwrap();
+    (data, sgl(0x10_0000, len))
+}
+
+/// The READ `ticket`'s answered pieces put together at their offsets.
+fn read_back(p: &Pair, ticket: u64, len: u64) -> Vec<u8> {
+    let mut assembled = vec![0u8; len as usize];
+    for piece in p.completed.iter().filter(|c| c.ticket == ticket) {
+        let at = piece.reply_offset as usize;
+        assembled[at..at + piece.reply.len()].copy_from_slice(&piece.reply);
+    }
+    assembled
+}
+
 #[test]
 fn every_operation_completes_once_in_order() {
     let mut p = Pair::new();
@@ -376,11 +396,7 @@ fn every_operation_completes_once_in_order() {
 fn large_writes_and_reads_travel_in_chunks_and_complete_once() {
     let mut p = Pair::new();
     let len = 3 * wire::CHUNK + 5;
-    let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
-    p.memory
-        .write_slice(&data, GuestAddress(0x10_0000))
-        .unwrap();
-    let payload = sgl(0x10_0000, len);
+    let (data, payload) = staged(&mut p, len, 7);
     let (write, _) = p.post(Operation::Write {
         payload: &payload,
         remote_addr: REGION,
@@ -400,12 +416,7 @@ fn large_writes_and_reads_travel_in_chunks_and_complete_once() {
     assert_eq!(&p.device.region[..len as usize], &data[..]);
     assert_eq!(p.completions(), [(write, ok(5)), (read, ok(5))]);
     // The read's pieces carry their offsets; put together they are the data.
-    let mut assembled = vec![0u8; len as usize];
-    for piece in p.completed.iter().filter(|c| c.ticket == read) {
-        let at = piece.reply_offset as usize;
-        assembled[at..at + piece.reply.len()].copy_from_slice(&piece.reply);
-    }
-    assert_eq!(assembled, data);
+    assert_eq!(read_back(&p, read, len), data);
     let pieces = p.completed.iter().filter(|c| c.ticket == write).count();
     assert_eq!(pieces, 4, "one answer per piece, the last one marked");
 }
@@ -592,11 +603,7 @@ fn transfers_larger_than_the_window_are_gathered_as_it_opens() {
     // Bound: the window and one piece with its frame.
     let bound = (QP_WINDOW + wire::CHUNK) as usize + 2 * wire::HEADER + wire::REQUEST_FIXED;
     let len = 3 * QP_WINDOW + 5;
-    let data: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
-    p.memory
-        .write_slice(&data, GuestAddress(0x10_0000))
-        .unwrap();
-    let payload = sgl(0x10_0000, len);
+    let (data, payload) = staged(&mut p, len, 13);
     let (write, delivery) = p.post(Operation::Write {
         payload: &payload,
         remote_addr: REGION,
@@ -647,12 +654,7 @@ fn transfers_larger_than_the_window_are_gathered_as_it_opens() {
         "{most_answers} reply bytes queued at once"
     );
     assert_eq!(p.completions(), [(write, ok(5)), (read, ok(5))]);
-    let mut assembled = vec![0u8; len as usize];
-    for piece in p.completed.iter().filter(|c| c.ticket == read) {
-        let at = piece.reply_offset as usize;
-        assembled[at..at + piece.reply.len()].copy_from_slice(&piece.reply);
-    }
-    assert_eq!(assembled, data);
+    assert_eq!(read_back(&p, read, len), data);
 }
 
 #[test]
