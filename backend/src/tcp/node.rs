@@ -245,6 +245,9 @@ pub struct Node {
     /// Requests of peers whose links are backlogged, in arrival order: executed once the
     /// link drains, so answers nobody reads do not pile up.
     deferred: VecDeque<Event>,
+    /// The peers `deferred` holds requests of (a handful), so that checking whether any of
+    /// them drained costs nothing per event, however many requests wait.
+    deferred_peers: Vec<PeerId>,
 }
 
 impl Node {
@@ -257,6 +260,7 @@ impl Node {
             local_gids: Vec::new(),
             events: VecDeque::new(),
             deferred: VecDeque::new(),
+            deferred_peers: Vec::new(),
         }
     }
 
@@ -866,6 +870,9 @@ impl Node {
                     continue;
                 }
                 if self.backlogged(*peer) {
+                    if !self.deferred_peers.contains(peer) {
+                        self.deferred_peers.push(*peer);
+                    }
                     self.deferred.push_back(event);
                     continue;
                 }
@@ -877,7 +884,7 @@ impl Node {
     /// Puts the deferred requests of peers no longer backlogged back at the head of the
     /// queue, in their order, before anything of theirs that came later.
     fn restore_deferred(&mut self) {
-        if self.deferred.is_empty() {
+        if !self.deferred_peers.iter().any(|p| !self.backlogged(*p)) {
             return;
         }
         let (ready, waiting): (VecDeque<Event>, VecDeque<Event>) =
@@ -888,6 +895,8 @@ impl Node {
                     Event::Complete { .. } => true,
                 });
         self.deferred = waiting;
+        let peers = std::mem::take(&mut self.deferred_peers);
+        self.deferred_peers = peers.into_iter().filter(|p| self.backlogged(*p)).collect();
         for event in ready.into_iter().rev() {
             self.events.push_front(event);
         }
