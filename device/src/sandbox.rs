@@ -151,6 +151,7 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_clone,
     libc::SYS_clone3,
     libc::SYS_exit,
+    libc::SYS_exit_group,
     libc::SYS_getpid,
     libc::SYS_gettid,
     libc::SYS_prctl,
@@ -168,7 +169,6 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_tgkill,
     // Random numbers (hash seeds, nonces, memory keys).
     libc::SYS_getrandom,
-    libc::SYS_exit_group,
 ];
 
 /// The older calls x86_64 still has beside the `*at` and `ppoll` forms (std and glibc use
