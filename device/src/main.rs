@@ -18,7 +18,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use log::{info, warn};
 use nix::sys::signal::{SigSet, Signal};
-use pvrdma_backend::tcp::runtime::{Config as TransportConfig, Transport};
+use pvrdma_backend::tcp::runtime::{Config as TransportConfig, Pump, Transport};
 use thiserror::Error;
 use vfio_user_pvrdma::log_limit::RateLimited;
 use vfio_user_pvrdma::profiler::control;
@@ -313,25 +313,31 @@ fn enter_sandbox(cli: &Cli) -> Result<(), StartupError> {
 }
 
 /// Starts the TCP transport when --listen or --peer asks for it, chained behind the
-/// fabric's own devices.
+/// fabric's own devices. With exit-free doorbells its links are served by the poller
+/// (returned for it); otherwise by a thread of its own.
 fn start_transport(
     cli: &Cli,
     cluster_key: Option<Vec<u8>>,
     fabric: &Fabric,
-) -> Result<Option<Transport>, StartupError> {
+) -> Result<(Option<Transport>, Option<Pump>), StartupError> {
     if cli.listen.is_none() && cli.peers.is_empty() {
-        return Ok(None);
+        return Ok((None, None));
     }
     let config = TransportConfig {
         listen: cli.listen,
         peers: cli.peers.clone(),
         cluster_key,
     };
-    let transport = Transport::start(config, Arc::new(FabricHost(fabric.clone())))
-        .map_err(StartupError::Transport)?;
+    let host = Arc::new(FabricHost(fabric.clone()));
+    let (transport, pump) = if cli.doorbells == Doorbells::ExitFree {
+        Transport::start_driven(config, host).map(|(transport, pump)| (transport, Some(pump)))
+    } else {
+        Transport::start(config, host).map(|transport| (transport, None))
+    }
+    .map_err(StartupError::Transport)?;
     fabric.set_remote(Box::new(transport.network()));
     fabric.set_peer_view(transport.peer_view());
-    Ok(Some(transport))
+    Ok((Some(transport), pump))
 }
 
 /// Starts every server and returns the termination signal once it arrives.
@@ -393,7 +399,7 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
         serving.push(path);
     }
     // Kept alive until the signal: dropping it stops the transport's thread.
-    let _transport = start_transport(cli, cluster_key, &fabric)?;
+    let (_transport, links) = start_transport(cli, cluster_key, &fabric)?;
     fabric.set_profiling(cli.profile == Switch::On);
     fabric.set_profile_sampling(cli.profile_every);
     info!(
@@ -437,7 +443,7 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
         let cpu = cli.poller_cpu;
         let spawned = thread::Builder::new()
             .name("doorbell poller".into())
-            .spawn(move || poller::run(&target, cpu));
+            .spawn(move || poller::run(&target, cpu, links));
         if let Err(source) = spawned {
             remove_sockets(&serving);
             return Err(StartupError::Thread {

@@ -12,15 +12,45 @@ use std::time::{Duration, Instant};
 use driver::Qp;
 use driver::memory;
 use driver::verbs::{PINGPONG_SIZES, QpSpec};
-use two_servers::{BUF_VA, Side, buffer, connected_pair, sge, wait_cqes};
+use two_servers::{BUF_VA, Side, buffer, connected_pair, connected_pair_with, sge, wait_cqes};
 use vfio_user_pvrdma::abi::{
     self, GID_TYPE_ROCE_V1, PAGE_SIZE, qp_state, qp_type, send_flags, wc_status, wr_opcode,
 };
 
 #[test]
 fn rc_send_write_read_and_atomics_cross_two_servers() {
-    let (_server_a, _server_b, mut a, mut b) = connected_pair();
+    let (_server_a, _server_b, a, b) = connected_pair();
+    every_rc_verb_crosses(a, b);
+}
 
+/// With exit-free doorbells the servers' pollers serve the links too (no transport thread):
+/// the same verbs, the same completions. (The driver still rings over the socket, which an
+/// exit-free server serves as well; the frames, answers and completions are the poller's.)
+#[test]
+fn the_same_verbs_cross_servers_whose_pollers_serve_the_links() {
+    let (server_a, server_b, a, b) = connected_pair_with(&["--doorbells", "exit-free"]);
+    for server in [&server_a, &server_b] {
+        let threads = thread_names(server.pid().as_raw());
+        assert!(
+            threads.iter().any(|t| t == "doorbell poller")
+                && !threads.iter().any(|t| t == "pvrdma-tcp"),
+            "the poller serves the links, no transport thread: {threads:?}"
+        );
+    }
+    every_rc_verb_crosses(a, b);
+}
+
+/// The names of a process's threads.
+fn thread_names(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the server's threads")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect()
+}
+
+/// SEND with immediate, a 10 KiB WRITE, a READ and a fetch-and-add from A to B.
+fn every_rc_verb_crosses(mut a: Side, mut b: Side) {
     // SEND with immediate: lands in B's receive buffer.
     let message = b"across two servers over TCP";
     let len = message.len() as u32;

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use log::{debug, info, warn};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::{PollFd, PollFlags, ppoll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::time::TimeSpec;
 use sha2::Sha256;
 
 use super::execute::Staging;
@@ -88,8 +89,23 @@ impl Shared {
 }
 
 impl Transport {
-    /// Binds the listening socket and starts the thread.
+    /// Binds the listening socket and starts the transport's own thread.
     pub fn start(config: Config, host: Arc<dyn Host>) -> io::Result<Transport> {
+        let (mut transport, mut pump) = Transport::start_driven(config, host)?;
+        let thread = std::thread::Builder::new()
+            .name("pvrdma-tcp".into())
+            .spawn(move || {
+                while pump.turn(TICK).is_some() {}
+                pump.runtime.shut_down();
+            })?;
+        transport.thread = Some(thread);
+        Ok(transport)
+    }
+
+    /// Binds the listening socket; the links are served by whoever calls [`Pump::turn`]
+    /// (the exit-free doorbell poller, so that one busy thread both finds doorbells and
+    /// reads frames, and a request crossing the servers wakes no thread on either side).
+    pub fn start_driven(config: Config, host: Arc<dyn Host>) -> io::Result<(Transport, Pump)> {
         let listener = match config.listen {
             Some(addr) => {
                 let listener = TcpListener::bind(addr)?;
@@ -111,7 +127,8 @@ impl Transport {
             streams: Mutex::new(HashMap::new()),
         });
         let staging = Staging::new()?;
-        let mut runtime = Runtime {
+        let now = Instant::now();
+        let runtime = Runtime {
             id,
             config,
             listener,
@@ -121,20 +138,22 @@ impl Transport {
             conns: Vec::new(),
             next_dial: HashMap::new(),
             known: HashMap::new(),
-            last_gids: Instant::now() - GID_REFRESH,
+            last_gids: now - GID_REFRESH,
+            last_tick: now,
+            fds: Vec::new(),
         };
-        let thread = std::thread::Builder::new()
-            .name("pvrdma-tcp".into())
-            .spawn(move || runtime.run())?;
         info!(
             "TCP transport {id:016x} started{}",
             local.map_or(String::new(), |a| format!(", listening on {a}"))
         );
-        Ok(Transport {
-            shared,
-            thread: Some(thread),
-            local,
-        })
+        Ok((
+            Transport {
+                shared,
+                thread: None,
+                local,
+            },
+            Pump { runtime },
+        ))
     }
 
     /// Where the transport listens (useful with port 0).
@@ -178,6 +197,30 @@ impl PeerView {
 impl std::fmt::Debug for PeerView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("PeerView")
+    }
+}
+
+/// The links of a transport started with [`Transport::start_driven`], served on the thread
+/// that owns this.
+pub struct Pump {
+    runtime: Runtime,
+}
+
+impl Pump {
+    /// One pass over the links: waits up to `timeout` for a socket or a device's work,
+    /// then reads, runs what the frames ask, keeps time and writes. Returns whether
+    /// anything arrived or was done, or `None` once the transport was dropped.
+    pub fn turn(&mut self, timeout: Duration) -> Option<bool> {
+        if self.runtime.shared.stop.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(self.runtime.turn(timeout))
+    }
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.runtime.shut_down();
     }
 }
 
@@ -282,62 +325,91 @@ struct Runtime {
     /// its own dialing) is not dialed again.
     known: HashMap<SocketAddr, PeerId>,
     last_gids: Instant,
+    last_tick: Instant,
+    /// The poll set of the last wait, reused.
+    fds: Vec<Ready>,
 }
 
+/// What the last wait found ready.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ready {
+    readable: bool,
+}
+
+/// How much one read takes from a link.
+const READ_CHUNK: usize = 64 * 1024;
+
 impl Runtime {
-    fn run(&mut self) {
-        let mut last_tick = Instant::now();
-        while !self.shared.stop.load(Ordering::Acquire) {
-            self.dial();
-            self.wait();
-            self.accept();
-            let now = Instant::now();
-            for i in 0..self.conns.len() {
-                self.read(i, now);
-            }
-            self.run_events();
-            if now.duration_since(self.last_gids) >= GID_REFRESH {
-                self.last_gids = now;
-                let gids = self.host.local_gids();
-                self.shared.node().set_local_gids(gids, now);
-            }
-            if now.duration_since(last_tick) >= TICK {
-                last_tick = now;
-                let silent = self.shared.node().tick(now);
-                for conn in &mut self.conns {
-                    if let State::Up { peer } = conn.state
-                        && silent.contains(&peer)
-                    {
-                        conn.closed = true;
-                    }
-                }
-                self.run_events();
-            }
-            for i in 0..self.conns.len() {
-                self.write(i);
-            }
-            self.reap(now);
+    /// One pass of the loop (see [`Pump::turn`]).
+    fn turn(&mut self, timeout: Duration) -> bool {
+        self.dial();
+        let listener_ready = self.wait(timeout);
+        let mut progress = false;
+        if listener_ready {
+            progress |= self.accept();
         }
         let now = Instant::now();
-        for conn in &self.conns {
+        for i in 0..self.conns.len() {
+            // A connection opened in this pass was not polled: try it anyway.
+            if self.fds.get(i).is_none_or(|r| r.readable) {
+                progress |= self.read(i, now);
+            }
+        }
+        progress |= self.run_events();
+        if now.duration_since(self.last_gids) >= GID_REFRESH {
+            self.last_gids = now;
+            let gids = self.host.local_gids();
+            self.shared.node().set_local_gids(gids, now);
+        }
+        if now.duration_since(self.last_tick) >= TICK {
+            self.last_tick = now;
+            let silent = self.shared.node().tick(now);
+            for conn in &mut self.conns {
+                if let State::Up { peer } = conn.state
+                    && silent.contains(&peer)
+                {
+                    conn.closed = true;
+                }
+            }
+            progress |= self.run_events();
+        }
+        for i in 0..self.conns.len() {
+            progress |= self.write(i, now);
+        }
+        self.reap(now);
+        progress
+    }
+
+    /// Takes every link down in the node (the transport is going away).
+    fn shut_down(&mut self) {
+        let now = Instant::now();
+        for conn in self.conns.drain(..) {
             if let State::Up { peer } = conn.state {
                 self.shared.link_down(peer, now);
             }
         }
     }
 
-    /// Sleeps until a socket is ready or the next tick (work queued by devices is written
-    /// at the latest then).
-    fn wait(&self) {
+    /// Sleeps until a socket is ready, a device queued work (the eventfd) or `timeout`
+    /// passed; records which links are readable and returns whether a peer is waiting to
+    /// be accepted.
+    fn wait(&mut self, timeout: Duration) -> bool {
         let mut fds = Vec::with_capacity(self.conns.len() + 2);
         fds.push(PollFd::new(self.shared.wake.as_fd(), PollFlags::POLLIN));
         if let Some(listener) = &self.listener {
             fds.push(PollFd::new(listener.as_fd(), PollFlags::POLLIN));
         }
+        let first_conn = fds.len();
         let node = self.shared.node();
+        let now = Instant::now();
+        // Held answers are written when their hold ends, if nothing took them before.
+        let timeout = node.hold_deadline().map_or(timeout, |until| {
+            timeout.min(until.saturating_duration_since(now))
+        });
         for conn in &self.conns {
             let pending = !conn.out.is_empty()
-                || matches!(conn.state, State::Up { peer } if node.has_output(peer));
+                || matches!(conn.state, State::Up { peer }
+                    if node.has_output(peer) && !node.holds(peer, now));
             let backlogged = matches!(conn.state, State::Up { peer } if node.backlogged(peer));
             let mut flags = PollFlags::empty();
             if !backlogged {
@@ -349,10 +421,28 @@ impl Runtime {
             fds.push(PollFd::new(conn.stream.as_fd(), flags));
         }
         drop(node);
-        // Input, room to write what is queued, work from a device (the eventfd), or the
-        // next tick, whichever comes first.
-        let _ = poll(&mut fds, PollTimeout::from(TICK.as_millis() as u8));
-        let _ = self.shared.wake.read();
+        // ppoll: the poller's pauses are µs, which poll's milliseconds would round up.
+        let polled = ppoll(&mut fds, Some(TimeSpec::from_duration(timeout)), None);
+        // A failed poll (EINTR) looks at everything, as a timeout did before.
+        let ready = |fd: &PollFd<'_>| {
+            polled.is_err()
+                || fd.revents().is_some_and(|r| {
+                    r.intersects(PollFlags::POLLIN | PollFlags::POLLERR | PollFlags::POLLHUP)
+                })
+        };
+        if ready(&fds[0]) {
+            let _ = self.shared.wake.read();
+        }
+        let listener_ready = self.listener.is_some() && ready(&fds[1]);
+        let readable: Vec<Ready> = fds[first_conn..]
+            .iter()
+            .map(|fd| Ready {
+                readable: ready(fd),
+            })
+            .collect();
+        drop(fds);
+        self.fds = readable;
+        listener_ready
     }
 
     fn dial(&mut self) {
@@ -381,11 +471,13 @@ impl Runtime {
         }
     }
 
-    fn accept(&mut self) {
+    /// Accepts every peer waiting; whether there was one.
+    fn accept(&mut self) -> bool {
+        let mut accepted_any = false;
         loop {
             let accepted = match &self.listener {
                 Some(listener) => listener.accept(),
-                None => return,
+                None => return accepted_any,
             };
             match accepted {
                 Ok((stream, addr)) => {
@@ -395,12 +487,13 @@ impl Runtime {
                         );
                         continue;
                     }
+                    accepted_any = true;
                     self.open(stream, addr, false, None);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return accepted_any,
                 Err(e) => {
                     warn!("accepting a peer failed: {e}");
-                    return;
+                    return accepted_any;
                 }
             }
         }
@@ -442,32 +535,33 @@ impl Runtime {
         });
     }
 
-    fn read(&mut self, i: usize, now: Instant) {
+    /// Reads what link `i` has and handles its frames; whether anything arrived.
+    fn read(&mut self, i: usize, now: Instant) -> bool {
         if let State::Up { peer } = self.conns[i].state
             && self.shared.node().backlogged(peer)
         {
             // Answers to that peer are not being taken: its requests wait in the socket.
-            return;
+            return false;
         }
-        let mut buf = [0u8; 64 * 1024];
+        let mut arrived = false;
         loop {
             let conn = &mut self.conns[i];
             if conn.closed {
-                return;
+                return arrived;
             }
-            match conn.stream.read(&mut buf) {
+            match conn.decoder.read_from(&mut conn.stream, READ_CHUNK) {
                 Ok(0) => {
                     debug!("peer {} closed the link", conn.addr);
                     conn.closed = true;
-                    return;
+                    return true;
                 }
-                Ok(n) => conn.decoder.push(&buf[..n]),
+                Ok(_) => arrived = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     debug!("link to {} failed: {e}", conn.addr);
                     conn.closed = true;
-                    return;
+                    return true;
                 }
             }
             // Bound what one link may make this thread buffer before frames are taken.
@@ -479,18 +573,18 @@ impl Runtime {
             let next = self.conns[i].decoder.next_frame();
             match next {
                 Ok(Some(frame)) => self.on_frame(i, frame, now),
-                Ok(None) => return,
+                Ok(None) => return arrived,
                 Err(e) => {
                     warn!(
                         "malformed frame from peer {}: {e}; closing the link",
                         self.conns[i].addr
                     );
                     self.conns[i].closed = true;
-                    return;
+                    return true;
                 }
             }
             if self.conns[i].closed {
-                return;
+                return true;
             }
         }
     }
@@ -593,10 +687,12 @@ impl Runtime {
 
     /// Carries out what the node asked for, one event at a time, never holding the node's
     /// lock while the host works (the host takes the fabric's).
-    fn run_events(&mut self) {
+    fn run_events(&mut self) -> bool {
+        let mut ran = false;
         loop {
             let event = self.shared.node().next_event();
-            let Some(event) = event else { return };
+            let Some(event) = event else { return ran };
+            ran = true;
             match event {
                 Event::Execute {
                     peer,
@@ -605,9 +701,14 @@ impl Runtime {
                 } => {
                     let host = &self.host;
                     let (result, reply) = self.staging.execute(&request, |r| host.respond(r));
-                    self.shared
-                        .node()
-                        .answer(peer, &request, replay, result, reply);
+                    self.shared.node().answer(
+                        peer,
+                        &request,
+                        replay,
+                        result,
+                        reply,
+                        Instant::now(),
+                    );
                 }
                 Event::Complete {
                     gid,
@@ -634,38 +735,47 @@ impl Runtime {
         }
     }
 
-    fn write(&mut self, i: usize) {
+    /// Writes what is queued for link `i`; whether any byte went out.
+    fn write(&mut self, i: usize, now: Instant) -> bool {
         let conn = &mut self.conns[i];
         if conn.closed {
-            return;
+            return false;
         }
+        let mut wrote = false;
         while !conn.out.is_empty() {
             match conn.stream.write(&conn.out) {
                 Ok(n) => {
+                    wrote = true;
                     conn.out.drain(..n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return wrote,
                 Err(_) => {
                     conn.closed = true;
-                    return;
+                    return true;
                 }
             }
         }
         let State::Up { peer } = conn.state else {
-            return;
+            return wrote;
         };
         let mut node = self.shared.node();
+        if node.holds(peer, now) {
+            return wrote;
+        }
         loop {
             let out = node.outgoing(peer);
             if out.is_empty() {
-                return;
+                return wrote;
             }
             match conn.stream.write(out) {
-                Ok(n) => node.sent(peer, n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Ok(n) => {
+                    wrote = true;
+                    node.sent(peer, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return wrote,
                 Err(_) => {
                     conn.closed = true;
-                    return;
+                    return true;
                 }
             }
         }

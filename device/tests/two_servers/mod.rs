@@ -23,7 +23,20 @@ pub fn two_servers() -> (Arc<SocketServer>, Arc<SocketServer>) {
 pub fn two_servers_via(
     route: impl FnOnce(&str) -> String,
 ) -> (Arc<SocketServer>, Arc<SocketServer>) {
-    let a = SocketServer::start_with(1, LOG, &["--listen", "127.0.0.1:0"]);
+    two_servers_with(route, &[])
+}
+
+/// As [`two_servers_via`], with `args` for both servers.
+pub fn two_servers_with(
+    route: impl FnOnce(&str) -> String,
+    args: &[&str],
+) -> (Arc<SocketServer>, Arc<SocketServer>) {
+    let a_args: Vec<&str> = ["--listen", "127.0.0.1:0"]
+        .iter()
+        .chain(args)
+        .copied()
+        .collect();
+    let a = SocketServer::start_with(1, LOG, &a_args);
     let line = a.wait_for_server_line("listening on 127.0.0.1:");
     let addr = line
         .rsplit("listening on ")
@@ -32,7 +45,12 @@ pub fn two_servers_via(
         .trim()
         .to_string();
     let peer = route(&addr);
-    let b = SocketServer::start_with(1, LOG, &["--listen", "127.0.0.1:0", "--peer", &peer]);
+    let b_args: Vec<&str> = ["--listen", "127.0.0.1:0", "--peer", &peer]
+        .iter()
+        .chain(args)
+        .copied()
+        .collect();
+    let b = SocketServer::start_with(1, LOG, &b_args);
     a.wait_for_server_line("is up");
     b.wait_for_server_line("is up");
     (a, b)
@@ -98,7 +116,12 @@ pub fn sge(addr: u64, length: u32, lkey: u32) -> abi::Sge {
 }
 
 pub fn connected_pair() -> (Arc<SocketServer>, Arc<SocketServer>, Side, Side) {
-    let (server_a, server_b) = two_servers();
+    connected_pair_with(&[])
+}
+
+/// As [`connected_pair`], with `args` for both servers.
+pub fn connected_pair_with(args: &[&str]) -> (Arc<SocketServer>, Arc<SocketServer>, Side, Side) {
+    let (server_a, server_b) = two_servers_with(|addr| addr.to_string(), args);
     let (a, b) = connect_sides(&server_a, &server_b, PINGPONG_SIZES);
     (server_a, server_b, a, b)
 }
