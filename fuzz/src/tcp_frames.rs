@@ -55,7 +55,7 @@ pub fn run(data: &[u8]) {
                 Ok(Some(frame)) => {
                     frames += 1;
                     node.receive(PEER, frame, now);
-                    run_events(&mut node);
+                    run_events(&mut node, now);
                 }
                 Ok(None) => break,
                 // A malformed frame closes the link, as the runtime does.
@@ -68,7 +68,7 @@ pub fn run(data: &[u8]) {
         // Time passes between pieces: resends, RNR timers, retry budgets.
         now += Duration::from_millis(40);
         node.tick(now);
-        run_events(&mut node);
+        run_events(&mut node, now);
         let queued = node.outgoing(PEER).len();
         node.sent(PEER, queued);
     }
@@ -133,7 +133,7 @@ fn issue_own_work(node: &mut Node, memory: &GuestMemory, now: Instant) {
     }
 }
 
-fn run_events(node: &mut Node) {
+fn run_events(node: &mut Node, now: Instant) {
     while let Some(event) = node.next_event() {
         match event {
             Event::Execute {
@@ -142,7 +142,7 @@ fn run_events(node: &mut Node) {
                 replay,
             } => {
                 let (result, reply) = staging().execute(&request, respond);
-                node.answer(peer, &request, replay, result, reply);
+                node.answer(peer, &request, replay, result, reply, now);
             }
             Event::Complete { .. } => {}
         }

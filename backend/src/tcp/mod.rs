@@ -5,10 +5,13 @@
 //!   reliable protocol of RC work (sequence numbers, answers, resends, retry budgets);
 //! * [`execute`] — runs a peer's request against a local device through a staging
 //!   buffer, so the device's responder is the same one the memcpy fabric uses;
+//! * `out_queue` — the bytes queued for a link, written from the front without moving
+//!   the rest;
 //! * [`runtime`] — the thread, sockets, handshake and cluster key.
 
 pub mod execute;
 pub mod node;
+mod out_queue;
 pub mod runtime;
 pub mod wire;
 

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
+use super::out_queue::OutQueue;
 use super::wire::{self, Frame, Op, RequestFrame, ResponseFrame, flags};
 use crate::{
     AtomicKind, Delivery, Gid, Operation, Outcome, OwnedRequest, RemoteError, Request, RetryPolicy,
@@ -57,6 +58,11 @@ pub const PING_EVERY: Duration = Duration::from_secs(1);
 const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 /// Answers a responder remembers per requesting QP, for retransmissions.
 const ANSWER_CACHE: usize = 64;
+/// How long an answer that carries no data (a SEND's or WRITE's acknowledgement) may wait
+/// for a request going the same way to share its write: in a ping-pong the guest answers
+/// within microseconds, and one write and one read of the link are saved per message. A
+/// requester's completion is late by at most this; READ and atomic replies never wait.
+pub const ANSWER_HOLD: Duration = Duration::from_micros(50);
 /// Remote requesting QPs this node keeps state for, all peers together: a peer that makes
 /// up QP numbers cannot grow the table without bound.
 const MAX_RECEIVERS: usize = 64 * 1024;
@@ -88,12 +94,15 @@ struct Peer {
     up: bool,
     /// The GIDs this peer announced and we accepted.
     gids: Vec<Gid>,
-    out: Vec<u8>,
+    out: OutQueue,
     /// Senders with pieces to write on this link, taken in turn as the socket drains.
     ready: VecDeque<QpKey>,
     last_heard: Instant,
     last_sent: Instant,
     down_since: Option<Instant>,
+    /// Answers without data are held back until this, if `out` holds nothing but them:
+    /// `out`'s length when the last was queued (anything queued since voids the hold).
+    hold: Option<(Instant, usize)>,
 }
 
 /// A piece sent (or to send) and not answered yet. It holds no bytes: its frame is
@@ -277,18 +286,19 @@ impl Node {
         let entry = self.peers.entry(peer).or_insert_with(|| Peer {
             up: false,
             gids: Vec::new(),
-            out: Vec::new(),
+            out: OutQueue::default(),
             ready: VecDeque::new(),
             last_heard: now,
             last_sent: now,
             down_since: None,
+            hold: None,
         });
         entry.up = true;
         entry.down_since = None;
         entry.last_heard = now;
         entry.out.clear();
         entry.ready.clear();
-        wire::encode(&Frame::Gids(gids), &mut entry.out);
+        wire::encode(&Frame::Gids(gids), entry.out.tail());
         entry.last_sent = now;
         for (key, sender) in self.senders.iter_mut().filter(|(_, s)| s.peer == peer) {
             sender.ready = false;
@@ -325,7 +335,7 @@ impl Node {
     /// link taking turns piece by piece.
     pub fn outgoing(&mut self, peer: PeerId) -> &[u8] {
         self.produce(peer);
-        self.peers.get(&peer).map_or(&[], |p| &p.out)
+        self.peers.get(&peer).map_or(&[], |p| p.out.unwritten())
     }
 
     /// Whether `peer` has something to write, made or to be made.
@@ -364,7 +374,7 @@ impl Node {
                     sender.ready = false;
                     continue;
                 };
-                if let Err(error) = encode_piece(piece, &mut peer.out) {
+                if let Err(error) = encode_piece(piece, peer.out.tail()) {
                     failed.push((key, piece.request.ticket, error));
                     sender.ready = false;
                     continue;
@@ -384,8 +394,30 @@ impl Node {
 
     pub fn sent(&mut self, peer: PeerId, bytes: usize) {
         if let Some(p) = self.peers.get_mut(&peer) {
-            p.out.drain(..bytes.min(p.out.len()));
+            p.out.consume(bytes);
+            if p.out.is_empty() {
+                p.hold = None;
+            }
         }
+    }
+
+    /// Whether what is queued for `peer` is only answers that may still wait for a request
+    /// to share their write ([`ANSWER_HOLD`]).
+    pub fn holds(&self, peer: PeerId, now: Instant) -> bool {
+        self.peers.get(&peer).is_some_and(|p| {
+            p.ready.is_empty()
+                && p.hold
+                    .is_some_and(|(until, len)| now < until && p.out.len() == len)
+        })
+    }
+
+    /// When the first held answer must be written, if one is held.
+    pub fn hold_deadline(&self) -> Option<Instant> {
+        self.peers
+            .values()
+            .filter_map(|p| p.hold.filter(|&(_, len)| p.out.len() == len))
+            .map(|(until, _)| until)
+            .min()
     }
 
     /// Peers with something to write.
@@ -409,7 +441,7 @@ impl Node {
         self.local_gids = gids;
         let frame = Frame::Gids(self.local_gids.clone());
         for peer in self.peers.values_mut().filter(|p| p.up) {
-            wire::encode(&frame, &mut peer.out);
+            wire::encode(&frame, peer.out.tail());
             peer.last_sent = now;
         }
     }
@@ -479,7 +511,7 @@ impl Node {
             // Unreliable: sent if the link can take it, and complete either way.
             if peer.up && peer.out.len() < LINK_QUEUE {
                 for frame in &frames {
-                    wire::encode(&Frame::Request(frame.clone()), &mut peer.out);
+                    wire::encode(&Frame::Request(frame.clone()), peer.out.tail());
                 }
                 peer.last_sent = now;
             }
@@ -696,10 +728,12 @@ impl Node {
         replay: bool,
         result: Result<Outcome, RemoteError>,
         reply: Vec<u8>,
+        now: Instant,
     ) {
         if request.flags & flags::DATAGRAM != 0 {
             return;
         }
+        let may_wait = reply.is_empty();
         let response = ResponseFrame {
             src_gid: request.src_gid,
             src_qpn: request.src_qpn,
@@ -741,14 +775,24 @@ impl Node {
                 }
             }
         }
-        self.queue(peer, &Frame::Response(response));
+        let held = self.holds(peer, now);
+        let Some(p) = self.peers.get_mut(&peer).filter(|p| p.up) else {
+            return;
+        };
+        let nothing_else = p.out.is_empty() || held;
+        wire::encode(&Frame::Response(response), p.out.tail());
+        p.hold = match p.hold {
+            _ if !may_wait || !nothing_else => None,
+            Some((until, _)) if held => Some((until, p.out.len())),
+            _ => Some((now + ANSWER_HOLD, p.out.len())),
+        };
     }
 
     fn queue(&mut self, peer: PeerId, frame: &Frame) {
         if let Some(p) = self.peers.get_mut(&peer)
             && p.up
         {
-            wire::encode(frame, &mut p.out);
+            wire::encode(frame, p.out.tail());
         }
     }
 
@@ -780,7 +824,7 @@ impl Node {
                 if now.duration_since(peer.last_heard) > PEER_TIMEOUT {
                     silent.push(*id);
                 } else if now.duration_since(peer.last_sent) >= PING_EVERY {
-                    wire::encode(&Frame::Ping, &mut peer.out);
+                    wire::encode(&Frame::Ping, peer.out.tail());
                     peer.last_sent = now;
                 }
             } else if peer

@@ -228,9 +228,17 @@ fn put64(out: &mut Vec<u8>, value: u64) {
 }
 
 /// Reassembles frames from a byte stream that arrives in pieces of any size.
+///
+/// The stream is read straight into the decoder's buffer ([`Decoder::read_from`]) and
+/// frames are taken from its front by moving a cursor, so bytes are moved only to bring an
+/// unfinished frame to the front when the buffer's end is reached (the `drain` per frame
+/// and the copy from a read buffer this replaced showed in profiles of 64 KiB WRITEs).
 #[derive(Debug, Default)]
 pub struct Decoder {
+    /// Initialised bytes; `start..end` is what was read and not yet taken.
     buffer: Vec<u8>,
+    start: usize,
+    end: usize,
 }
 
 impl Decoder {
@@ -240,38 +248,67 @@ impl Decoder {
 
     /// Bytes buffered toward the next frame.
     pub fn buffered(&self) -> usize {
-        self.buffer.len()
+        self.end - self.start
     }
 
     /// Appends bytes read from the stream.
     pub fn push(&mut self, bytes: &[u8]) {
-        self.buffer.extend_from_slice(bytes);
+        self.make_room(bytes.len());
+        self.buffer[self.end..self.end + bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len();
+    }
+
+    /// Reads up to `max` bytes from `reader` into the buffer; what `read` returned.
+    pub fn read_from(
+        &mut self,
+        reader: &mut impl std::io::Read,
+        max: usize,
+    ) -> std::io::Result<usize> {
+        self.make_room(max);
+        let n = reader.read(&mut self.buffer[self.end..self.end + max])?;
+        self.end += n.min(max);
+        Ok(n)
+    }
+
+    /// Makes `len` bytes of room after `end`: moves the unread bytes to the front when
+    /// that makes room, else grows the buffer (zeroing only what is new).
+    fn make_room(&mut self, len: usize) {
+        if self.buffer.len() - self.end >= len {
+            return;
+        }
+        if self.start > 0 {
+            self.buffer.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buffer.len() - self.end < len {
+            self.buffer.resize(self.end + len, 0);
+        }
     }
 
     /// The next whole frame, if the buffer holds one. The header is checked before the
     /// body is waited for, so a peer announcing a huge frame is refused at once.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
-        if self.buffer.len() < HEADER {
+        let unread = &self.buffer[self.start..self.end];
+        if unread.len() < HEADER {
             return Ok(None);
         }
-        let kind = self.buffer[0];
+        let kind = unread[0];
         if !(T_HELLO..=T_PING).contains(&kind) {
             return Err(WireError::UnknownType(kind));
         }
-        let len = u32::from_le_bytes([
-            self.buffer[4],
-            self.buffer[5],
-            self.buffer[6],
-            self.buffer[7],
-        ]) as usize;
+        let len = u32::from_le_bytes([unread[4], unread[5], unread[6], unread[7]]) as usize;
         if len > MAX_FRAME {
             return Err(WireError::TooLong(len));
         }
-        if self.buffer.len() < HEADER + len {
+        if unread.len() < HEADER + len {
             return Ok(None);
         }
-        let frame = parse(kind, &self.buffer[HEADER..HEADER + len]);
-        self.buffer.drain(..HEADER + len);
+        let frame = parse(kind, &unread[HEADER..HEADER + len]);
+        self.start += HEADER + len;
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
         frame.map(Some)
     }
 }

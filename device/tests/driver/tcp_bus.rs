@@ -171,10 +171,14 @@ impl World {
                             })
                             .unwrap_or(Err(pvrdma_backend::RemoteError::Unreachable))
                     });
-                    host.node
-                        .lock()
-                        .unwrap()
-                        .answer(peer, &request, replay, result, reply);
+                    host.node.lock().unwrap().answer(
+                        peer,
+                        &request,
+                        replay,
+                        result,
+                        reply,
+                        std::time::Instant::now(),
+                    );
                 }
                 Event::Complete {
                     gid,

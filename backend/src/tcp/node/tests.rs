@@ -233,7 +233,8 @@ impl Pair {
             {
                 let device = &mut self.device;
                 let (result, reply) = self.staging.execute(&request, |r| device.respond(r));
-                self.b.answer(peer, &request, replay, result, reply);
+                self.b
+                    .answer(peer, &request, replay, result, reply, self.now);
             }
         }
         while let Some(event) = self.a.next_event() {
@@ -879,4 +880,99 @@ fn a_request_for_a_qp_not_ready_is_dropped_and_resent_after_the_timeout() {
     p.pump(usize::MAX);
     assert_eq!(p.completions(), [(first, ok(5)), (second, ok(9))]);
     assert_eq!(p.device.sends, [b"early".to_vec(), b"behind it".to_vec()]);
+}
+
+/// The frames B has queued for A, decoded (nothing is taken off B's queue).
+fn queued_by_b(p: &mut Pair) -> Vec<Frame> {
+    let mut decoder = Decoder::new();
+    decoder.push(p.b.outgoing(PEER_A));
+    std::iter::from_fn(|| decoder.next_frame().unwrap()).collect()
+}
+
+#[test]
+fn answers_without_data_wait_briefly_for_a_request_to_share_their_write() {
+    let mut p = Pair::new();
+    p.send(b"ping");
+    p.move_bytes(true, usize::MAX);
+    p.run_events();
+    assert_eq!(p.device.sends, [b"ping".to_vec()]);
+    // B's acknowledgement is queued and held, with a deadline for the runtime's wait.
+    assert!(matches!(queued_by_b(&mut p)[..], [Frame::Response(_)]));
+    assert!(p.b.holds(PEER_A, p.now));
+    assert_eq!(p.b.hold_deadline(), Some(p.now + ANSWER_HOLD));
+    // A second acknowledgement joins the hold without extending it.
+    p.now += ANSWER_HOLD / 2;
+    p.send(b"ping 2");
+    p.move_bytes(true, usize::MAX);
+    p.run_events();
+    assert!(p.b.holds(PEER_A, p.now));
+    assert_eq!(p.b.hold_deadline(), Some(p.now + ANSWER_HOLD / 2));
+    assert!(!p.b.holds(PEER_A, p.now + ANSWER_HOLD / 2), "the hold ends");
+
+    // A request from B to A takes the answers with it in the same write.
+    let payload = sgl(0x8000, 16);
+    let back = Request {
+        source: Source {
+            gid: GID_B,
+            qpn: QP_B,
+        },
+        destination: Destination {
+            gid: GID_A,
+            qpn: QP_A,
+        },
+        service: Service::Reliable,
+        memory: &p.memory,
+        operation: Operation::Send {
+            payload: &payload,
+            imm: None,
+            invalidate: None,
+            solicited: false,
+        },
+        ticket: 1,
+        epoch: 1,
+        retry: p.policy,
+    };
+    assert_eq!(p.b.deliver(&back, p.now), Delivery::Pending);
+    assert!(!p.b.holds(PEER_A, p.now));
+    assert!(matches!(
+        queued_by_b(&mut p)[..],
+        [Frame::Response(_), Frame::Response(_), Frame::Request(_)]
+    ));
+    let all = p.b.outgoing(PEER_A).len();
+    p.b.sent(PEER_A, all);
+    assert_eq!(p.b.hold_deadline(), None);
+}
+
+#[test]
+fn read_replies_and_answers_behind_other_frames_are_never_held() {
+    let mut p = Pair::new();
+    let reply = sgl(0x50_0000, 64);
+    p.post(Operation::Read {
+        reply: &reply,
+        remote_addr: REGION,
+        rkey: 1,
+    });
+    p.move_bytes(true, usize::MAX);
+    p.run_events();
+    assert!(matches!(queued_by_b(&mut p)[..], [Frame::Response(_)]));
+    assert!(!p.b.holds(PEER_A, p.now), "a READ's data goes at once");
+    assert_eq!(p.b.hold_deadline(), None);
+
+    // An acknowledgement queued behind the READ reply goes with it.
+    p.send(b"after the read");
+    p.move_bytes(true, usize::MAX);
+    p.run_events();
+    assert_eq!(queued_by_b(&mut p).len(), 2);
+    assert!(!p.b.holds(PEER_A, p.now));
+
+    // A held acknowledgement is released by anything queued after it (here a GID change).
+    let all = p.b.outgoing(PEER_A).len();
+    p.b.sent(PEER_A, all);
+    p.send(b"held");
+    p.move_bytes(true, usize::MAX);
+    p.run_events();
+    assert!(p.b.holds(PEER_A, p.now));
+    p.b.set_local_gids(vec![GID_B, [0xc; 16]], p.now);
+    assert!(!p.b.holds(PEER_A, p.now));
+    assert_eq!(p.b.hold_deadline(), None);
 }
