@@ -99,6 +99,17 @@ fn two_guests_on_two_servers_talk_rdma_over_tcp() {
     talk_rdma(config);
 }
 
+/// The same across two servers with exit-free doorbells, where each server's poller also
+/// serves its TCP links (docs/tcp-transport.md, "Threads").
+#[test]
+#[ignore = "boots QEMU guests; run by scripts/test after scripts/lab"]
+fn two_guests_on_two_exit_free_servers_talk_rdma_over_tcp() {
+    let mut config = LabConfig::new("fabric-tcp-exit-free", 2, AGENT);
+    config.servers = 2;
+    config.server_args = vec!["--doorbells".into(), "exit-free".into()];
+    talk_rdma(config);
+}
+
 /// Three guests, two servers: guests 0 and 2 on server 0, guest 1 on server 1. Server 1
 /// dies (SIGKILL) while guest 0 streams RDMA WRITEs to guest 1: guest 0's `ib_write_bw`
 /// ends with an error instead of hanging, and guest 0 and guest 2 still talk through

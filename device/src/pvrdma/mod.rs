@@ -322,9 +322,7 @@ impl PvrdmaDevice {
         irq: &mut dyn Interrupts,
         request: &Request<'_>,
     ) -> Result<Outcome, RemoteError> {
-        if request.service == pvrdma_backend::Service::Reliable
-            && self.rc_qp_not_ready(request.destination.qpn)
-        {
+        if request.service == pvrdma_backend::Service::Reliable && !self.rc_qp_takes(request) {
             return Err(RemoteError::Dropped);
         }
         self.respond(mem, irq, request)
@@ -348,14 +346,27 @@ impl PvrdmaDevice {
         datapath::note_receiver_not_ready(self, qpn);
     }
 
-    /// Whether `qpn` is an RC QP not yet ready for requests (RESET or INIT): on a real
-    /// fabric a request arriving then is dropped and the requester's transport retries,
-    /// which covers the moment between a peer's RTS and this QP's RTR.
-    fn rc_qp_not_ready(&self, qpn: u32) -> bool {
-        self.objects.qps.get(qpn).is_some_and(|qp| {
-            qp.qp_type == abi::qp_type::RC
-                && matches!(qp.attr.qp_state, abi::qp_state::RESET | abi::qp_state::INIT)
-        })
+    /// Whether a reliable request from another host reaches a QP that takes requests from
+    /// its sender: an RC QP that exists, is past INIT and not in error, and is connected to
+    /// the requesting QP. On a real fabric a packet that does not is dropped without an
+    /// answer and the requester's transport retries until its budget is spent
+    /// (RETRY_EXC_ERR). That covers the moment between a peer's RTS and this QP's RTR, and
+    /// work still in flight when this QP is destroyed: a tool that tears its QPs down while
+    /// the other side still sends (ibv_srq_pingpong posts up to a send per QP beyond its
+    /// count) must not get an immediate error where the hardware would say nothing.
+    fn rc_qp_takes(&self, request: &Request<'_>) -> bool {
+        self.objects
+            .qps
+            .get(request.destination.qpn)
+            .is_some_and(|qp| {
+                qp.qp_type == abi::qp_type::RC
+                    && !matches!(
+                        qp.attr.qp_state,
+                        abi::qp_state::RESET | abi::qp_state::INIT | abi::qp_state::ERR
+                    )
+                    && qp.attr.dest_qp_num == request.source.qpn
+                    && qp.attr.ah_attr.grh.dgid == request.source.gid
+            })
     }
 
     /// Whether a transport still carries work requests of this device (answers pending).

@@ -37,11 +37,26 @@ pub fn respond(
     } else {
         RemoteError::InvalidRequest
     };
-    let qp = device.objects.qps.get(qpn).ok_or(refuse)?;
+    let Some(qp) = device.objects.qps.get(qpn) else {
+        if !datagram {
+            log::warn!(
+                "refused a request from QP {:#x} for QP {qpn:#x}, which does not exist",
+                request.source.qpn
+            );
+        }
+        return Err(refuse);
+    };
     if !matches!(
         qp.attr.qp_state,
         qp_state::RTR | qp_state::RTS | qp_state::SQD | qp_state::SQE
     ) {
+        if !datagram {
+            log::warn!(
+                "refused a request from QP {:#x} for QP {qpn:#x}, which is in state {}",
+                request.source.qpn,
+                qp.attr.qp_state
+            );
+        }
         return Err(refuse);
     }
     match request.service {
@@ -53,6 +68,14 @@ pub fn respond(
                 && qp.attr.ah_attr.grh.dgid == request.source.gid => {}
         Service::Datagram { qkey }
             if matches!(qp.qp_type, qp_type::UD | qp_type::GSI) && qkey == qp.attr.qkey => {}
+        Service::Reliable => {
+            log::warn!(
+                "refused a request from QP {:#x} for QP {qpn:#x}, which is connected to QP {:#x}",
+                request.source.qpn,
+                qp.attr.dest_qp_num
+            );
+            return Err(refuse);
+        }
         _ => return Err(refuse),
     }
     let pd = qp.pd;
