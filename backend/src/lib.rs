@@ -13,6 +13,7 @@
 
 pub mod memcpy;
 mod owned;
+pub mod rdma;
 mod sgl;
 pub mod tcp;
 

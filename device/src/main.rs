@@ -164,6 +164,15 @@ enum Command {
         /// on or off; without it, prints the current state.
         state: Option<Switch>,
     },
+    /// List the host's RDMA devices as the rdma path sees them (libibverbs, loaded at run
+    /// time): ports, link layers and GID tables. Exits non-zero when libibverbs cannot be
+    /// loaded or lists nothing.
+    RdmaDevices {
+        /// Also send one message between two RC queue pairs on the first active port of
+        /// each device, to prove the device and the server's calls work.
+        #[arg(long)]
+        loopback: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -461,6 +470,7 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
 /// socket, its answer printed (or written to a file).
 fn client(command: &Command) -> ExitCode {
     let (path, request, output) = match command {
+        Command::RdmaDevices { loopback } => return rdma_devices(*loopback),
         Command::Stats(args) => {
             let request = match (args.json, args.svg, args.device, args.qp) {
                 (_, true, Some(device), Some(qp)) => format!("svg {device} {qp}"),
@@ -507,6 +517,50 @@ fn client(command: &Command) -> ExitCode {
             eprintln!("vfio-user-pvrdma: error: cannot write {what}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The `rdma-devices` subcommand.
+fn rdma_devices(loopback: bool) -> ExitCode {
+    use pvrdma_backend::rdma::{Verbs, devices, loopback as rdma_loopback};
+    let verbs = match Verbs::load() {
+        Ok(verbs) => verbs,
+        Err(e) => {
+            eprintln!("vfio-user-pvrdma: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let found = match devices::list(&verbs) {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("vfio-user-pvrdma: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if found.is_empty() {
+        eprintln!(
+            "vfio-user-pvrdma: libibverbs lists no RDMA device on this host (for Soft-RoCE: \
+             modprobe rdma_rxe; rdma link add rxe0 type rxe netdev IFACE)"
+        );
+        return ExitCode::FAILURE;
+    }
+    let mut failed = false;
+    for device in &found {
+        print!("{device}");
+        if loopback {
+            match rdma_loopback::run(&verbs, device) {
+                Ok(report) => println!("  loopback: {report}"),
+                Err(e) => {
+                    println!("  loopback FAILED: {e}");
+                    failed = true;
+                }
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

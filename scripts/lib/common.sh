@@ -8,6 +8,7 @@ set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/pins.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/versions.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/ibverbs.sh"
 
 lab_top=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # A recipe's key is a hash of the files that decide what it produces, so editing one of them

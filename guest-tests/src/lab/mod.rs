@@ -57,6 +57,10 @@ pub struct LabConfig {
     /// on server `i % 2`, each server in a network namespace of its own, the two joined
     /// by the TCP transport over a veth pair).
     pub servers: usize,
+    /// Host files put into every guest as well: `(host path, path in the guest)`, with the
+    /// host file's permission bits (e.g. the server binary, for tests that run it inside a
+    /// guest as a host of its own).
+    pub extra_files: Vec<(PathBuf, String)>,
 }
 
 impl LabConfig {
@@ -70,6 +74,7 @@ impl LabConfig {
             allow_reboot: false,
             server_args: Vec::new(),
             servers: 1,
+            extra_files: Vec::new(),
         }
     }
 }
@@ -120,7 +125,7 @@ impl Lab {
             hub: None,
             boot_time: Duration::ZERO,
         };
-        with_agent(&env.initrd, &config.agent, &initrd)?;
+        with_files(&env.initrd, &config.agent, &config.extra_files, &initrd)?;
 
         let names: Vec<String> = (0..config.guests).map(|i| format!("guest{i}")).collect();
         let ports: Vec<PathBuf> = names
@@ -309,26 +314,43 @@ fn remove_sockets(dir: &Path) {
     }
 }
 
-/// Writes `base` followed by a cpio archive holding the agent to `out`.
-fn with_agent(base: &Path, agent: &Path, out: &Path) -> Result<()> {
+/// Writes `base` followed by a cpio archive holding the agent and `extra` to `out`.
+fn with_files(base: &Path, agent: &Path, extra: &[(PathBuf, String)], out: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     std::fs::copy(base, out).map_err(LabError::io(format!("copying {}", base.display())))?;
-    let binary = std::fs::read(agent).map_err(LabError::io(format!(
-        "reading the agent {}",
-        agent.display()
-    )))?;
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(LabError::io(format!("reading {}", path.display())))
+    };
+    let mut files = vec![(
+        "usr/local/sbin/pvrdma-guest-agent".to_string(),
+        0o100_755,
+        read(agent)?,
+    )];
+    for (host, guest) in extra {
+        let mode = std::fs::metadata(host)
+            .map_err(LabError::io(format!("reading {}", host.display())))?
+            .permissions()
+            .mode();
+        files.push((
+            guest.trim_start_matches('/').to_string(),
+            0o100_000 | (mode & 0o777),
+            read(host)?,
+        ));
+    }
+    let entries: Vec<(&str, u32, &[u8])> = files
+        .iter()
+        .map(|(path, mode, bytes)| (path.as_str(), *mode, bytes.as_slice()))
+        .collect();
     let mut file: File = OpenOptions::new()
         .append(true)
         .open(out)
         .map_err(LabError::io(format!("opening {}", out.display())))?;
-    cpio::write_archive(
-        &mut file,
-        &[("usr/local/sbin/pvrdma-guest-agent", 0o100_755, &binary)],
-    )
-    .and_then(|()| file.flush())
-    .map_err(LabError::io(format!(
-        "appending the agent to {}",
-        out.display()
-    )))
+    cpio::write_archive(&mut file, &entries)
+        .and_then(|()| file.flush())
+        .map_err(LabError::io(format!(
+            "appending files to {}",
+            out.display()
+        )))
 }
 
 /// Nanoseconds of the wall clock, to make a lab's cluster key its own.

@@ -1,0 +1,398 @@
+//! One SEND between two RC QPs of one port of a host device: proof that the device works
+//! and that every call and structure of the data path (`abi.rs`, `verbs.rs`) is right,
+//! before any guest depends on them (`vfio-user-pvrdma rdma-devices --loopback`).
+
+use std::ffi::{CStr, c_int, c_void};
+use std::net::Ipv6Addr;
+use std::ptr::{self, NonNull};
+use std::time::{Duration, Instant};
+
+use super::abi::*;
+use super::devices::{self, GidKind, HostDevice};
+use super::verbs::Verbs;
+
+/// What one loopback run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopbackReport {
+    pub device: String,
+    pub port: u8,
+    pub gid_index: u32,
+    pub gid: [u8; 16],
+    pub bytes: usize,
+    /// From the post of the SEND to both completions.
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for LoopbackReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} port {}: a {}-byte SEND between two RC QPs completed in {} µs (GID {} {})",
+            self.device,
+            self.port,
+            self.bytes,
+            self.elapsed.as_micros(),
+            self.gid_index,
+            Ipv6Addr::from(self.gid)
+        )
+    }
+}
+
+/// Why a loopback run failed: the step, and what the library said.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{device}: {step} failed: {reason}")]
+pub struct LoopbackError {
+    pub device: String,
+    pub step: &'static str,
+    pub reason: String,
+}
+
+/// How long the completions may take: Soft-RoCE in a TCG guest is slow, hardware fast.
+const COMPLETION_TIMEOUT: Duration = Duration::from_secs(10);
+/// The message: one page.
+const MESSAGE: usize = 4096;
+
+/// Runs the loopback on the first active port of `device` (which [`devices::list`] gave).
+pub fn run(verbs: &Verbs, device: &HostDevice) -> Result<LoopbackReport, LoopbackError> {
+    let fail = |step: &'static str, reason: String| LoopbackError {
+        device: device.name.clone(),
+        step,
+        reason,
+    };
+    let errno = || std::io::Error::last_os_error().to_string();
+    let (port, gid) = device
+        .ports
+        .iter()
+        .filter(|p| p.active)
+        .find_map(|p| pick_gid(p).map(|g| (p, g)))
+        .ok_or_else(|| fail("finding an active port with a GID", "none".into()))?;
+
+    let context = Handle::open(verbs, &device.name).map_err(|reason| fail("opening", reason))?;
+    let ctx = context.0.as_ptr();
+    let mut attr = IbvPortAttr::default();
+    // SAFETY: an open context and a zeroed attribute prefix (see `IbvPortAttr`).
+    if unsafe { (verbs.query_port)(ctx, port.number, &mut attr) } != 0 {
+        return Err(fail("ibv_query_port", errno()));
+    }
+
+    // Each object below is made from the context or objects made from it, passed to the
+    // library as the pointer it returned, and destroyed by its guard; guards drop in the
+    // reverse order of their declaration, so objects go before what they were made from.
+    // SAFETY: an open context.
+    let pd = unsafe { (verbs.alloc_pd)(ctx) };
+    // SAFETY: the guard hands back the PD the library made, once.
+    let pd = Guard::new(pd, |p| unsafe { (verbs.dealloc_pd)(p) })
+        .ok_or_else(|| fail("ibv_alloc_pd", errno()))?;
+    let mut buffer = vec![0u8; 2 * MESSAGE];
+    for (i, byte) in buffer[..MESSAGE].iter_mut().enumerate() {
+        *byte = (i % 251) as u8;
+    }
+    // SAFETY: a live PD and a buffer that outlives the MR (declared before its guard).
+    let mr = unsafe {
+        (verbs.reg_mr)(
+            pd.ptr(),
+            buffer.as_mut_ptr().cast::<c_void>(),
+            buffer.len(),
+            ACCESS_LOCAL_WRITE,
+        )
+    };
+    // SAFETY: as for the PD.
+    let mr = Guard::new(mr, |m| unsafe { (verbs.dereg_mr)(m) })
+        .ok_or_else(|| fail("ibv_reg_mr", errno()))?;
+    // SAFETY: an open context; no channel, no user context.
+    let cq = unsafe { (verbs.create_cq)(ctx, 16, ptr::null_mut(), ptr::null_mut(), 0) };
+    // SAFETY: as for the PD.
+    let cq = Guard::new(cq, |c| unsafe { (verbs.destroy_cq)(c) })
+        .ok_or_else(|| fail("ibv_create_cq", errno()))?;
+    let make_qp = || {
+        let mut init = IbvQpInitAttr {
+            qp_context: ptr::null_mut(),
+            send_cq: cq.ptr(),
+            recv_cq: cq.ptr(),
+            srq: ptr::null_mut(),
+            cap: IbvQpCap {
+                max_send_wr: 4,
+                max_recv_wr: 4,
+                max_send_sge: 1,
+                max_recv_sge: 1,
+                max_inline_data: 0,
+            },
+            qp_type: QPT_RC,
+            sq_sig_all: 0,
+        };
+        // SAFETY: a live PD and CQ, and a filled attribute structure.
+        let qp = unsafe { (verbs.create_qp)(pd.ptr(), &mut init) };
+        // SAFETY: as for the PD.
+        Guard::new(qp, |q| unsafe { (verbs.destroy_qp)(q) })
+    };
+    let a = make_qp().ok_or_else(|| fail("ibv_create_qp", errno()))?;
+    let b = make_qp().ok_or_else(|| fail("ibv_create_qp", errno()))?;
+    // SAFETY: live QPs the library made.
+    let (qpn_a, qpn_b) = unsafe { ((*a.ptr()).qp_num, (*b.ptr()).qp_num) };
+    for (qp, remote) in [(&a, qpn_b), (&b, qpn_a)] {
+        connect(verbs, qp.ptr(), port.number, attr.active_mtu, gid, remote)
+            .map_err(|(step, rc)| fail(step, std::io::Error::from_raw_os_error(rc).to_string()))?;
+    }
+
+    // SAFETY: the context's operation table, filled by the provider at open.
+    let ops = unsafe { &(*ctx).ops };
+    let (Some(post_recv), Some(post_send), Some(poll_cq)) =
+        (ops.post_recv, ops.post_send, ops.poll_cq)
+    else {
+        return Err(fail(
+            "reading the provider's operation table",
+            "empty".into(),
+        ));
+    };
+    // SAFETY: the MR is live, so its keys are readable.
+    let lkey = unsafe { (*mr.ptr()).lkey };
+    let base = buffer.as_ptr() as u64;
+    let mut recv_sge = IbvSge {
+        addr: base + MESSAGE as u64,
+        length: MESSAGE as u32,
+        lkey,
+    };
+    let mut recv = IbvRecvWr {
+        wr_id: 2,
+        next: ptr::null_mut(),
+        sg_list: &mut recv_sge,
+        num_sge: 1,
+    };
+    let mut bad_recv = ptr::null_mut();
+    // SAFETY: a QP in RTS, a work request whose list lives until the completion is polled.
+    let rc = unsafe { post_recv(b.ptr(), &mut recv, &mut bad_recv) };
+    if rc != 0 {
+        return Err(fail(
+            "ibv_post_recv",
+            std::io::Error::from_raw_os_error(rc).to_string(),
+        ));
+    }
+    let mut send_sge = IbvSge {
+        addr: base,
+        length: MESSAGE as u32,
+        lkey,
+    };
+    let mut send = IbvSendWr {
+        wr_id: 1,
+        sg_list: &mut send_sge,
+        num_sge: 1,
+        opcode: WR_SEND,
+        send_flags: SEND_SIGNALED,
+        ..IbvSendWr::default()
+    };
+    let mut bad_send = ptr::null_mut();
+    let started = Instant::now();
+    // SAFETY: as for the receive.
+    let rc = unsafe { post_send(a.ptr(), &mut send, &mut bad_send) };
+    if rc != 0 {
+        return Err(fail(
+            "ibv_post_send",
+            std::io::Error::from_raw_os_error(rc).to_string(),
+        ));
+    }
+    let mut completions = Vec::new();
+    while completions.len() < 2 {
+        let mut wc = [IbvWc::default(); 2];
+        // SAFETY: room for two completions.
+        let n = unsafe { poll_cq(cq.ptr(), 2, wc.as_mut_ptr()) };
+        if n < 0 {
+            return Err(fail("ibv_poll_cq", format!("returned {n}")));
+        }
+        completions.extend_from_slice(&wc[..n as usize]);
+        if started.elapsed() > COMPLETION_TIMEOUT {
+            return Err(fail(
+                "waiting for the completions",
+                format!("{} of 2 within {COMPLETION_TIMEOUT:?}", completions.len()),
+            ));
+        }
+        if n == 0 {
+            std::thread::yield_now();
+        }
+    }
+    let elapsed = started.elapsed();
+    for wc in &completions {
+        if wc.status != WC_SUCCESS {
+            return Err(fail(
+                "the SEND",
+                format!(
+                    "work request {} completed with status {} (vendor error {:#x})",
+                    wc.wr_id, wc.status, wc.vendor_err
+                ),
+            ));
+        }
+    }
+    let received = completions.iter().find(|wc| wc.opcode == WC_RECV);
+    if received.map(|wc| wc.byte_len as usize) != Some(MESSAGE) {
+        return Err(fail("the SEND", format!("completions {completions:?}")));
+    }
+    if buffer[MESSAGE..] != buffer[..MESSAGE] {
+        return Err(fail(
+            "the SEND",
+            "the received bytes differ from the sent".into(),
+        ));
+    }
+    Ok(LoopbackReport {
+        device: device.name.clone(),
+        port: port.number,
+        gid_index: gid.index,
+        gid: gid.gid,
+        bytes: MESSAGE,
+        elapsed,
+    })
+}
+
+/// The GID a loopback addresses: on Ethernet a RoCE v2 IPv4 one (else any RoCE), on
+/// InfiniBand entry 0.
+fn pick_gid(port: &devices::Port) -> Option<devices::GidEntry> {
+    let ipv4 = |g: &&devices::GidEntry| g.gid[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+    match port.link_layer {
+        devices::LinkLayer::Ethernet => port
+            .gids
+            .iter()
+            .filter(ipv4)
+            .find(|g| g.kind == Some(GidKind::RoceV2))
+            .or_else(|| port.gids.iter().find(ipv4))
+            .or_else(|| port.gids.first())
+            .copied(),
+        _ => port.gids.iter().find(|g| g.index == 0).copied(),
+    }
+}
+
+/// RESET → INIT → RTR → RTS towards `remote` on the same port and GID; the failing step and
+/// its return code on error.
+fn connect(
+    verbs: &Verbs,
+    qp: *mut IbvQp,
+    port: u8,
+    mtu: u32,
+    gid: devices::GidEntry,
+    remote: u32,
+) -> Result<(), (&'static str, c_int)> {
+    let modify = |attr: &mut IbvQpAttr, mask: c_int, step: &'static str| {
+        // SAFETY: a live QP and a filled attribute structure.
+        let rc = unsafe { (verbs.modify_qp)(qp, attr, mask) };
+        if rc == 0 { Ok(()) } else { Err((step, rc)) }
+    };
+    let mut init = IbvQpAttr {
+        qp_state: QPS_INIT,
+        pkey_index: 0,
+        port_num: port,
+        qp_access_flags: (ACCESS_LOCAL_WRITE | ACCESS_REMOTE_WRITE) as u32,
+        ..IbvQpAttr::default()
+    };
+    modify(
+        &mut init,
+        QP_STATE | QP_PKEY_INDEX | QP_PORT | QP_ACCESS_FLAGS,
+        "ibv_modify_qp to INIT",
+    )?;
+    let mut rtr = IbvQpAttr {
+        qp_state: QPS_RTR,
+        path_mtu: mtu,
+        dest_qp_num: remote,
+        rq_psn: 0,
+        max_dest_rd_atomic: 1,
+        min_rnr_timer: 12,
+        ah_attr: IbvAhAttr {
+            grh: IbvGlobalRoute {
+                dgid: IbvGid { raw: gid.gid },
+                flow_label: 0,
+                sgid_index: u8::try_from(gid.index).unwrap_or(0),
+                hop_limit: 1,
+                traffic_class: 0,
+            },
+            is_global: 1,
+            port_num: port,
+            ..IbvAhAttr::default()
+        },
+        ..IbvQpAttr::default()
+    };
+    modify(
+        &mut rtr,
+        QP_STATE
+            | QP_AV
+            | QP_PATH_MTU
+            | QP_DEST_QPN
+            | QP_RQ_PSN
+            | QP_MAX_DEST_RD_ATOMIC
+            | QP_MIN_RNR_TIMER,
+        "ibv_modify_qp to RTR",
+    )?;
+    let mut rts = IbvQpAttr {
+        qp_state: QPS_RTS,
+        timeout: 14,
+        retry_cnt: 7,
+        rnr_retry: 7,
+        sq_psn: 0,
+        max_rd_atomic: 1,
+        ..IbvQpAttr::default()
+    };
+    modify(
+        &mut rts,
+        QP_STATE | QP_TIMEOUT | QP_RETRY_CNT | QP_RNR_RETRY | QP_SQ_PSN | QP_MAX_QP_RD_ATOMIC,
+        "ibv_modify_qp to RTS",
+    )
+}
+
+/// A library object, destroyed by `destroy` when dropped.
+struct Guard<T, F: Fn(*mut T) -> c_int> {
+    object: NonNull<T>,
+    destroy: F,
+}
+
+impl<T, F: Fn(*mut T) -> c_int> Guard<T, F> {
+    /// `None` for the null a failed creation returns.
+    fn new(object: *mut T, destroy: F) -> Option<Self> {
+        NonNull::new(object).map(|object| Guard { object, destroy })
+    }
+
+    fn ptr(&self) -> *mut T {
+        self.object.as_ptr()
+    }
+}
+
+impl<T, F: Fn(*mut T) -> c_int> Drop for Guard<T, F> {
+    fn drop(&mut self) {
+        (self.destroy)(self.object.as_ptr());
+    }
+}
+
+/// An open device context, closed when dropped.
+struct Handle<'a>(NonNull<IbvContext>, &'a Verbs);
+
+impl<'a> Handle<'a> {
+    fn open(verbs: &'a Verbs, name: &str) -> Result<Handle<'a>, String> {
+        let mut count: c_int = 0;
+        // SAFETY: a valid out-pointer; the list is freed before returning.
+        let list = unsafe { (verbs.get_device_list)(&mut count) };
+        if list.is_null() {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        let mut opened = Err(format!("no device named {name}"));
+        for i in 0..usize::try_from(count).unwrap_or(0) {
+            // SAFETY: `count` entries, each a device of the live list.
+            let device = unsafe { *list.add(i) };
+            // SAFETY: as above; the name is copied before the list is freed.
+            let this = unsafe { CStr::from_ptr((verbs.get_device_name)(device)) };
+            if this.to_bytes() == name.as_bytes() {
+                // SAFETY: as above.
+                let context = unsafe { (verbs.open_device)(device) };
+                opened = NonNull::new(context)
+                    .map(|c| Handle(c, verbs))
+                    .ok_or_else(|| std::io::Error::last_os_error().to_string());
+                break;
+            }
+        }
+        // SAFETY: the list came from get_device_list; an open context holds its own
+        // reference to its device.
+        unsafe { (verbs.free_device_list)(list) };
+        opened
+    }
+}
+
+impl Drop for Handle<'_> {
+    fn drop(&mut self) {
+        // SAFETY: opened by `Handle::open`, every object made from it is dropped before
+        // (guards are declared after the handle in `run`).
+        unsafe { (self.1.close_device)(self.0.as_ptr()) };
+    }
+}

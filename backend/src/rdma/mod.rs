@@ -1,0 +1,16 @@
+//! The rdma-core transport: guest verbs carried by the host's RDMA device
+//! (docs/rdma-transport.md).
+//!
+//! * [`abi`] — the structures and constants used, declared by hand and checked against
+//!   rdma-core's headers by `tests/rdma_abi.rs`;
+//! * [`verbs`] — libibverbs, loaded at run time, and the calls looked up in it;
+//! * [`devices`] — the host's RDMA devices, their ports and GID tables;
+//! * [`loopback`] — one SEND between two QPs of a host port, to prove the device and the calls.
+
+pub mod abi;
+pub mod devices;
+pub mod loopback;
+pub mod verbs;
+
+pub use devices::{DeviceError, GidEntry, GidKind, HostDevice, LinkLayer, Port};
+pub use verbs::{LoadError, Verbs};
