@@ -97,9 +97,10 @@ fn the_server_finds_soft_roce_in_a_host_vm() {
     );
 
     // The data path's calls and structures (post, poll, QP attributes) against the real
-    // library and provider: one SEND between two RC QPs of rxe0.
+    // library and provider: one SEND between two RC QPs of rxe0, received into guest-like
+    // memory (scattered pages of a memfd, one view, registered at an I/O virtual address).
     checks.check(
-        "rdma-devices --loopback sends a message between two RC QPs of rxe0",
+        "rdma-devices --loopback sends a message between two RC QPs of rxe0 into scattered shared pages",
         guest
             .check(&format!("{SERVER_IN_GUEST} rdma-devices --loopback"))
             .map_err(|e| e.to_string())
@@ -107,7 +108,9 @@ fn the_server_finds_soft_roce_in_a_host_vm() {
                 eprintln!("{out}");
                 expect_contains(
                     &out,
-                    "loopback: rxe0 port 1: a 4096-byte SEND between two RC QPs completed",
+                    "loopback: rxe0 port 1: a 8192-byte SEND between two RC QPs, into two \
+                     scattered pages of shared memory registered at an I/O virtual address, \
+                     completed",
                 )
             }),
     );

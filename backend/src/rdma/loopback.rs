@@ -1,15 +1,24 @@
 //! One SEND between two RC QPs of one port of a host device: proof that the device works
 //! and that every call and structure of the data path (`abi.rs`, `verbs.rs`) is right,
 //! before any guest depends on them (`vfio-user-pvrdma rdma-devices --loopback`).
+//!
+//! The receive side is registered the way guest memory will be: a shared memory file plays
+//! the guest's RAM, two of its pages out of order are made one range (`view.rs`), and that
+//! range is registered at a made-up I/O virtual address (`ibv_reg_mr_iova`), which the
+//! receive's scatter entry names. The bytes must land in those two pages, in list order.
 
 use std::ffi::{CStr, c_int, c_void};
 use std::net::Ipv6Addr;
 use std::ptr::{self, NonNull};
 use std::time::{Duration, Instant};
 
+use vm_memory::{Bytes, FileOffset, GuestAddress};
+
 use super::abi::*;
 use super::devices::{self, GidKind, HostDevice};
 use super::verbs::Verbs;
+use super::view::ContiguousView;
+use crate::GuestMemory;
 
 /// What one loopback run did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +36,8 @@ impl std::fmt::Display for LoopbackReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} port {}: a {}-byte SEND between two RC QPs completed in {} µs (GID {} {})",
+            "{} port {}: a {}-byte SEND between two RC QPs, into two scattered pages of shared \
+             memory registered at an I/O virtual address, completed in {} µs (GID {} {})",
             self.device,
             self.port,
             self.bytes,
@@ -49,8 +59,17 @@ pub struct LoopbackError {
 
 /// How long the completions may take: Soft-RoCE in a TCG guest is slow, hardware fast.
 const COMPLETION_TIMEOUT: Duration = Duration::from_secs(10);
-/// The message: one page.
-const MESSAGE: usize = 4096;
+/// A page of the stand-in guest RAM.
+const PAGE: usize = 4096;
+/// The message: two pages.
+const MESSAGE: usize = 2 * PAGE;
+/// The stand-in guest RAM: pages of a shared memory file, at this guest physical address.
+const RAM_PAGES: u64 = 8;
+const RAM_AT: u64 = 0x10_0000;
+/// The guest pages the receive lands in, in list order: scattered and out of order.
+const RECEIVE_PAGES: [u64; 2] = [6, 1];
+/// The address the receive MR is registered at, as a guest's user-space buffer would be.
+const IOVA: u64 = 0x7f12_3400_0000;
 
 /// Runs the loopback on the first active port of `device` (which [`devices::list`] gave).
 pub fn run(verbs: &Verbs, device: &HostDevice) -> Result<LoopbackReport, LoopbackError> {
@@ -83,10 +102,7 @@ pub fn run(verbs: &Verbs, device: &HostDevice) -> Result<LoopbackReport, Loopbac
     // SAFETY: the guard hands back the PD the library made, once.
     let pd = Guard::new(pd, |p| unsafe { (verbs.dealloc_pd)(p) })
         .ok_or_else(|| fail("ibv_alloc_pd", errno()))?;
-    let mut buffer = vec![0u8; 2 * MESSAGE];
-    for (i, byte) in buffer[..MESSAGE].iter_mut().enumerate() {
-        *byte = (i % 251) as u8;
-    }
+    let mut buffer: Vec<u8> = (0..MESSAGE).map(|i| (i % 251) as u8).collect();
     // SAFETY: a live PD and a buffer that outlives the MR (declared before its guard).
     let mr = unsafe {
         (verbs.reg_mr)(
@@ -99,6 +115,29 @@ pub fn run(verbs: &Verbs, device: &HostDevice) -> Result<LoopbackReport, Loopbac
     // SAFETY: as for the PD.
     let mr = Guard::new(mr, |m| unsafe { (verbs.dereg_mr)(m) })
         .ok_or_else(|| fail("ibv_reg_mr", errno()))?;
+    let ram = stand_in_ram().map_err(|reason| fail("making the stand-in guest RAM", reason))?;
+    let pages = RECEIVE_PAGES.map(|i| RAM_AT + i * PAGE as u64);
+    let view = ContiguousView::map(&ram, &pages, PAGE)
+        .map_err(|e| fail("mapping the guest pages as one range", e.to_string()))?;
+    let reg_mr_iova = verbs.reg_mr_iova.ok_or_else(|| {
+        fail(
+            "looking up ibv_reg_mr_iova",
+            "libibverbs is older than rdma-core 20".into(),
+        )
+    })?;
+    // SAFETY: a live PD and a view that outlives the MR (declared before its guard).
+    let guest_mr = unsafe {
+        reg_mr_iova(
+            pd.ptr(),
+            view.as_ptr().cast::<c_void>(),
+            view.len(),
+            IOVA,
+            ACCESS_LOCAL_WRITE,
+        )
+    };
+    // SAFETY: as for the PD.
+    let guest_mr = Guard::new(guest_mr, |m| unsafe { (verbs.dereg_mr)(m) })
+        .ok_or_else(|| fail("ibv_reg_mr_iova", errno()))?;
     // SAFETY: an open context; no channel, no user context.
     let cq = unsafe { (verbs.create_cq)(ctx, 16, ptr::null_mut(), ptr::null_mut(), 0) };
     // SAFETY: as for the PD.
@@ -144,13 +183,12 @@ pub fn run(verbs: &Verbs, device: &HostDevice) -> Result<LoopbackReport, Loopbac
             "empty".into(),
         ));
     };
-    // SAFETY: the MR is live, so its keys are readable.
-    let lkey = unsafe { (*mr.ptr()).lkey };
-    let base = buffer.as_ptr() as u64;
+    // SAFETY: the MRs are live, so their keys are readable.
+    let (lkey, guest_lkey) = unsafe { ((*mr.ptr()).lkey, (*guest_mr.ptr()).lkey) };
     let mut recv_sge = IbvSge {
-        addr: base + MESSAGE as u64,
+        addr: IOVA,
         length: MESSAGE as u32,
-        lkey,
+        lkey: guest_lkey,
     };
     let mut recv = IbvRecvWr {
         wr_id: 2,
@@ -168,7 +206,7 @@ pub fn run(verbs: &Verbs, device: &HostDevice) -> Result<LoopbackReport, Loopbac
         ));
     }
     let mut send_sge = IbvSge {
-        addr: base,
+        addr: buffer.as_ptr() as u64,
         length: MESSAGE as u32,
         lkey,
     };
@@ -225,11 +263,16 @@ pub fn run(verbs: &Verbs, device: &HostDevice) -> Result<LoopbackReport, Loopbac
     if received.map(|wc| wc.byte_len as usize) != Some(MESSAGE) {
         return Err(fail("the SEND", format!("completions {completions:?}")));
     }
-    if buffer[MESSAGE..] != buffer[..MESSAGE] {
-        return Err(fail(
-            "the SEND",
-            "the received bytes differ from the sent".into(),
-        ));
+    for (n, &page) in pages.iter().enumerate() {
+        let mut landed = vec![0u8; PAGE];
+        ram.read_slice(&mut landed, GuestAddress(page))
+            .map_err(|e| fail("reading the guest pages back", e.to_string()))?;
+        if landed[..] != buffer[n * PAGE..(n + 1) * PAGE] {
+            return Err(fail(
+                "the SEND",
+                format!("guest page {page:#x} does not hold part {n} of the message"),
+            ));
+        }
     }
     Ok(LoopbackReport {
         device: device.name.clone(),
@@ -239,6 +282,26 @@ pub fn run(verbs: &Verbs, device: &HostDevice) -> Result<LoopbackReport, Loopbac
         bytes: MESSAGE,
         elapsed,
     })
+}
+
+/// A shared memory file of [`RAM_PAGES`] pages at [`RAM_AT`], as QEMU's `share=on` RAM.
+fn stand_in_ram() -> Result<GuestMemory, String> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a valid NUL-terminated name; the fd is owned by the `File` below.
+    let fd = unsafe { libc::memfd_create(c"pvrdma-loopback".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(RAM_PAGES * PAGE as u64)
+        .map_err(|e| e.to_string())?;
+    GuestMemory::from_ranges_with_files([(
+        GuestAddress(RAM_AT),
+        RAM_PAGES as usize * PAGE,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .map_err(|e| e.to_string())
 }
 
 /// The GID a loopback addresses: on Ethernet a RoCE v2 IPv4 one (else any RoCE), on

@@ -29,6 +29,7 @@ type QueryGidTable =
 type AllocPd = unsafe extern "C" fn(*mut IbvContext) -> *mut IbvPd;
 type DeallocPd = unsafe extern "C" fn(*mut IbvPd) -> c_int;
 type RegMr = unsafe extern "C" fn(*mut IbvPd, *mut c_void, usize, c_int) -> *mut IbvMr;
+type RegMrIova = unsafe extern "C" fn(*mut IbvPd, *mut c_void, usize, u64, c_int) -> *mut IbvMr;
 type DeregMr = unsafe extern "C" fn(*mut IbvMr) -> c_int;
 type CreateCq = unsafe extern "C" fn(
     *mut IbvContext,
@@ -59,6 +60,9 @@ pub struct Verbs {
     pub(super) alloc_pd: AllocPd,
     pub(super) dealloc_pd: DeallocPd,
     pub(super) reg_mr: RegMr,
+    /// `ibv_reg_mr_iova` (rdma-core 20 and later): an MR whose addresses on the wire are
+    /// not the server's but the guest's.
+    pub(super) reg_mr_iova: Option<RegMrIova>,
     pub(super) dereg_mr: DeregMr,
     pub(super) create_cq: CreateCq,
     pub(super) destroy_cq: DestroyCq,
@@ -174,6 +178,9 @@ impl Verbs {
                     c"ibv_dealloc_pd",
                 )?),
                 reg_mr: std::mem::transmute::<*mut c_void, RegMr>(required(c"ibv_reg_mr")?),
+                reg_mr_iova: symbol(c"ibv_reg_mr_iova")
+                    .ok()
+                    .map(|a| std::mem::transmute::<*mut c_void, RegMrIova>(a)),
                 dereg_mr: std::mem::transmute::<*mut c_void, DeregMr>(required(c"ibv_dereg_mr")?),
                 create_cq: std::mem::transmute::<*mut c_void, CreateCq>(required(
                     c"ibv_create_cq",
