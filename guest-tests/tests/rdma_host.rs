@@ -112,6 +112,10 @@ fn the_server_finds_soft_roce_in_a_host_vm() {
                      scattered pages of shared memory registered at an I/O virtual address, \
                      completed",
                 )
+                .and(expect_contains(
+                    &out,
+                    "its completions found through a completion channel",
+                ))
             }),
     );
 

@@ -37,7 +37,8 @@ impl std::fmt::Display for LoopbackReport {
         write!(
             f,
             "{} port {}: a {}-byte SEND between two RC QPs, into two scattered pages of shared \
-             memory registered at an I/O virtual address, completed in {} µs (GID {} {})",
+             memory registered at an I/O virtual address, completed in {} µs (GID {} {}), \
+             its completions found through a completion channel",
             self.device,
             self.port,
             self.bytes,
@@ -138,8 +139,13 @@ pub fn run(verbs: &Verbs, device: &HostDevice) -> Result<LoopbackReport, Loopbac
     // SAFETY: as for the PD.
     let guest_mr = Guard::new(guest_mr, |m| unsafe { (verbs.dereg_mr)(m) })
         .ok_or_else(|| fail("ibv_reg_mr_iova", errno()))?;
-    // SAFETY: an open context; no channel, no user context.
-    let cq = unsafe { (verbs.create_cq)(ctx, 16, ptr::null_mut(), ptr::null_mut(), 0) };
+    // SAFETY: an open context.
+    let channel = unsafe { (verbs.create_comp_channel)(ctx) };
+    // SAFETY: as for the PD.
+    let channel = Guard::new(channel, |c| unsafe { (verbs.destroy_comp_channel)(c) })
+        .ok_or_else(|| fail("ibv_create_comp_channel", errno()))?;
+    // SAFETY: an open context and its live channel; no user context.
+    let cq = unsafe { (verbs.create_cq)(ctx, 16, ptr::null_mut(), channel.ptr(), 0) };
     // SAFETY: as for the PD.
     let cq = Guard::new(cq, |c| unsafe { (verbs.destroy_cq)(c) })
         .ok_or_else(|| fail("ibv_create_cq", errno()))?;
@@ -175,8 +181,8 @@ pub fn run(verbs: &Verbs, device: &HostDevice) -> Result<LoopbackReport, Loopbac
 
     // SAFETY: the context's operation table, filled by the provider at open.
     let ops = unsafe { &(*ctx).ops };
-    let (Some(post_recv), Some(post_send), Some(poll_cq)) =
-        (ops.post_recv, ops.post_send, ops.poll_cq)
+    let (Some(post_recv), Some(post_send), Some(poll_cq), Some(req_notify_cq)) =
+        (ops.post_recv, ops.post_send, ops.poll_cq, ops.req_notify_cq)
     else {
         return Err(fail(
             "reading the provider's operation table",
@@ -219,6 +225,21 @@ pub fn run(verbs: &Verbs, device: &HostDevice) -> Result<LoopbackReport, Loopbac
         ..IbvSendWr::default()
     };
     let mut bad_send = ptr::null_mut();
+    // Completions are waited for as the server's event loop will: the CQ armed, the
+    // channel's fd polled, the event read and acknowledged, then the CQ polled.
+    // SAFETY: a live CQ with a channel.
+    if unsafe { req_notify_cq(cq.ptr(), 0) } != 0 {
+        return Err(fail("ibv_req_notify_cq", errno()));
+    }
+    // SAFETY: the channel is live; its fd is the kernel's, owned by the channel.
+    let channel_fd = unsafe { (*channel.ptr()).fd };
+    // Every event read is acknowledged before the CQ is destroyed, on every way out
+    // (ibv_destroy_cq waits for that): this drops before the CQ's guard.
+    let mut events = Acks {
+        verbs,
+        cq: cq.ptr(),
+        count: 0,
+    };
     let started = Instant::now();
     // SAFETY: as for the receive.
     let rc = unsafe { post_send(a.ptr(), &mut send, &mut bad_send) };
@@ -230,21 +251,53 @@ pub fn run(verbs: &Verbs, device: &HostDevice) -> Result<LoopbackReport, Loopbac
     }
     let mut completions = Vec::new();
     while completions.len() < 2 {
-        let mut wc = [IbvWc::default(); 2];
-        // SAFETY: room for two completions.
-        let n = unsafe { poll_cq(cq.ptr(), 2, wc.as_mut_ptr()) };
-        if n < 0 {
-            return Err(fail("ibv_poll_cq", format!("returned {n}")));
-        }
-        completions.extend_from_slice(&wc[..n as usize]);
-        if started.elapsed() > COMPLETION_TIMEOUT {
+        let left = COMPLETION_TIMEOUT.saturating_sub(started.elapsed());
+        if left.is_zero() {
             return Err(fail(
                 "waiting for the completions",
-                format!("{} of 2 within {COMPLETION_TIMEOUT:?}", completions.len()),
+                format!(
+                    "{} of 2 within {COMPLETION_TIMEOUT:?} ({} channel events)",
+                    completions.len(),
+                    events.count
+                ),
             ));
         }
-        if n == 0 {
-            std::thread::yield_now();
+        let mut pollfd = libc::pollfd {
+            fd: channel_fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pollfd, 1, left.as_millis().min(1000) as c_int) };
+        if ready <= 0 {
+            continue;
+        }
+        let (mut event_cq, mut event_context) = (ptr::null_mut(), ptr::null_mut());
+        // SAFETY: the channel has an event (its fd is readable); out-pointers are valid.
+        if unsafe { (verbs.get_cq_event)(channel.ptr(), &mut event_cq, &mut event_context) } != 0 {
+            return Err(fail("ibv_get_cq_event", errno()));
+        }
+        if event_cq != cq.ptr() {
+            return Err(fail("ibv_get_cq_event", "an event for another CQ".into()));
+        }
+        events.count += 1;
+        // Re-armed before polling, so a completion that lands between the poll and the
+        // next wait still raises an event.
+        // SAFETY: a live CQ with a channel.
+        if unsafe { req_notify_cq(cq.ptr(), 0) } != 0 {
+            return Err(fail("ibv_req_notify_cq", errno()));
+        }
+        loop {
+            let mut wc = [IbvWc::default(); 2];
+            // SAFETY: room for two completions.
+            let n = unsafe { poll_cq(cq.ptr(), 2, wc.as_mut_ptr()) };
+            if n < 0 {
+                return Err(fail("ibv_poll_cq", format!("returned {n}")));
+            }
+            if n == 0 {
+                break;
+            }
+            completions.extend_from_slice(&wc[..n as usize]);
         }
     }
     let elapsed = started.elapsed();
@@ -416,6 +469,21 @@ impl<T, F: Fn(*mut T) -> c_int> Guard<T, F> {
 impl<T, F: Fn(*mut T) -> c_int> Drop for Guard<T, F> {
     fn drop(&mut self) {
         (self.destroy)(self.object.as_ptr());
+    }
+}
+
+/// Completion events read from a CQ's channel, acknowledged when dropped.
+struct Acks<'a> {
+    verbs: &'a Verbs,
+    cq: *mut IbvCq,
+    count: u32,
+}
+
+impl Drop for Acks<'_> {
+    fn drop(&mut self) {
+        // SAFETY: the CQ outlives this (declared after its guard) and `count` events were
+        // read for it.
+        unsafe { (self.verbs.ack_cq_events)(self.cq, self.count) };
     }
 }
 

@@ -39,6 +39,11 @@ type CreateCq = unsafe extern "C" fn(
     c_int,
 ) -> *mut IbvCq;
 type DestroyCq = unsafe extern "C" fn(*mut IbvCq) -> c_int;
+type CreateCompChannel = unsafe extern "C" fn(*mut IbvContext) -> *mut IbvCompChannel;
+type DestroyCompChannel = unsafe extern "C" fn(*mut IbvCompChannel) -> c_int;
+type GetCqEvent =
+    unsafe extern "C" fn(*mut IbvCompChannel, *mut *mut IbvCq, *mut *mut c_void) -> c_int;
+type AckCqEvents = unsafe extern "C" fn(*mut IbvCq, std::ffi::c_uint);
 type CreateQp = unsafe extern "C" fn(*mut IbvPd, *mut IbvQpInitAttr) -> *mut IbvQp;
 type ModifyQp = unsafe extern "C" fn(*mut IbvQp, *mut IbvQpAttr, c_int) -> c_int;
 type DestroyQp = unsafe extern "C" fn(*mut IbvQp) -> c_int;
@@ -66,6 +71,12 @@ pub struct Verbs {
     pub(super) dereg_mr: DeregMr,
     pub(super) create_cq: CreateCq,
     pub(super) destroy_cq: DestroyCq,
+    /// A completion channel: an fd that becomes readable when an armed CQ completes, so a
+    /// server's event loop can wait for completions instead of polling.
+    pub(super) create_comp_channel: CreateCompChannel,
+    pub(super) destroy_comp_channel: DestroyCompChannel,
+    pub(super) get_cq_event: GetCqEvent,
+    pub(super) ack_cq_events: AckCqEvents,
     pub(super) create_qp: CreateQp,
     pub(super) modify_qp: ModifyQp,
     pub(super) destroy_qp: DestroyQp,
@@ -187,6 +198,18 @@ impl Verbs {
                 )?),
                 destroy_cq: std::mem::transmute::<*mut c_void, DestroyCq>(required(
                     c"ibv_destroy_cq",
+                )?),
+                create_comp_channel: std::mem::transmute::<*mut c_void, CreateCompChannel>(
+                    required(c"ibv_create_comp_channel")?,
+                ),
+                destroy_comp_channel: std::mem::transmute::<*mut c_void, DestroyCompChannel>(
+                    required(c"ibv_destroy_comp_channel")?,
+                ),
+                get_cq_event: std::mem::transmute::<*mut c_void, GetCqEvent>(required(
+                    c"ibv_get_cq_event",
+                )?),
+                ack_cq_events: std::mem::transmute::<*mut c_void, AckCqEvents>(required(
+                    c"ibv_ack_cq_events",
                 )?),
                 create_qp: std::mem::transmute::<*mut c_void, CreateQp>(required(
                     c"ibv_create_qp",
