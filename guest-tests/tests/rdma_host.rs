@@ -1,25 +1,66 @@
 //! A guest as a *host* of the rdma path (docs/rdma-transport.md): this machine has no RDMA
 //! device and cannot load kernel modules, but the pinned guest kernel has Soft-RoCE. The
 //! server binary is put into the guest and run there against the guest's own rxe device,
-//! through the same libibverbs the rdma path loads at run time.
+//! through the same libibverbs the rdma path loads at run time; and the project's
+//! host-side test driver runs there too, as the rdma path's conformance runs will.
 
 mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use guest_tests::lab::{Lab, LabConfig, server_binary};
 use support::{AGENT, Checks, expect_contains};
 
 /// Where the server binary lands in the guest.
 const SERVER_IN_GUEST: &str = "/usr/local/bin/vfio-user-pvrdma";
+/// Where the host-side driver's TCP suite lands in the guest.
+const DRIVER_IN_GUEST: &str = "/usr/local/bin/pvrdma-driver-tcp-transport";
+
+/// The executable of the device crate's integration test `test` (the host-side test driver
+/// with one suite), built if it is not: cargo names it with a hash, so ask cargo.
+fn driver_suite(test: &str) -> Result<PathBuf, String> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("no workspace above guest-tests")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let built = Command::new(cargo)
+        .args(["test", "-p", "vfio-user-pvrdma", "--test", test, "--no-run"])
+        .args(["--message-format=json"])
+        .current_dir(workspace)
+        .output()
+        .map_err(|e| format!("running cargo: {e}"))?;
+    if !built.status.success() {
+        return Err(format!(
+            "cargo could not build the {test} suite:\n{}",
+            String::from_utf8_lossy(&built.stderr)
+        ));
+    }
+    let name = format!("\"name\":\"{test}\"");
+    String::from_utf8_lossy(&built.stdout)
+        .lines()
+        .filter(|line| line.contains("\"reason\":\"compiler-artifact\"") && line.contains(&name))
+        .find_map(|line| {
+            let at = line.find("\"executable\":\"")? + "\"executable\":\"".len();
+            let end = line[at..].find('"')?;
+            Some(PathBuf::from(&line[at..at + end]))
+        })
+        .ok_or_else(|| format!("cargo named no executable for the {test} suite"))
+}
 
 /// Soft-RoCE on the guest's Ethernet; `vfio-user-pvrdma rdma-devices` lists it with its port
 /// up and the RoCE v2 GID of the guest's address, as `ibv_devinfo` does, and `--loopback`
 /// carries a SEND between two of its RC QPs through the server's own calls.
 #[test]
 #[ignore = "boots QEMU guests; run by scripts/test after scripts/lab"]
-fn the_server_finds_soft_roce_in_a_host_vm() {
+fn a_guest_hosts_soft_roce_the_server_and_the_test_driver() {
     let mut config = LabConfig::new("rdma-host", 1, AGENT);
     let server = server_binary().expect("the server binary (cargo build -p vfio-user-pvrdma)");
-    config.extra_files = vec![(server, SERVER_IN_GUEST.into())];
+    let driver = driver_suite("tcp_transport").expect("the host-side driver's TCP suite");
+    config.extra_files = vec![
+        (server, SERVER_IN_GUEST.into()),
+        (driver, DRIVER_IN_GUEST.into()),
+    ];
     let mut lab = Lab::start(config).expect("lab");
     let mut checks = Checks::default();
     let guest = lab.guest(0);
@@ -116,6 +157,25 @@ fn the_server_finds_soft_roce_in_a_host_vm() {
                     &out,
                     "its completions found through a completion channel",
                 ))
+            }),
+    );
+
+    // The project's host-side test driver inside the host VM: its TCP suite starts two
+    // servers there (loopback) and runs every verb across them, as the rdma path's
+    // conformance runs will against rxe. Slow under TCG, hence one thread and a long wait.
+    checks.check(
+        "the host-side driver's TCP suite passes inside the host VM",
+        guest
+            .run_with_timeout(
+                &format!(
+                    "PVRDMA_SERVER_BIN={SERVER_IN_GUEST} {DRIVER_IN_GUEST} --test-threads=1 2>&1 | tail -n 30"
+                ),
+                std::time::Duration::from_secs(600),
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|out| {
+                eprintln!("{}", out.stdout);
+                expect_contains(&out.stdout, "test result: ok. 8 passed")
             }),
     );
 

@@ -251,7 +251,7 @@ impl SocketServer {
             .map(|i| dir.join(format!("fn{i}.sock")))
             .collect();
         let control = dir.join("control.sock");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_vfio-user-pvrdma"));
+        let mut command = Command::new(server_binary());
         for socket in &sockets {
             command.arg("--socket").arg(socket);
         }
@@ -812,4 +812,12 @@ impl Driver<SocketBus> {
         self.forget_session();
         released
     }
+}
+
+/// The server binary the tests start: the one cargo built with them, or
+/// `PVRDMA_SERVER_BIN` where the test binary runs somewhere else (inside a lab guest that
+/// plays a host, guest-tests/tests/rdma_host.rs).
+pub fn server_binary() -> std::ffi::OsString {
+    std::env::var_os("PVRDMA_SERVER_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_vfio-user-pvrdma").into())
 }
