@@ -524,7 +524,7 @@ fn client(command: &Command) -> ExitCode {
 fn rdma_devices(loopback: bool) -> ExitCode {
     use pvrdma_backend::rdma::{Verbs, devices, loopback as rdma_loopback};
     let verbs = match Verbs::load() {
-        Ok(verbs) => verbs,
+        Ok(verbs) => std::sync::Arc::new(verbs),
         Err(e) => {
             eprintln!("vfio-user-pvrdma: error: {e}");
             return ExitCode::FAILURE;

@@ -5,11 +5,13 @@
 //!   rdma-core's headers by `tests/rdma_abi.rs`;
 //! * [`verbs`] — libibverbs, loaded at run time, and the calls looked up in it;
 //! * [`devices`] — the host's RDMA devices, their ports and GID tables;
+//! * [`host`] — an open device and the MRs, CQs and QPs made on it, as owned objects;
 //! * [`loopback`] — one SEND between two QPs of a host port, to prove the device and the calls;
 //! * [`view`] — a guest MR's scattered pages mapped again as one range, for registration.
 
 pub mod abi;
 pub mod devices;
+pub mod host;
 pub mod loopback;
 pub mod verbs;
 pub mod view;
