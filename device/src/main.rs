@@ -24,6 +24,7 @@ use vfio_user_pvrdma::log_limit::RateLimited;
 use vfio_user_pvrdma::profiler::control;
 use vfio_user_pvrdma::pvrdma::{DeviceConfig, caps};
 use vfio_user_pvrdma::runtime::fabric::Fabric;
+use vfio_user_pvrdma::runtime::rdma::{RdmaPath, watch as rdma_watch};
 use vfio_user_pvrdma::runtime::remote::FabricHost;
 use vfio_user_pvrdma::runtime::{control as control_server, poller, rnr_timer};
 use vfio_user_pvrdma::sandbox;
@@ -131,6 +132,14 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     cluster_key: Option<PathBuf>,
 
+    /// The host RDMA device of the rdma path (libibverbs, loaded at run time): a device
+    /// name, `auto` (the first with an active port, if any; without libibverbs or a device
+    /// the path is simply off) or `off`. The server opens it before entering the sandbox and
+    /// logs, for each GID its guests bind, whether the device's GID table holds it. The
+    /// path does not carry guest traffic yet (docs/rdma-transport.md).
+    #[arg(long, value_name = "NAME|auto|off", default_value = "auto")]
+    rdma_device: vfio_user_pvrdma::runtime::rdma::Choice,
+
     /// Once its sockets are bound, the server gives up what serving does not need: no new
     /// privileges, a seccomp allowlist of system calls (others fail with EPERM), and, where
     /// the kernel has Landlock, no file access but its own socket files and TCP ports
@@ -229,6 +238,8 @@ enum StartupError {
     EmptyClusterKey(PathBuf),
     #[error("cannot start the TCP transport")]
     Transport(#[source] io::Error),
+    #[error("{0}")]
+    Rdma(String),
     #[error("cannot enter the sandbox (--sandbox off runs without it)")]
     Sandbox(#[from] vfio_user_pvrdma::sandbox::SandboxError),
 }
@@ -381,6 +392,8 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
     };
 
     let cluster_key = read_cluster_key(cli)?;
+    // libibverbs reads sysfs, opens the device and loads its provider: before the sandbox.
+    let rdma = RdmaPath::open(&cli.rdma_device).map_err(StartupError::Rdma)?;
     // Every socket file is bound and every file read: from here on the server needs no
     // more than serving does. No thread exists yet, so all of them inherit the sandbox.
     enter_sandbox(cli)?;
@@ -430,6 +443,20 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
             return Err(StartupError::Thread { path, source });
         }
         info!("control socket listening on {}", path.display());
+    }
+
+    if let Some(rdma) = rdma {
+        let target = fabric.clone();
+        let spawned = thread::Builder::new()
+            .name("rdma gids".into())
+            .spawn(move || rdma_watch(rdma, target));
+        if let Err(source) = spawned {
+            remove_sockets(&serving);
+            return Err(StartupError::Thread {
+                path: PathBuf::from("rdma gids"),
+                source,
+            });
+        }
     }
 
     let target = fabric.clone();

@@ -16,6 +16,8 @@ use support::{AGENT, Checks, expect_contains};
 const SERVER_IN_GUEST: &str = "/usr/local/bin/vfio-user-pvrdma";
 /// Where the host-side driver's TCP suite lands in the guest.
 const DRIVER_IN_GUEST: &str = "/usr/local/bin/pvrdma-driver-tcp-transport";
+/// Where the host-side driver's rdma path suite lands in the guest.
+const RDMA_SUITE_IN_GUEST: &str = "/usr/local/bin/pvrdma-driver-rdma-path";
 
 /// The executable of the device crate's integration test `test` (the host-side test driver
 /// with one suite), built if it is not: cargo names it with a hash, so ask cargo.
@@ -57,9 +59,11 @@ fn a_guest_hosts_soft_roce_the_server_and_the_test_driver() {
     let mut config = LabConfig::new("rdma-host", 1, AGENT);
     let server = server_binary().expect("the server binary (cargo build -p vfio-user-pvrdma)");
     let driver = driver_suite("tcp_transport").expect("the host-side driver's TCP suite");
+    let rdma_suite = driver_suite("rdma_path").expect("the host-side driver's rdma path suite");
     config.extra_files = vec![
         (server, SERVER_IN_GUEST.into()),
         (driver, DRIVER_IN_GUEST.into()),
+        (rdma_suite, RDMA_SUITE_IN_GUEST.into()),
     ];
     let mut lab = Lab::start(config).expect("lab");
     let mut checks = Checks::default();
@@ -157,6 +161,29 @@ fn a_guest_hosts_soft_roce_the_server_and_the_test_driver() {
                     &out,
                     "its completions found through a completion channel",
                 ))
+            }),
+    );
+
+    // The server with --rdma-device rxe0, sandboxed, driven by the host-side driver inside
+    // the host VM: it opens rxe0 before the sandbox and says which guest GIDs rxe0 holds.
+    checks.check(
+        "the host-side driver's rdma path suite passes against rxe0",
+        guest
+            .run_with_timeout(
+                &format!(
+                    "PVRDMA_RDMA_DEVICE=rxe0 PVRDMA_SERVER_BIN={SERVER_IN_GUEST} {RDMA_SUITE_IN_GUEST} --test-threads=1 2>&1 | tail -n 30"
+                ),
+                std::time::Duration::from_secs(300),
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|out| {
+                eprintln!("{}", out.stdout);
+                expect_contains(&out.stdout, "test result: ok. 2 passed")
+                    .and(if out.stdout.contains("NOT RUN") {
+                        Err(format!("a test did not run:\n{}", out.stdout))
+                    } else {
+                        Ok(())
+                    })
             }),
     );
 

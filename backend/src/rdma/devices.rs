@@ -149,51 +149,7 @@ impl Opened<'_> {
     }
 
     fn gids(&self, port: u8, table_len: c_int) -> Vec<GidEntry> {
-        let len = usize::try_from(table_len).unwrap_or(0).min(MAX_GIDS);
-        if let Some(query_table) = self.verbs.query_gid_table {
-            let mut entries = vec![IbvGidEntry::default(); len];
-            // SAFETY: `entries` holds `len` entries of the size passed; the library writes
-            // at most that many and returns how many it wrote.
-            let got = unsafe {
-                query_table(
-                    self.context,
-                    entries.as_mut_ptr(),
-                    len,
-                    0,
-                    size_of::<IbvGidEntry>(),
-                )
-            };
-            if let Ok(got) = usize::try_from(got) {
-                return entries
-                    .iter()
-                    .take(got.min(len))
-                    .filter(|e| e.port_num == u32::from(port))
-                    .map(|e| GidEntry {
-                        index: e.gid_index,
-                        gid: e.gid.raw,
-                        kind: match e.gid_type {
-                            GID_TYPE_IB => Some(GidKind::Ib),
-                            GID_TYPE_ROCE_V1 => Some(GidKind::RoceV1),
-                            GID_TYPE_ROCE_V2 => Some(GidKind::RoceV2),
-                            _ => None,
-                        },
-                    })
-                    .collect();
-            }
-        }
-        (0..len)
-            .filter_map(|index| {
-                let mut gid = IbvGid::default();
-                let index = c_int::try_from(index).ok()?;
-                // SAFETY: an open context and a valid out-pointer.
-                let rc = unsafe { (self.verbs.query_gid)(self.context, port, index, &mut gid) };
-                (rc == 0 && gid.raw != [0; 16]).then_some(GidEntry {
-                    index: index as u32,
-                    gid: gid.raw,
-                    kind: None,
-                })
-            })
-            .collect()
+        gid_table(self.verbs, self.context, port, table_len)
     }
 }
 
@@ -202,6 +158,62 @@ impl Drop for Opened<'_> {
         // SAFETY: the context was opened by `list` and nothing else holds it.
         unsafe { (self.verbs.close_device)(self.context) };
     }
+}
+
+/// The populated entries of `port`'s GID table (of `table_len` entries), with their types
+/// where the library can tell (one ioctl on rdma-core 29 and later, else one query per
+/// entry).
+pub(super) fn gid_table(
+    verbs: &Verbs,
+    context: *mut IbvContext,
+    port: u8,
+    table_len: c_int,
+) -> Vec<GidEntry> {
+    let len = usize::try_from(table_len).unwrap_or(0).min(MAX_GIDS);
+    if let Some(query_table) = verbs.query_gid_table {
+        let mut entries = vec![IbvGidEntry::default(); len];
+        // SAFETY: an open context; `entries` holds `len` entries of the size passed; the
+        // library writes at most that many and returns how many it wrote.
+        let got = unsafe {
+            query_table(
+                context,
+                entries.as_mut_ptr(),
+                len,
+                0,
+                size_of::<IbvGidEntry>(),
+            )
+        };
+        if let Ok(got) = usize::try_from(got) {
+            return entries
+                .iter()
+                .take(got.min(len))
+                .filter(|e| e.port_num == u32::from(port))
+                .map(|e| GidEntry {
+                    index: e.gid_index,
+                    gid: e.gid.raw,
+                    kind: match e.gid_type {
+                        GID_TYPE_IB => Some(GidKind::Ib),
+                        GID_TYPE_ROCE_V1 => Some(GidKind::RoceV1),
+                        GID_TYPE_ROCE_V2 => Some(GidKind::RoceV2),
+                        _ => None,
+                    },
+                })
+                .collect();
+        }
+    }
+    (0..len)
+        .filter_map(|index| {
+            let mut gid = IbvGid::default();
+            let index = c_int::try_from(index).ok()?;
+            // SAFETY: an open context and a valid out-pointer.
+            let rc = unsafe { (verbs.query_gid)(context, port, index, &mut gid) };
+            (rc == 0 && gid.raw != [0; 16]).then_some(GidEntry {
+                index: index as u32,
+                gid: gid.raw,
+                kind: None,
+            })
+        })
+        .collect()
 }
 
 /// `enum ibv_mtu` (1 = 256 bytes … 5 = 4096) in bytes; 0 for anything else.

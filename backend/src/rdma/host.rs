@@ -116,6 +116,18 @@ impl HostDevice {
         }
     }
 
+    /// The populated entries of `port`'s GID table, as the device has them now (the host's
+    /// interfaces add and remove addresses, and with them RoCE GIDs).
+    pub fn gids(&self, port: u8) -> Result<Vec<super::devices::GidEntry>, HostError> {
+        let attr = self.port(port)?;
+        Ok(super::devices::gid_table(
+            &self.verbs,
+            self.context.as_ptr(),
+            port,
+            attr.gid_tbl_len,
+        ))
+    }
+
     /// Registers `view` at the I/O virtual address `iova` (the guest's address of its first
     /// byte) with `access` (`ACCESS_*`); the MR owns the view.
     pub fn register(

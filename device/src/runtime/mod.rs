@@ -5,11 +5,14 @@
 //!   (docs/backends.md).
 //! * [`poller`] — the exit-free doorbell poller thread (docs/doorbells.md).
 //! * [`rnr_timer`] — the thread that ends receiver-not-ready timers.
+//! * [`rdma`] — the rdma path's host device, opened at start and watched
+//!   (docs/rdma-transport.md).
 //! * [`remote`] — the fabric as the TCP transport's host (docs/tcp-transport.md).
 //! * [`control`] — the control socket's server (the profiler's `stats` and `profile`).
 
 pub mod control;
 pub mod fabric;
 pub mod poller;
+pub mod rdma;
 pub mod remote;
 pub mod rnr_timer;

@@ -1,0 +1,89 @@
+//! The server with a host RDMA device (docs/rdma-transport.md). These tests need one: they
+//! run inside a lab guest that plays a host with Soft-RoCE (guest-tests/tests/rdma_host.rs
+//! sets `PVRDMA_RDMA_DEVICE`). Anywhere else they say so and pass without checking.
+
+mod driver;
+
+use driver::Driver;
+use driver::verbs::ipv4_gid;
+use pvrdma_backend::rdma::{Verbs, devices};
+use vfio_user_pvrdma::abi::GID_TYPE_ROCE_V1;
+
+use driver::socket_bus::SocketServer;
+
+/// The device named by `PVRDMA_RDMA_DEVICE`, or `None` (said loudly).
+fn rdma_device(test: &str) -> Option<String> {
+    let device = std::env::var("PVRDMA_RDMA_DEVICE").ok();
+    if device.is_none() {
+        eprintln!(
+            "NOT RUN: {test} needs a host RDMA device (PVRDMA_RDMA_DEVICE); \
+             guest-tests/tests/rdma_host.rs runs it inside a lab guest with Soft-RoCE"
+        );
+    }
+    device
+}
+
+/// A guest GID the host device holds (its IPv4 RoCE GID) and one it does not: binding each
+/// in a guest device makes the server say which is in the device's GID table, with the
+/// sandbox on (the table is read through the device after the sandbox is entered).
+#[test]
+fn the_server_says_which_guest_gids_its_rdma_device_holds() {
+    let Some(name) = rdma_device("the_server_says_which_guest_gids_its_rdma_device_holds") else {
+        return;
+    };
+    let verbs = Verbs::load().expect("libibverbs");
+    let listed = devices::list(&verbs).expect("the host's RDMA devices");
+    let device = listed
+        .iter()
+        .find(|d| d.name == name)
+        .unwrap_or_else(|| panic!("no RDMA device {name} in {listed:?}"));
+    let held = device.ports[0]
+        .gids
+        .iter()
+        .find(|g| g.gid[..12] == ipv4_gid([0, 0, 0, 0])[..12])
+        .unwrap_or_else(|| panic!("{name} has no IPv4 GID: {device}"));
+    let absent = ipv4_gid([10, 200, 0, 1]);
+
+    // The driver waits for the server's debug lines of its DMA maps.
+    let server = SocketServer::start_with(
+        1,
+        "info,vfio_user_pvrdma::vfio=debug",
+        &["--rdma-device", &name],
+    );
+    server.wait_for_server_line(&format!("rdma path: {name} port 1"));
+    server.wait_for_server_line("system calls allowed");
+    let mut d = Driver::on_socket(&server, 0);
+    d.probe();
+    d.create_bind(0, held.gid, GID_TYPE_ROCE_V1)
+        .expect("bind the GID the host device holds");
+    d.create_bind(1, absent, GID_TYPE_ROCE_V1)
+        .expect("bind a GID the host device does not hold");
+    let held_addr = std::net::Ipv6Addr::from(held.gid);
+    server.wait_for_server_line(&format!(
+        "rdma path: guest GID {held_addr} is in {name}'s GID table (index {})",
+        held.index
+    ));
+    server.wait_for_server_line(&format!(
+        "rdma path: guest GID {} is not in {name}'s GID table",
+        std::net::Ipv6Addr::from(absent)
+    ));
+}
+
+/// A device name the host does not have stops the server at start, naming what it has.
+#[test]
+fn a_named_device_the_host_lacks_stops_the_server() {
+    if rdma_device("a_named_device_the_host_lacks_stops_the_server").is_none() {
+        return;
+    }
+    let out = std::process::Command::new(driver::socket_bus::server_binary())
+        .args(["--rdma-device", "no-such-device", "--socket"])
+        .arg(std::env::temp_dir().join(format!("pvrdma-rdma-{}.sock", std::process::id())))
+        .output()
+        .expect("run the server");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--rdma-device no-such-device: no RDMA device of this host is called no-such-device; it has "),
+        "{stderr}"
+    );
+}
