@@ -198,7 +198,7 @@ struct StatsArgs {
     /// With --svg: the device, by the index of its --socket (from 0).
     #[arg(long, value_name = "N", requires = "svg")]
     device: Option<usize>,
-    /// With --svg: the QP handle (its QP number).
+    /// With --svg: the QP number (the `qp_num` the guest's tools print).
     #[arg(long, value_name = "H", requires = "svg")]
     qp: Option<u32>,
     /// With --svg: write the picture to FILE instead of stdout.

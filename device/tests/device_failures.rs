@@ -2266,7 +2266,13 @@ fn sweep(seed: u64, steps: usize) {
                         Some(Command::CreateSrq) => check(word(16), limits.max_srq, "SRQ"),
                         Some(Command::CreateQp) => {
                             check(word(20), limits.max_qp, "QP");
-                            assert_eq!(word(16), word(20));
+                            // The QPN (word 16) is the GSI QP's 1, or lies apart from the
+                            // handle (word 20): a driver of version 20 takes them apart.
+                            let (qpn, handle) = (word(16), word(20));
+                            assert!(
+                                (qpn, handle) == (1, 1) || qpn == handle + 0x100,
+                                "seed {seed}: QPN {qpn:#x} for handle {handle:#x}"
+                            );
                         }
                         Some(_) => {}
                         None => panic!("seed {seed}: unknown command {cmd} succeeded"),

@@ -51,7 +51,8 @@ fn stats_subcommand_reads_a_running_server() {
     let mut fabric =
         guests::Fabric::start_with(1 << 20, guests::Mode::Trapped, &["--profile-every", "1"]);
     let control = fabric.server.control().to_path_buf();
-    let (qa, qb) = (fabric.a.qp.handle, fabric.b.qp.handle);
+    // The profiler names QPs by the numbers the guests' tools print.
+    let (qa, qb) = (fabric.a.qp.qpn, fabric.b.qp.qpn);
     assert_eq!(
         stdout(&cli(&control, &["profile"])),
         "profiling off\n",

@@ -325,7 +325,7 @@ fn stats_show_each_peer_and_the_path_each_qp_takes() {
     )
     .expect("stats from the control socket");
     assert!(answer.contains(" up "), "the peer's link is up:\n{answer}");
-    let row = format!("  0 {:>5} tcp", a.qp.handle);
+    let row = format!("  0 {:>5} tcp", a.qp.qpn);
     assert!(
         answer.contains(&row),
         "A's RC QP goes over TCP ({row:?}):\n{answer}"

@@ -237,7 +237,7 @@ fn run_mode(c: &Config, mode: Mode, baselines: &Baselines, started: Instant) -> 
             Ok(table) => eprint!("{table}"),
             Err(e) => eprintln!("stats: {e}"),
         }
-        let request = format!("svg 0 {}", fabric.a.qp.handle);
+        let request = format!("svg 0 {}", fabric.a.qp.qpn);
         match control::request(&control_path, &request, Duration::from_secs(10)) {
             Ok(svg) if svg.starts_with("<svg") => match std::fs::write(&path, svg) {
                 Ok(()) => step(&format!("wrote {}", Path::new(&path).display())),

@@ -26,7 +26,7 @@ pub struct Snapshot {
 pub struct DeviceSnapshot {
     /// The device's index: the order of its `--socket` on the command line, from 0.
     pub index: usize,
-    /// QP handle and figures, by handle.
+    /// Each QP's number (the `qp_num` the guest's tools print) and figures, in handle order.
     pub qps: Vec<(u32, QpStats)>,
     /// The path each QP's traffic takes, in the order of `qps` (see [`QpPath`]).
     pub paths: Vec<QpPath>,
@@ -80,7 +80,7 @@ impl Snapshot {
             .find(|d| d.index == device)?
             .qps
             .iter()
-            .find(|(handle, _)| *handle == qp)
+            .find(|(qpn, _)| *qpn == qp)
             .map(|(_, stats)| stats)
     }
 

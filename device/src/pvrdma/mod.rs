@@ -158,12 +158,12 @@ impl PvrdmaDevice {
         self.profiler.set_sampling(every);
     }
 
-    /// The profiler's figures for every QP, by handle.
+    /// The profiler's figures for every QP, by QP number (the `qp_num` tools print).
     pub fn qp_stats(&self) -> Vec<(u32, QpStats)> {
         self.objects
             .qps
             .iter()
-            .map(|(handle, qp)| (handle, qp.stats))
+            .map(|(_, qp)| (qp.qpn, qp.stats))
             .collect()
     }
 
@@ -174,7 +174,7 @@ impl PvrdmaDevice {
         self.objects
             .qps
             .iter()
-            .map(|(handle, qp)| {
+            .map(|(_, qp)| {
                 let destination = if qp.qp_type == abi::qp_type::RC {
                     let connected =
                         !matches!(qp.attr.qp_state, abi::qp_state::RESET | abi::qp_state::INIT);
@@ -182,7 +182,7 @@ impl PvrdmaDevice {
                 } else {
                     None
                 };
-                (handle, destination)
+                (qp.qpn, destination)
             })
             .collect()
     }
@@ -356,8 +356,8 @@ impl PvrdmaDevice {
     /// count) must not get an immediate error where the hardware would say nothing.
     fn rc_qp_takes(&self, request: &Request<'_>) -> bool {
         self.objects
-            .qps
-            .get(request.destination.qpn)
+            .qp_handle(request.destination.qpn)
+            .and_then(|handle| self.objects.qps.get(handle))
             .is_some_and(|qp| {
                 qp.qp_type == abi::qp_type::RC
                     && !matches!(

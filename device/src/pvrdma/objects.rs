@@ -90,6 +90,10 @@ pub struct Srq {
 
 #[derive(Debug)]
 pub struct Qp {
+    /// The QP's number on the wire: what the guest sees as `qp_num`, what peers name as a
+    /// destination and what this QP's requests carry as their source. The handle (the
+    /// table's index) is what doorbells, CQEs, commands and async events name.
+    pub qpn: u32,
     /// Guest pages this object holds, returned to the page budget when it goes.
     pub pages_held: u64,
     pub pd: u32,
@@ -169,6 +173,8 @@ pub struct Objects {
     /// The MR each key names, by the key's upper 24 bits (the low byte is the consumer's:
     /// fast-register users change it).
     mr_keys: std::collections::HashMap<u32, u32>,
+    /// The QP each QP number names.
+    qp_numbers: std::collections::HashMap<u32, u32>,
     /// The generator of MR keys (xorshift; seeded per device).
     key_state: u64,
     /// The epoch of the next QP created (see `Qp::epoch`).
@@ -177,9 +183,12 @@ pub struct Objects {
     page_limit: u64,
 }
 
-/// The QP handle and QPN of the GSI QP (QP1): the kernel MAD layer expects QPN 1, and
-/// every QP's QPN equals its handle.
+/// The QP handle and QPN of the GSI QP (QP1): the kernel MAD layer expects QPN 1.
 pub const GSI_QP_HANDLE: u32 = 1;
+/// How far other QPs' numbers lie from their handles, where the driver takes the two
+/// apart (version 20): far enough that no code can use one for the other unnoticed, as
+/// the host device's numbers will be when the rdma path adopts them.
+pub const QPN_OFFSET: u32 = 0x100;
 /// First handle for other QPs.
 pub const FIRST_QP_HANDLE: u32 = 2;
 
@@ -194,6 +203,7 @@ impl Objects {
             srqs: HandleTable::new(1, limits.max_srq),
             gids: vec![None; limits.gid_tbl_len as usize],
             mr_keys: std::collections::HashMap::new(),
+            qp_numbers: std::collections::HashMap::new(),
             key_state: key_seed | 1,
             next_qp_epoch: 0,
             page_limit: limits.max_mapped_pages,
@@ -224,6 +234,31 @@ impl Objects {
         self.mr_keys.get(&(key >> 8)).copied()
     }
 
+    /// Gives QP `handle` its number `qpn`; false (nothing changed) if another QP has it.
+    pub fn number_qp(&mut self, handle: u32, qpn: u32) -> bool {
+        if self.qp_numbers.contains_key(&qpn) {
+            return false;
+        }
+        let Some(qp) = self.qps.get_mut(handle) else {
+            return false;
+        };
+        qp.qpn = qpn;
+        self.qp_numbers.insert(qpn, handle);
+        true
+    }
+
+    /// The handle of the QP numbered `qpn`.
+    pub fn qp_handle(&self, qpn: u32) -> Option<u32> {
+        self.qp_numbers.get(&qpn).copied()
+    }
+
+    /// Removes QP `handle` and its number.
+    pub fn remove_qp(&mut self, handle: u32) -> Option<Qp> {
+        let qp = self.qps.remove(handle)?;
+        self.qp_numbers.remove(&qp.qpn);
+        Some(qp)
+    }
+
     /// Removes MR `handle` and its key.
     pub fn remove_mr(&mut self, handle: u32) -> Option<Mr> {
         let mr = self.mrs.remove(handle)?;
@@ -238,6 +273,7 @@ impl Objects {
         self.mr_keys.clear();
         self.cqs.clear();
         self.qps.clear();
+        self.qp_numbers.clear();
         self.srqs.clear();
         self.gids.iter_mut().for_each(|gid| *gid = None);
     }

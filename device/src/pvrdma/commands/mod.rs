@@ -83,9 +83,13 @@ pub(super) fn execute(
     ) {
         device.note_wake_event();
     }
+    // The QP's number, read before DESTROY_QP takes it away.
+    let qpn = matches!(command, Command::ModifyQp | Command::DestroyQp)
+        .then(|| qpn_named(device, &request))
+        .flatten();
     let result = dispatch(device, mem, net, command, &request, flush);
-    if matches!(command, Command::ModifyQp | Command::DestroyQp) {
-        forget_stopped_qp(device, net, &request);
+    if let Some(qpn) = qpn {
+        forget_stopped_qp(device, net, &request, qpn);
     }
     debug!(
         "command {command:?}: {}",
@@ -110,7 +114,7 @@ pub(super) fn execute(
 /// After MODIFY_QP or DESTROY_QP: a QP now in the error state, in reset, or gone has its
 /// transport state dropped, so no resend of its old work reaches a peer (see
 /// `Network::forget_qp`).
-fn forget_stopped_qp(device: &PvrdmaDevice, net: &dyn Network, request: &Request) {
+fn forget_stopped_qp(device: &PvrdmaDevice, net: &dyn Network, request: &Request, qpn: u32) {
     // Both requests start with the header and the QP handle.
     let handle: crate::abi::HandleRequest = request.parse();
     let stopped = device.objects.qps.get(handle.handle).is_none_or(|qp| {
@@ -121,9 +125,16 @@ fn forget_stopped_qp(device: &PvrdmaDevice, net: &dyn Network, request: &Request
     });
     if stopped {
         for gid in device.objects.gids.iter().flatten() {
-            net.forget_qp(&gid.raw, handle.handle);
+            net.forget_qp(&gid.raw, qpn);
         }
     }
+}
+
+/// The number of the QP a MODIFY_QP or DESTROY_QP names, if it exists.
+fn qpn_named(device: &PvrdmaDevice, request: &Request) -> Option<u32> {
+    // Both requests start with the header and the QP handle.
+    let handle: crate::abi::HandleRequest = request.parse();
+    device.objects.qps.get(handle.handle).map(|qp| qp.qpn)
 }
 
 fn dispatch(

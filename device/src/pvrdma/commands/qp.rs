@@ -8,7 +8,7 @@ use crate::abi::{
     qp_attr_mask as mask, qp_state, qp_type, version,
 };
 use crate::pvrdma::memory::GuestRam;
-use crate::pvrdma::objects::{GSI_QP_HANDLE, KERNEL_CONTEXT, Qp};
+use crate::pvrdma::objects::{GSI_QP_HANDLE, KERNEL_CONTEXT, QPN_OFFSET, Qp};
 use crate::pvrdma::pdir;
 use crate::pvrdma::ring::{Indices, Ring};
 use crate::pvrdma::{PvrdmaDevice, errno};
@@ -100,6 +100,7 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
         ..QpCap::default()
     };
     let qp = Qp {
+        qpn: 0,
         pages_held: total,
         pd: req.pd_handle,
         qp_type: req.qp_type,
@@ -138,11 +139,20 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
     } else {
         qps.insert(qp).ok_or(errno::ENOMEM)?
     };
-    // The QPN equals the handle, so drivers older than version 20 (QPN used as handle) work.
+    // Drivers older than version 20 use the QPN as the handle: there the two are equal.
     let driver_version = device.shared.as_ref().map_or(0, |s| s.driver_version);
+    let qpn = if handle == GSI_QP_HANDLE || driver_version < version::QP_HANDLE {
+        handle
+    } else {
+        handle + QPN_OFFSET
+    };
+    if !device.objects.number_qp(handle, qpn) {
+        device.objects.remove_qp(handle);
+        return Err(errno::EBUSY);
+    }
     if driver_version >= version::QP_HANDLE {
         reply(&CreateQpResponseV2 {
-            qpn: handle,
+            qpn,
             qp_handle: handle,
             max_send_wr: cap.max_send_wr,
             max_recv_wr: cap.max_recv_wr,
@@ -152,7 +162,7 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
         })
     } else {
         reply(&CreateQpResponseV1 {
-            qpn: handle,
+            qpn,
             max_send_wr: cap.max_send_wr,
             max_recv_wr: cap.max_recv_wr,
             max_send_sge: cap.max_send_sge,
@@ -311,7 +321,7 @@ pub(super) fn query(device: &PvrdmaDevice, request: &Request) -> Reply {
 
 pub(super) fn destroy(device: &mut PvrdmaDevice, request: &Request) -> Reply {
     let req: HandleRequest = request.parse();
-    device.objects.qps.remove(req.handle).ok_or(errno::ENOENT)?;
+    device.objects.remove_qp(req.handle).ok_or(errno::ENOENT)?;
     reply(&HandleResponse::default())
 }
 

@@ -69,7 +69,8 @@ pub fn process_send_queue(
 /// A responder refused a request of `qpn` for receiver-not-ready and keeps it to retry:
 /// counted once per work request, as the requester does for a refusal it sees itself.
 pub fn note_receiver_not_ready(device: &mut PvrdmaDevice, qpn: u32) {
-    if let Some(qp) = device.objects.qps.get_mut(qpn) {
+    let handle = device.objects.qp_handle(qpn);
+    if let Some(qp) = handle.and_then(|handle| device.objects.qps.get_mut(handle)) {
         qp.stats.rnr_stalls += 1;
     }
 }
@@ -465,7 +466,11 @@ pub fn complete_remote(
     net: &mut dyn Network,
     completion: &Completion<'_>,
 ) {
-    let Some(qp) = device.objects.qps.get_mut(completion.qpn) else {
+    // Transports name the QP by the number its requests carried.
+    let Some(handle) = device.objects.qp_handle(completion.qpn) else {
+        return;
+    };
+    let Some(qp) = device.objects.qps.get_mut(handle) else {
         return;
     };
     // A completion for a request the QP no longer waits for (flushed, or the QP is new)
@@ -498,13 +503,13 @@ pub fn complete_remote(
         return;
     }
     entry.result = Some(result);
-    finish_answered(device, mem, irq, completion.qpn);
+    finish_answered(device, mem, irq, handle);
     // Go on with the queue: work the transport refused for lack of room, and a WQE that
     // waited for everything ahead of it to complete (one that fails locally) go now. The
     // pass is not timed: no doorbell started it.
-    if let Some(qp) = device.objects.qps.get_mut(completion.qpn) {
+    if let Some(qp) = device.objects.qps.get_mut(handle) {
         qp.waiting_transport = false;
-        process_send_queue(device, mem, irq, net, completion.qpn, None);
+        process_send_queue(device, mem, irq, net, handle, None);
     }
 }
 
@@ -729,10 +734,7 @@ fn plan(device: &PvrdmaDevice, qp_handle: u32, wqe: SendWqe) -> Result<Plan, (Se
     Ok(Plan {
         wqe,
         destination,
-        source: Source {
-            gid,
-            qpn: qp_handle,
-        },
+        source: Source { gid, qpn: qp.qpn },
         service,
         local,
         signaled,

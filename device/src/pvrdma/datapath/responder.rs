@@ -37,7 +37,11 @@ pub fn respond(
     } else {
         RemoteError::InvalidRequest
     };
-    let Some(qp) = device.objects.qps.get(qpn) else {
+    let found = device
+        .objects
+        .qp_handle(qpn)
+        .and_then(|handle| Some((handle, device.objects.qps.get(handle)?)));
+    let Some((handle, qp)) = found else {
         if !datagram {
             log::warn!(
                 "refused a request from QP {:#x} for QP {qpn:#x}, which does not exist",
@@ -130,7 +134,7 @@ pub fn respond(
                 device,
                 mem,
                 irq,
-                qpn,
+                handle,
                 request,
                 payload,
                 extra,
@@ -152,7 +156,7 @@ pub fn respond(
         } => {
             // With immediate data the write also consumes a receive: check one is there before
             // writing anything, so a retried write lands exactly once.
-            if imm.is_some() && !has_receive(device, mem, qpn) {
+            if imm.is_some() && !has_receive(device, mem, handle) {
                 return Err(RemoteError::ReceiverNotReady);
             }
             let target = translate::remote(
@@ -165,14 +169,14 @@ pub fn respond(
             )
             .map_err(|_| RemoteError::AccessError)?;
             copy(request.memory, payload, mem, &target).map_err(|_| RemoteError::AccessError)?;
-            count_bytes(device, qpn, 0, payload.len());
+            count_bytes(device, handle, 0, payload.len());
             if imm.is_some() {
                 let empty = Sgl::new();
                 receive(
                     device,
                     mem,
                     irq,
-                    qpn,
+                    handle,
                     request,
                     &empty,
                     imm.map_or(Extra::None, Extra::Imm),
@@ -202,7 +206,7 @@ pub fn respond(
             .map_err(|_| RemoteError::AccessError)?;
             let bytes =
                 copy(mem, &source, request.memory, reply).map_err(|_| RemoteError::AccessError)?;
-            count_bytes(device, qpn, bytes, 0);
+            count_bytes(device, handle, bytes, 0);
             Ok(Outcome { bytes })
         }
         Operation::Atomic {
@@ -248,15 +252,15 @@ pub fn respond(
             let scratch = original.to_le_bytes();
             write_sgl(request.memory, &reply.prefix(8), &scratch)
                 .map_err(|_| RemoteError::OperationError)?;
-            count_bytes(device, qpn, 8, 0);
+            count_bytes(device, handle, 8, 0);
             Ok(Outcome { bytes: 8 })
         }
     }
 }
 
-/// Adds to the profiler's byte counters of QP `qpn`.
-fn count_bytes(device: &mut PvrdmaDevice, qpn: u32, sent: u64, received: u64) {
-    if let Some(qp) = device.objects.qps.get_mut(qpn) {
+/// Adds to the profiler's byte counters of QP `handle`.
+fn count_bytes(device: &mut PvrdmaDevice, handle: u32, sent: u64, received: u64) {
+    if let Some(qp) = device.objects.qps.get_mut(handle) {
         qp.stats.bytes_sent += sent;
         qp.stats.bytes_received += received;
     }
@@ -283,8 +287,8 @@ enum RecvQueue {
     Shared(u32),
 }
 
-fn recv_queue(device: &PvrdmaDevice, qpn: u32) -> Option<RecvQueue> {
-    let qp = device.objects.qps.get(qpn)?;
+fn recv_queue(device: &PvrdmaDevice, handle: u32) -> Option<RecvQueue> {
+    let qp = device.objects.qps.get(handle)?;
     Some(match qp.srq {
         Some(srq) => RecvQueue::Shared(srq),
         None => RecvQueue::Own,
@@ -294,10 +298,14 @@ fn recv_queue(device: &PvrdmaDevice, qpn: u32) -> Option<RecvQueue> {
 fn peek_receive(
     device: &PvrdmaDevice,
     mem: &GuestRam,
-    qpn: u32,
+    handle: u32,
 ) -> Result<Option<RecvWqe>, WqeError> {
-    let qp = device.objects.qps.get(qpn).ok_or(WqeError::BrokenQueue)?;
-    match recv_queue(device, qpn) {
+    let qp = device
+        .objects
+        .qps
+        .get(handle)
+        .ok_or(WqeError::BrokenQueue)?;
+    match recv_queue(device, handle) {
         Some(RecvQueue::Own) => {
             let rq = qp.rq.as_ref().ok_or(WqeError::BrokenQueue)?;
             peek_recv(rq, mem, qp.rq_stride, qp.max_recv_sge)
@@ -316,23 +324,28 @@ fn peek_receive(
 
 /// Whether the next request needing a receive finds something at the head of the queue
 /// (a bad WQE counts: it is consumed with an error completion).
-fn has_receive(device: &PvrdmaDevice, mem: &GuestRam, qpn: u32) -> bool {
+fn has_receive(device: &PvrdmaDevice, mem: &GuestRam, handle: u32) -> bool {
     matches!(
-        peek_receive(device, mem, qpn),
+        peek_receive(device, mem, handle),
         Ok(Some(_)) | Err(WqeError::TooManySges { .. })
     )
 }
 
-fn consume_receive(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut dyn Interrupts, qpn: u32) {
-    if let Some(qp) = device.objects.qps.get_mut(qpn) {
+fn consume_receive(
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    irq: &mut dyn Interrupts,
+    handle: u32,
+) {
+    if let Some(qp) = device.objects.qps.get_mut(handle) {
         qp.stats.wqes_posted += 1;
     }
-    match recv_queue(device, qpn) {
+    match recv_queue(device, handle) {
         Some(RecvQueue::Own) => {
             if let Some(rq) = device
                 .objects
                 .qps
-                .get_mut(qpn)
+                .get_mut(handle)
                 .and_then(|qp| qp.rq.as_mut())
             {
                 let _ = rq.consume(mem);
@@ -354,7 +367,7 @@ fn consume_receive(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut dyn Inte
     }
 }
 
-/// Places `payload` in the next receive buffer of `qpn` and completes it.
+/// Places `payload` in the next receive buffer of `handle` and completes it.
 #[expect(
     clippy::too_many_arguments,
     reason = "one call site; the arguments are the message"
@@ -363,7 +376,7 @@ fn receive(
     device: &mut PvrdmaDevice,
     mem: &GuestRam,
     irq: &mut dyn Interrupts,
-    qpn: u32,
+    handle: u32,
     request: &Request<'_>,
     payload: &Sgl,
     extra: Extra,
@@ -377,7 +390,7 @@ fn receive(
     } else {
         RemoteError::InvalidRequest
     };
-    let wqe = match peek_receive(device, mem, qpn) {
+    let wqe = match peek_receive(device, mem, handle) {
         Ok(Some(wqe)) => wqe,
         Ok(None) => {
             return Err(if datagram {
@@ -389,37 +402,37 @@ fn receive(
         // A receive the guest wrote badly is still consumed and completed with an error
         // (rules 17 and 18), so it cannot block the queue.
         Err(WqeError::TooManySges { wr_id, .. }) => {
-            let Some(cq) = device.objects.qps.get(qpn).map(|qp| qp.recv_cq) else {
+            let Some(cq) = device.objects.qps.get(handle).map(|qp| qp.recv_cq) else {
                 return Err(refused);
             };
             let cqe = Cqe {
                 wr_id,
-                qp: u64::from(qpn),
+                qp: u64::from(handle),
                 opcode,
                 status: wc_status::LOC_LEN_ERR,
                 ..Cqe::default()
             };
-            return Err(fail_receive(device, mem, irq, qpn, cq, &cqe, refused));
+            return Err(fail_receive(device, mem, irq, handle, cq, &cqe, refused));
         }
         // A corrupt receive queue breaks the QP (rule 16).
         Err(WqeError::BrokenQueue) => {
-            if let Some(qp) = device.objects.qps.get_mut(qpn) {
+            if let Some(qp) = device.objects.qps.get_mut(handle) {
                 qp.attr.qp_state = qp_state::ERR;
                 qp.attr.cur_qp_state = qp_state::ERR;
             }
-            device.post_event(mem, irq, crate::abi::event::QP_FATAL, qpn);
+            device.post_event(mem, irq, crate::abi::event::QP_FATAL, handle);
             return Err(RemoteError::OperationError);
         }
     };
     let qp = device
         .objects
         .qps
-        .get(qpn)
+        .get(handle)
         .ok_or(RemoteError::InvalidRequest)?;
     let (pd, cq) = (qp.pd, qp.recv_cq);
     let base = Cqe {
         wr_id: wqe.header.wr_id,
-        qp: u64::from(qpn),
+        qp: u64::from(handle),
         opcode,
         src_qp: request.source.qpn,
         port_num: 1,
@@ -433,7 +446,7 @@ fn receive(
                 device,
                 mem,
                 irq,
-                qpn,
+                handle,
                 cq,
                 &Cqe {
                     status: wc_status::LOC_PROT_ERR,
@@ -449,7 +462,7 @@ fn receive(
             device,
             mem,
             irq,
-            qpn,
+            handle,
             cq,
             &Cqe {
                 status: wc_status::LOC_LEN_ERR,
@@ -466,7 +479,7 @@ fn receive(
     }
     let body = skip(&buffer, header_len);
     copy(request.memory, payload, mem, &body).map_err(|_| RemoteError::OperationError)?;
-    consume_receive(device, mem, irq, qpn);
+    consume_receive(device, mem, irq, handle);
     // The CQE's imm_data field carries the immediate data or the invalidated rkey (the
     // kernel reads both through one union).
     let ex = match extra {
@@ -487,7 +500,7 @@ fn receive(
         wc_flags: flags,
         ..base
     };
-    if let Some(qp) = device.objects.qps.get_mut(qpn) {
+    if let Some(qp) = device.objects.qps.get_mut(handle) {
         qp.stats.wqes_completed += 1;
         qp.stats.bytes_received += payload.len();
     }
@@ -497,18 +510,18 @@ fn receive(
     })
 }
 
-/// Consumes the receive at the head of `qpn`'s queue with the error completion `cqe` and
+/// Consumes the receive at the head of `handle`'s queue with the error completion `cqe` and
 /// returns what the requester is told.
 fn fail_receive(
     device: &mut PvrdmaDevice,
     mem: &GuestRam,
     irq: &mut dyn Interrupts,
-    qpn: u32,
+    handle: u32,
     cq: u32,
     cqe: &Cqe,
     refused: RemoteError,
 ) -> RemoteError {
-    consume_receive(device, mem, irq, qpn);
+    consume_receive(device, mem, irq, handle);
     completion::complete(device, mem, irq, cq, cqe, true, false);
     refused
 }
