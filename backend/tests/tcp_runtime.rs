@@ -14,6 +14,8 @@ use pvrdma_backend::{
 
 struct FakeHost {
     gid: [u8; 16],
+    /// What the host says its RDMA device holds.
+    rdma_gids: Mutex<Vec<[u8; 16]>>,
     received: Mutex<Vec<u64>>,
     completed: Mutex<Vec<(u64, Result<Outcome, RemoteError>)>>,
 }
@@ -22,6 +24,7 @@ impl FakeHost {
     fn new(gid: u8) -> Arc<FakeHost> {
         Arc::new(FakeHost {
             gid: [gid; 16],
+            rdma_gids: Mutex::new(Vec::new()),
             received: Mutex::new(Vec::new()),
             completed: Mutex::new(Vec::new()),
         })
@@ -31,6 +34,10 @@ impl FakeHost {
 impl Host for FakeHost {
     fn local_gids(&self) -> Vec<[u8; 16]> {
         vec![self.gid]
+    }
+
+    fn local_rdma_gids(&self) -> Vec<[u8; 16]> {
+        self.rdma_gids.lock().unwrap().clone()
     }
 
     fn respond(&self, request: &Request<'_>) -> Result<Outcome, RemoteError> {
@@ -133,6 +140,40 @@ fn peers_with_the_same_key_link_and_carry_a_request_and_its_answer() {
         [(42, Ok(Outcome { bytes: 5 }))]
     );
     assert!(b.network().gid_taken(&[0xa; 16]));
+}
+
+/// A server tells its peers which of its GIDs its host RDMA device holds, and every change:
+/// the peer's rdma path may take them only then. A GID it does not hold cannot be claimed.
+#[test]
+fn the_gids_a_peers_rdma_device_holds_are_announced_and_follow_changes() {
+    let (host_a, host_b) = (FakeHost::new(0xa), FakeHost::new(0xb));
+    let a = start(&host_a, None, Vec::new());
+    let b = start(&host_b, None, vec![a.local_addr().unwrap()]);
+    assert!(wait_until(
+        "link up with GIDs",
+        Duration::from_secs(5),
+        || linked(&a) && linked(&b)
+    ));
+    assert!(!b.rdma_reachable(&[0xa; 16]), "nothing said yet");
+
+    *host_a.rdma_gids.lock().unwrap() = vec![[0xa; 16], [0xc; 16]];
+    assert!(wait_until(
+        "A's RDMA GID reaches B",
+        Duration::from_secs(5),
+        || b.rdma_reachable(&[0xa; 16])
+    ));
+    assert!(
+        !b.rdma_reachable(&[0xc; 16]),
+        "a GID A does not hold is not taken from it"
+    );
+    assert!(!a.rdma_reachable(&[0xb; 16]), "B said nothing of its own");
+
+    host_a.rdma_gids.lock().unwrap().clear();
+    assert!(wait_until(
+        "the withdrawal reaches B",
+        Duration::from_secs(5),
+        || !b.rdma_reachable(&[0xa; 16])
+    ));
 }
 
 #[test]

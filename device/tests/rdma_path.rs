@@ -3,6 +3,8 @@
 //! sets `PVRDMA_RDMA_DEVICE`). Anywhere else they say so and pass without checking.
 
 mod driver;
+#[allow(dead_code)] // The suites share the module; this one uses its servers only.
+mod two_servers;
 
 use driver::Driver;
 use driver::verbs::ipv4_gid;
@@ -67,6 +69,48 @@ fn the_server_says_which_guest_gids_its_rdma_device_holds() {
         "rdma path: guest GID {} is not in {name}'s GID table",
         std::net::Ipv6Addr::from(absent)
     ));
+}
+
+/// The GID entry of `name` that holds an IPv4 address (the VM's own).
+fn held_gid(name: &str) -> devices::GidEntry {
+    let verbs = Verbs::load().expect("libibverbs");
+    let listed = devices::list(&verbs).expect("the host's RDMA devices");
+    let device = listed
+        .iter()
+        .find(|d| d.name == name)
+        .unwrap_or_else(|| panic!("no RDMA device {name} in {listed:?}"));
+    *device.ports[0]
+        .gids
+        .iter()
+        .find(|g| g.gid[..12] == ipv4_gid([0, 0, 0, 0])[..12])
+        .unwrap_or_else(|| panic!("{name} has no IPv4 GID: {device}"))
+}
+
+/// Two servers joined by TCP, each with the RDMA device: when a guest of A binds a GID the
+/// device holds, B hears of it (its log and `stats`), which is what B's rdma path will ask.
+#[test]
+fn a_peer_server_hears_which_guest_gids_the_rdma_device_holds() {
+    let Some(name) = rdma_device("a_peer_server_hears_which_guest_gids_the_rdma_device_holds")
+    else {
+        return;
+    };
+    let held = held_gid(&name);
+    let (server_a, server_b) =
+        two_servers::two_servers_with(|addr| addr.to_string(), &["--rdma-device", &name]);
+    let mut d = Driver::on_socket(&server_a, 0);
+    d.probe();
+    d.create_bind(0, held.gid, GID_TYPE_ROCE_V1)
+        .expect("bind the GID the host device holds");
+    server_a.wait_for_server_line(&format!("is in {name}'s GID table"));
+    server_b.wait_for_server_line(": 1 of its GIDs are on its RDMA device");
+    let stats = vfio_user_pvrdma::profiler::control::request(
+        server_b.control(),
+        "stats json",
+        std::time::Duration::from_secs(10),
+    )
+    .expect("stats from B");
+    let json: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
+    assert_eq!(json["peers"][0]["rdma_gids"], 1, "{stats}");
 }
 
 /// A device name the host does not have stops the server at start, naming what it has.

@@ -192,6 +192,7 @@ fn tcp_session() -> Vec<u8> {
         frames.push(Frame::Request(request(seq as u32, op, payload)));
     }
     frames.push(Frame::Gids(vec![REMOTE, [0x21; 16]]));
+    frames.push(Frame::RdmaGids(vec![REMOTE, [0x22; 16]]));
     frames.push(Frame::Ping);
     for frame in &frames {
         wire::encode(frame, &mut p);

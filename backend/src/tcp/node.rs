@@ -94,6 +94,8 @@ struct Peer {
     up: bool,
     /// The GIDs this peer announced and we accepted.
     gids: Vec<Gid>,
+    /// Which of them its host RDMA device holds (it said so; a subset of `gids`).
+    rdma_gids: Vec<Gid>,
     out: OutQueue,
     /// Senders with pieces to write on this link, taken in turn as the socket drains.
     ready: VecDeque<QpKey>,
@@ -250,6 +252,8 @@ pub struct Node {
     senders: HashMap<QpKey, Sender>,
     receivers: HashMap<(PeerId, Gid, u32), Receiver>,
     local_gids: Vec<Gid>,
+    /// Which of `local_gids` this server's host RDMA device holds.
+    local_rdma_gids: Vec<Gid>,
     events: VecDeque<Event>,
     /// Requests of peers whose links are backlogged, in arrival order: executed once the
     /// link drains, so answers nobody reads do not pile up.
@@ -267,6 +271,7 @@ impl Node {
             senders: HashMap::new(),
             receivers: HashMap::new(),
             local_gids: Vec::new(),
+            local_rdma_gids: Vec::new(),
             events: VecDeque::new(),
             deferred: VecDeque::new(),
             deferred_peers: Vec::new(),
@@ -286,6 +291,7 @@ impl Node {
         let entry = self.peers.entry(peer).or_insert_with(|| Peer {
             up: false,
             gids: Vec::new(),
+            rdma_gids: Vec::new(),
             out: OutQueue::default(),
             ready: VecDeque::new(),
             last_heard: now,
@@ -299,6 +305,10 @@ impl Node {
         entry.out.clear();
         entry.ready.clear();
         wire::encode(&Frame::Gids(gids), entry.out.tail());
+        wire::encode(
+            &Frame::RdmaGids(self.local_rdma_gids.clone()),
+            entry.out.tail(),
+        );
         entry.last_sent = now;
         for (key, sender) in self.senders.iter_mut().filter(|(_, s)| s.peer == peer) {
             sender.ready = false;
@@ -439,11 +449,43 @@ impl Node {
             return;
         }
         self.local_gids = gids;
+        // Which of them the rdma path reaches follows (a GID gone cannot stay in it).
+        let rdma = std::mem::take(&mut self.local_rdma_gids);
         let frame = Frame::Gids(self.local_gids.clone());
         for peer in self.peers.values_mut().filter(|p| p.up) {
             wire::encode(&frame, peer.out.tail());
             peer.last_sent = now;
         }
+        self.announce_rdma_gids(rdma, now, true);
+    }
+
+    /// Which of this server's GIDs its host RDMA device holds; peers hear of every change
+    /// (each announcement is followed by this one, so a peer never sees a stale subset).
+    pub fn set_local_rdma_gids(&mut self, gids: Vec<Gid>, now: Instant) {
+        self.announce_rdma_gids(gids, now, false);
+    }
+
+    fn announce_rdma_gids(&mut self, mut gids: Vec<Gid>, now: Instant, always: bool) {
+        gids.retain(|gid| self.local_gids.contains(gid));
+        gids.sort_unstable();
+        gids.dedup();
+        if gids == self.local_rdma_gids && !always {
+            return;
+        }
+        self.local_rdma_gids = gids;
+        let frame = Frame::RdmaGids(self.local_rdma_gids.clone());
+        for peer in self.peers.values_mut().filter(|p| p.up) {
+            wire::encode(&frame, peer.out.tail());
+            peer.last_sent = now;
+        }
+    }
+
+    /// Whether the peer that holds `gid` said its host RDMA device holds it too: the rdma
+    /// path can reach it.
+    pub fn rdma_reachable(&self, gid: &Gid) -> bool {
+        self.peers
+            .values()
+            .any(|p| p.gids.contains(gid) && p.rdma_gids.contains(gid))
     }
 
     /// Whether a peer server holds `gid` (so no local device may bind it).
@@ -457,6 +499,11 @@ impl Node {
             .iter()
             .find(|(_, p)| p.gids.contains(gid))
             .map(|(id, _)| *id)
+    }
+
+    /// How many of each peer's GIDs it said its host RDMA device holds.
+    pub fn peer_rdma_gids(&self, peer: PeerId) -> usize {
+        self.peers.get(&peer).map_or(0, |p| p.rdma_gids.len())
     }
 
     /// Each peer, whether its link is up, and how many GIDs it holds.
@@ -491,7 +538,26 @@ impl Node {
             if peer.gids != accepted {
                 info!("peer {from:016x} holds {} GIDs", accepted.len());
             }
+            // Its rdma subset is announced after this; until then none is assumed.
+            peer.rdma_gids.clear();
             peer.gids = accepted;
+        }
+    }
+
+    /// A peer's word on which of its GIDs its host RDMA device holds: only GIDs it holds
+    /// (and we accepted) count.
+    fn accept_rdma_gids(&mut self, from: PeerId, mut announced: Vec<Gid>) {
+        if let Some(peer) = self.peers.get_mut(&from) {
+            announced.retain(|gid| peer.gids.contains(gid));
+            announced.sort_unstable();
+            announced.dedup();
+            if peer.rdma_gids != announced {
+                info!(
+                    "peer {from:016x}: {} of its GIDs are on its RDMA device",
+                    announced.len()
+                );
+            }
+            peer.rdma_gids = announced;
         }
     }
 
@@ -805,6 +871,7 @@ impl Node {
         }
         match frame {
             Frame::Gids(gids) => self.accept_gids(peer, gids),
+            Frame::RdmaGids(gids) => self.accept_rdma_gids(peer, gids),
             Frame::Request(request) => self.on_request(peer, request),
             Frame::Response(response) => self.on_response(peer, response, now),
             Frame::Ping => {}

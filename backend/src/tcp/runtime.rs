@@ -31,6 +31,10 @@ use crate::{Completion, Delivery, Gid, Network, Outcome, RemoteError, Request};
 pub trait Host: Send + Sync + 'static {
     /// The GIDs the local devices hold now.
     fn local_gids(&self) -> Vec<Gid>;
+    /// Which of them this server's host RDMA device holds (the rdma path); none by default.
+    fn local_rdma_gids(&self) -> Vec<Gid> {
+        Vec::new()
+    }
     /// Runs a peer's request against the local device that holds its destination GID.
     fn respond(&self, request: &Request<'_>) -> Result<Outcome, RemoteError>;
     /// Hands an answer to the local device that holds `gid` (the requester).
@@ -174,6 +178,11 @@ impl Transport {
         self.shared.node().peer_summary()
     }
 
+    /// Whether a peer announced `gid` as held by its host RDMA device.
+    pub fn rdma_reachable(&self, gid: &Gid) -> bool {
+        self.shared.node().rdma_reachable(gid)
+    }
+
     /// A handle that reads [`Transport::peers`] from elsewhere (the profiler).
     pub fn peer_view(&self) -> PeerView {
         PeerView {
@@ -192,6 +201,11 @@ impl PeerView {
     /// Each peer: its id, whether its link is up, and how many GIDs it holds.
     pub fn peers(&self) -> Vec<(PeerId, bool, usize)> {
         self.shared.node().peer_summary()
+    }
+
+    /// How many of `peer`'s GIDs it said its host RDMA device holds.
+    pub fn rdma_gids(&self, peer: PeerId) -> usize {
+        self.shared.node().peer_rdma_gids(peer)
     }
 }
 
@@ -364,7 +378,10 @@ impl Runtime {
         if now.duration_since(self.last_gids) >= GID_REFRESH {
             self.last_gids = now;
             let gids = self.host.local_gids();
-            self.shared.node().set_local_gids(gids, now);
+            let rdma_gids = self.host.local_rdma_gids();
+            let mut node = self.shared.node();
+            node.set_local_gids(gids, now);
+            node.set_local_rdma_gids(rdma_gids, now);
         }
         if now.duration_since(self.last_tick) >= TICK {
             self.last_tick = now;

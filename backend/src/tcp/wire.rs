@@ -21,7 +21,8 @@ pub const CHUNK: u64 = 256 << 10;
 /// Most GIDs one announcement carries: every device's whole table (64 entries) times a
 /// generous number of devices.
 pub const MAX_GIDS: usize = 16 * 1024;
-pub const VERSION: u16 = 1;
+/// 2: the RDMA_GIDS frame.
+pub const VERSION: u16 = 2;
 
 const T_HELLO: u8 = 1;
 const T_AUTH: u8 = 2;
@@ -29,6 +30,7 @@ const T_GIDS: u8 = 3;
 const T_REQUEST: u8 = 4;
 const T_RESPONSE: u8 = 5;
 const T_PING: u8 = 6;
+const T_RDMA_GIDS: u8 = 7;
 
 const HELLO_FIXED: usize = 2 + 8 + 16;
 const AUTH_FIXED: usize = 32;
@@ -134,6 +136,9 @@ pub enum Frame {
         mac: [u8; 32],
     },
     Gids(Vec<Gid>),
+    /// Which of the sender's GIDs its host RDMA device holds: the rdma path can reach
+    /// them (docs/rdma-transport.md). Sent after every GIDS frame and when it changes.
+    RdmaGids(Vec<Gid>),
     Request(RequestFrame),
     Response(ResponseFrame),
     Ping,
@@ -178,6 +183,12 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
                 out.extend_from_slice(gid);
             }
             T_GIDS
+        }
+        Frame::RdmaGids(gids) => {
+            for gid in gids.iter().take(MAX_GIDS) {
+                out.extend_from_slice(gid);
+            }
+            T_RDMA_GIDS
         }
         Frame::Request(r) => {
             out.extend_from_slice(&r.src_gid);
@@ -294,7 +305,7 @@ impl Decoder {
             return Ok(None);
         }
         let kind = unread[0];
-        if !(T_HELLO..=T_PING).contains(&kind) {
+        if !(T_HELLO..=T_RDMA_GIDS).contains(&kind) {
             return Err(WireError::UnknownType(kind));
         }
         let len = u32::from_le_bytes([unread[4], unread[5], unread[6], unread[7]]) as usize;
@@ -363,7 +374,7 @@ fn parse(kind: u8, body: &[u8]) -> Result<Frame, WireError> {
             nonce: f.bytes(),
         },
         T_AUTH => Frame::Auth { mac: f.bytes() },
-        T_GIDS => {
+        T_GIDS | T_RDMA_GIDS => {
             if !body.len().is_multiple_of(16) {
                 return Err(WireError::BadLength {
                     kind,
@@ -374,7 +385,12 @@ fn parse(kind: u8, body: &[u8]) -> Result<Frame, WireError> {
             if count > MAX_GIDS {
                 return Err(WireError::TooManyGids(count));
             }
-            Frame::Gids((0..count).map(|_| f.bytes()).collect())
+            let gids = (0..count).map(|_| f.bytes()).collect();
+            if kind == T_GIDS {
+                Frame::Gids(gids)
+            } else {
+                Frame::RdmaGids(gids)
+            }
         }
         T_REQUEST => {
             let src_gid = f.bytes();
@@ -498,6 +514,7 @@ mod tests {
             },
             Frame::Auth { mac: [7; 32] },
             Frame::Gids(vec![[3; 16], [4; 16]]),
+            Frame::RdmaGids(vec![[4; 16]]),
             Frame::Request(request()),
             Frame::Response(ResponseFrame {
                 src_gid: [1; 16],

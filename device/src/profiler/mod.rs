@@ -70,6 +70,8 @@ pub struct PeerSnapshot {
     pub link_up: bool,
     /// GIDs it holds.
     pub gids: usize,
+    /// How many of them its host RDMA device holds, as it said (the rdma path).
+    pub rdma_gids: usize,
 }
 
 impl Snapshot {
@@ -127,10 +129,18 @@ impl Snapshot {
         }
         if !self.peers.is_empty() {
             let _ = writeln!(out);
-            let _ = writeln!(out, "{:<16} {:<5} {:>5}", "peer", "link", "gids");
+            let _ = writeln!(
+                out,
+                "{:<16} {:<5} {:>5} {:>10}",
+                "peer", "link", "gids", "rdma gids"
+            );
             for p in &self.peers {
                 let link = if p.link_up { "up" } else { "down" };
-                let _ = writeln!(out, "{:016x} {:<5} {:>5}", p.id, link, p.gids);
+                let _ = writeln!(
+                    out,
+                    "{:016x} {:<5} {:>5} {:>10}",
+                    p.id, link, p.gids, p.rdma_gids
+                );
             }
         }
         if !any {
@@ -211,7 +221,12 @@ impl Snapshot {
             "peers": self
                 .peers
                 .iter()
-                .map(|p| json!({ "peer": format!("{:016x}", p.id), "link_up": p.link_up, "gids": p.gids }))
+                .map(|p| json!({
+                    "peer": format!("{:016x}", p.id),
+                    "link_up": p.link_up,
+                    "gids": p.gids,
+                    "rdma_gids": p.rdma_gids,
+                }))
                 .collect::<Vec<_>>(),
         });
         serde_json::to_string_pretty(&value).expect("JSON of plain numbers")
@@ -288,6 +303,7 @@ mod tests {
                 id: 0xabcd,
                 link_up: true,
                 gids: 2,
+                rdma_gids: 1,
             }],
         }
     }
@@ -315,6 +331,7 @@ mod tests {
         assert_eq!(v["peers"][0]["peer"], "000000000000abcd");
         assert_eq!(v["peers"][0]["link_up"], true);
         assert_eq!(v["peers"][0]["gids"], 2);
+        assert_eq!(v["peers"][0]["rdma_gids"], 1);
     }
 
     #[test]

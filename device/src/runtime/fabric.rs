@@ -166,6 +166,9 @@ pub struct Fabric {
     failures: Arc<AtomicUsize>,
     /// The TCP transport's peers, for the profiler (set when a transport runs).
     peers: Arc<std::sync::OnceLock<pvrdma_backend::tcp::runtime::PeerView>>,
+    /// The guests' GIDs the host RDMA device holds (`runtime::rdma` watches them); the TCP
+    /// transport tells peers.
+    rdma_gids: Arc<std::sync::Mutex<Vec<[u8; 16]>>>,
 }
 
 impl std::fmt::Debug for Fabric {
@@ -352,7 +355,12 @@ impl Fabric {
             .map(|view| {
                 view.peers()
                     .into_iter()
-                    .map(|(id, link_up, gids)| PeerSnapshot { id, link_up, gids })
+                    .map(|(id, link_up, gids)| PeerSnapshot {
+                        id,
+                        link_up,
+                        gids,
+                        rdma_gids: view.rdma_gids(id),
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -366,6 +374,19 @@ impl Fabric {
     /// Shows the TCP transport's peers in [`Fabric::profile`].
     pub fn set_peer_view(&self, view: pvrdma_backend::tcp::runtime::PeerView) {
         let _ = self.peers.set(view);
+    }
+
+    /// Which of the guests' GIDs the host RDMA device holds now.
+    pub fn set_rdma_gids(&self, gids: Vec<[u8; 16]>) {
+        *self.rdma_gids.lock().unwrap_or_else(|p| p.into_inner()) = gids;
+    }
+
+    /// The guests' GIDs the host RDMA device holds, as last set.
+    pub fn rdma_gids(&self) -> Vec<[u8; 16]> {
+        self.rdma_gids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Runs `work` on slot `index` with the rest of the fabric as its network; what it

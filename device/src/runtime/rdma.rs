@@ -4,6 +4,9 @@
 //! looked up in the host device's GID table, because the path can carry a guest's traffic
 //! only where the host device holds the guest's GID (a host interface carries its address).
 //!
+//! The GIDs the device holds are published to the fabric, and the TCP transport tells its
+//! peers which of this server's GIDs the rdma path reaches.
+//!
 //! The path does not carry guest traffic yet; this is what it stands on.
 
 use std::collections::HashMap;
@@ -156,6 +159,14 @@ pub fn watch(path: RdmaPath, fabric: Fabric) -> ! {
         match path.look_up(&gids) {
             Ok(found) => {
                 failing = false;
+                // Peers hear of these through the TCP transport's GID announcements.
+                fabric.set_rdma_gids(
+                    found
+                        .iter()
+                        .filter(|(_, index)| index.is_some())
+                        .map(|(gid, _)| *gid)
+                        .collect(),
+                );
                 known.retain(|gid, _| gids.contains(gid));
                 for (gid, index) in found {
                     if known.get(&gid) == Some(&index) {

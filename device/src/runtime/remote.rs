@@ -13,6 +13,10 @@ impl Host for FabricHost {
         self.0.local_gids()
     }
 
+    fn local_rdma_gids(&self) -> Vec<Gid> {
+        self.0.rdma_gids()
+    }
+
     fn respond(&self, request: &Request<'_>) -> Result<Outcome, RemoteError> {
         self.0.respond_remote(request)
     }

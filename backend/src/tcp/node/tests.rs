@@ -976,3 +976,29 @@ fn read_replies_and_answers_behind_other_frames_are_never_held() {
     assert!(!p.b.holds(PEER_A, p.now));
     assert_eq!(p.b.hold_deadline(), None);
 }
+
+#[test]
+fn a_peers_rdma_gids_are_a_subset_of_its_gids_and_follow_them_across_links() {
+    let mut p = Pair::new();
+    assert!(!p.a.rdma_reachable(&GID_B));
+    // B's device holds GID_B; a GID B does not hold is dropped before it is said.
+    p.b.set_local_rdma_gids(vec![GID_B, [0xd; 16]], p.now);
+    p.pump(usize::MAX);
+    assert!(p.a.rdma_reachable(&GID_B));
+    assert!(!p.a.rdma_reachable(&[0xd; 16]));
+    // A new link hears it again with the GIDs.
+    p.cut();
+    p.connect();
+    p.pump(usize::MAX);
+    assert!(
+        p.a.rdma_reachable(&GID_B),
+        "re-announced when the link came back"
+    );
+    // B's GIDs change: its rdma subset follows, and a GID gone is no longer reachable.
+    p.b.set_local_gids(vec![[0xe; 16]], p.now);
+    p.pump(usize::MAX);
+    assert!(!p.a.rdma_reachable(&GID_B));
+    p.b.set_local_rdma_gids(vec![[0xe; 16]], p.now);
+    p.pump(usize::MAX);
+    assert!(p.a.rdma_reachable(&[0xe; 16]));
+}
