@@ -150,76 +150,34 @@ impl Verbs {
             }
             found
         };
-        // SAFETY: every transmute below turns the address of the libibverbs function of
-        // that name into a pointer of the type its C prototype (verbs.h) spells out; a data
-        // pointer and a function pointer have the same size and representation on the
-        // platforms rdma-core supports.
+        // SAFETY: every cast below turns the address of the libibverbs function of that
+        // name into a pointer of the type its C prototype (verbs.h) spells out.
         unsafe {
             Ok(Verbs {
                 handle,
-                get_device_list: std::mem::transmute::<*mut c_void, GetDeviceList>(required(
-                    c"ibv_get_device_list",
-                )?),
-                free_device_list: std::mem::transmute::<*mut c_void, FreeDeviceList>(required(
-                    c"ibv_free_device_list",
-                )?),
-                get_device_name: std::mem::transmute::<*mut c_void, GetDeviceName>(required(
-                    c"ibv_get_device_name",
-                )?),
-                get_device_guid: std::mem::transmute::<*mut c_void, GetDeviceGuid>(required(
-                    c"ibv_get_device_guid",
-                )?),
-                open_device: std::mem::transmute::<*mut c_void, OpenDevice>(required(
-                    c"ibv_open_device",
-                )?),
-                close_device: std::mem::transmute::<*mut c_void, CloseDevice>(required(
-                    c"ibv_close_device",
-                )?),
-                query_port: std::mem::transmute::<*mut c_void, QueryPort>(required(
-                    c"ibv_query_port",
-                )?),
-                query_gid: std::mem::transmute::<*mut c_void, QueryGid>(required(
-                    c"ibv_query_gid",
-                )?),
-                query_gid_table: symbol(c"_ibv_query_gid_table")
-                    .ok()
-                    .map(|a| std::mem::transmute::<*mut c_void, QueryGidTable>(a)),
-                alloc_pd: std::mem::transmute::<*mut c_void, AllocPd>(required(c"ibv_alloc_pd")?),
-                dealloc_pd: std::mem::transmute::<*mut c_void, DeallocPd>(required(
-                    c"ibv_dealloc_pd",
-                )?),
-                reg_mr: std::mem::transmute::<*mut c_void, RegMr>(required(c"ibv_reg_mr")?),
-                reg_mr_iova: symbol(c"ibv_reg_mr_iova")
-                    .ok()
-                    .map(|a| std::mem::transmute::<*mut c_void, RegMrIova>(a)),
-                dereg_mr: std::mem::transmute::<*mut c_void, DeregMr>(required(c"ibv_dereg_mr")?),
-                create_cq: std::mem::transmute::<*mut c_void, CreateCq>(required(
-                    c"ibv_create_cq",
-                )?),
-                destroy_cq: std::mem::transmute::<*mut c_void, DestroyCq>(required(
-                    c"ibv_destroy_cq",
-                )?),
-                create_comp_channel: std::mem::transmute::<*mut c_void, CreateCompChannel>(
-                    required(c"ibv_create_comp_channel")?,
-                ),
-                destroy_comp_channel: std::mem::transmute::<*mut c_void, DestroyCompChannel>(
-                    required(c"ibv_destroy_comp_channel")?,
-                ),
-                get_cq_event: std::mem::transmute::<*mut c_void, GetCqEvent>(required(
-                    c"ibv_get_cq_event",
-                )?),
-                ack_cq_events: std::mem::transmute::<*mut c_void, AckCqEvents>(required(
-                    c"ibv_ack_cq_events",
-                )?),
-                create_qp: std::mem::transmute::<*mut c_void, CreateQp>(required(
-                    c"ibv_create_qp",
-                )?),
-                modify_qp: std::mem::transmute::<*mut c_void, ModifyQp>(required(
-                    c"ibv_modify_qp",
-                )?),
-                destroy_qp: std::mem::transmute::<*mut c_void, DestroyQp>(required(
-                    c"ibv_destroy_qp",
-                )?),
+                get_device_list: cast(required(c"ibv_get_device_list")?),
+                free_device_list: cast(required(c"ibv_free_device_list")?),
+                get_device_name: cast(required(c"ibv_get_device_name")?),
+                get_device_guid: cast(required(c"ibv_get_device_guid")?),
+                open_device: cast(required(c"ibv_open_device")?),
+                close_device: cast(required(c"ibv_close_device")?),
+                query_port: cast(required(c"ibv_query_port")?),
+                query_gid: cast(required(c"ibv_query_gid")?),
+                query_gid_table: symbol(c"_ibv_query_gid_table").ok().map(|a| cast(a)),
+                alloc_pd: cast(required(c"ibv_alloc_pd")?),
+                dealloc_pd: cast(required(c"ibv_dealloc_pd")?),
+                reg_mr: cast(required(c"ibv_reg_mr")?),
+                reg_mr_iova: symbol(c"ibv_reg_mr_iova").ok().map(|a| cast(a)),
+                dereg_mr: cast(required(c"ibv_dereg_mr")?),
+                create_cq: cast(required(c"ibv_create_cq")?),
+                destroy_cq: cast(required(c"ibv_destroy_cq")?),
+                create_comp_channel: cast(required(c"ibv_create_comp_channel")?),
+                destroy_comp_channel: cast(required(c"ibv_destroy_comp_channel")?),
+                get_cq_event: cast(required(c"ibv_get_cq_event")?),
+                ack_cq_events: cast(required(c"ibv_ack_cq_events")?),
+                create_qp: cast(required(c"ibv_create_qp")?),
+                modify_qp: cast(required(c"ibv_modify_qp")?),
+                destroy_qp: cast(required(c"ibv_destroy_qp")?),
             })
         }
     }
@@ -228,7 +186,8 @@ impl Verbs {
 impl Drop for Verbs {
     fn drop(&mut self) {
         // SAFETY: every object made through the library is owned by something that borrows
-        // this `Verbs` (`devices.rs`), so none outlives the handle.
+        // this `Verbs` (`devices.rs`) or holds an `Arc` of it (`host.rs`), so none outlives
+        // the handle.
         unsafe { libc::dlclose(self.handle) };
     }
 }
@@ -239,6 +198,18 @@ impl std::fmt::Debug for Verbs {
             .field("gid_table", &self.query_gid_table.is_some())
             .finish_non_exhaustive()
     }
+}
+
+/// A symbol's address as the function pointer type `F`.
+///
+/// # Safety
+/// `address` must be a function whose C prototype `F` spells out. (A data pointer and a
+/// function pointer have the same size and representation on the platforms rdma-core
+/// supports; the size is checked at compile time.)
+unsafe fn cast<F: Copy>(address: *mut c_void) -> F {
+    const { assert!(size_of::<F>() == size_of::<*mut c_void>()) };
+    // SAFETY: same size (above); the caller vouches for the type.
+    unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address) }
 }
 
 /// `dlerror()`'s message, or a placeholder when it has none.
