@@ -27,6 +27,11 @@ fn errno(call: &'static str) -> HostError {
     }
 }
 
+/// `Ok` for a call that returned 0, else its error.
+fn checked(call: &'static str, rc: c_int) -> Result<(), HostError> {
+    if rc == 0 { Ok(()) } else { Err(code(call, rc)) }
+}
+
 fn code(call: &'static str, rc: c_int) -> HostError {
     HostError {
         call,
@@ -98,6 +103,21 @@ impl HostDevice {
         &self.name
     }
 
+    /// The verb `pick` takes from the provider's operation table (which the header's inline
+    /// `ibv_post_send`, `ibv_poll_cq` and the like call through).
+    fn op<T>(
+        &self,
+        call: &'static str,
+        pick: impl FnOnce(&IbvContextOps) -> Option<T>,
+    ) -> Result<T, HostError> {
+        // SAFETY: the context lives as long as this device; its table was filled by the
+        // provider at open and is not changed after.
+        pick(unsafe { &(*self.context.as_ptr()).ops }).ok_or(HostError {
+            call,
+            reason: "the provider has none".into(),
+        })
+    }
+
     /// The completion channel's fd: readable when an armed CQ of this device completed.
     pub fn channel_fd(&self) -> RawFd {
         // SAFETY: the channel lives as long as this device.
@@ -109,11 +129,7 @@ impl HostDevice {
         let mut attr = IbvPortAttr::default();
         // SAFETY: an open context and a zeroed attribute prefix.
         let rc = unsafe { (self.verbs.query_port)(self.context.as_ptr(), port, &mut attr) };
-        if rc == 0 {
-            Ok(attr)
-        } else {
-            Err(code("ibv_query_port", rc))
-        }
+        checked("ibv_query_port", rc).map(|()| attr)
     }
 
     /// The populated entries of `port`'s GID table, as the device has them now (the host's
@@ -320,28 +336,16 @@ unsafe impl Sync for HostCq {}
 impl HostCq {
     /// Asks for an event on the channel at the next completion.
     pub fn arm(&self) -> Result<(), HostError> {
-        // SAFETY: the context's operation table, filled by the provider at open.
-        let arm =
-            unsafe { (*self.device.context.as_ptr()).ops.req_notify_cq }.ok_or(HostError {
-                call: "ibv_req_notify_cq",
-                reason: "the provider has none".into(),
-            })?;
+        let arm = self
+            .device
+            .op("ibv_req_notify_cq", |ops| ops.req_notify_cq)?;
         // SAFETY: a live CQ with a channel.
-        let rc = unsafe { arm(self.cq.as_ptr(), 0) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(code("ibv_req_notify_cq", rc))
-        }
+        checked("ibv_req_notify_cq", unsafe { arm(self.cq.as_ptr(), 0) })
     }
 
     /// Completions into `out`; how many.
     pub fn poll(&self, out: &mut [IbvWc]) -> Result<usize, HostError> {
-        // SAFETY: as for `arm`.
-        let poll = unsafe { (*self.device.context.as_ptr()).ops.poll_cq }.ok_or(HostError {
-            call: "ibv_poll_cq",
-            reason: "the provider has none".into(),
-        })?;
+        let poll = self.device.op("ibv_poll_cq", |ops| ops.poll_cq)?;
         let room = c_int::try_from(out.len()).unwrap_or(c_int::MAX);
         // SAFETY: a live CQ and room for `room` completions.
         let n = unsafe { poll(self.cq.as_ptr(), room, out.as_mut_ptr()) };
@@ -413,7 +417,7 @@ impl HostQp {
     ) -> Result<(), HostError> {
         // SAFETY: a live QP and a filled attribute structure.
         let rc = unsafe { (self.cq.device.verbs.modify_qp)(self.qp.as_ptr(), attr, mask) };
-        if rc == 0 { Ok(()) } else { Err(code(call, rc)) }
+        checked(call, rc)
     }
 
     /// RESET → INIT on `port`, with the remote `access` (`ACCESS_*`) it grants.
@@ -487,40 +491,24 @@ impl HostQp {
 
     /// Posts one send work request (its `next` is ignored and cleared).
     pub fn post_send(&mut self, wr: &mut IbvSendWr) -> Result<(), HostError> {
-        // SAFETY: the context's operation table, filled by the provider at open.
-        let post =
-            unsafe { (*self.cq.device.context.as_ptr()).ops.post_send }.ok_or(HostError {
-                call: "ibv_post_send",
-                reason: "the provider has none".into(),
-            })?;
+        let post = self.cq.device.op("ibv_post_send", |ops| ops.post_send)?;
         wr.next = ptr::null_mut();
         let mut bad = ptr::null_mut();
         // SAFETY: a live QP; the request and its scatter list are read during the call.
-        let rc = unsafe { post(self.qp.as_ptr(), wr, &mut bad) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(code("ibv_post_send", rc))
-        }
+        checked("ibv_post_send", unsafe {
+            post(self.qp.as_ptr(), wr, &mut bad)
+        })
     }
 
     /// Posts one receive work request (its `next` is ignored and cleared).
     pub fn post_recv(&mut self, wr: &mut IbvRecvWr) -> Result<(), HostError> {
-        // SAFETY: as for `post_send`.
-        let post =
-            unsafe { (*self.cq.device.context.as_ptr()).ops.post_recv }.ok_or(HostError {
-                call: "ibv_post_recv",
-                reason: "the provider has none".into(),
-            })?;
+        let post = self.cq.device.op("ibv_post_recv", |ops| ops.post_recv)?;
         wr.next = ptr::null_mut();
         let mut bad = ptr::null_mut();
         // SAFETY: as for `post_send`.
-        let rc = unsafe { post(self.qp.as_ptr(), wr, &mut bad) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(code("ibv_post_recv", rc))
-        }
+        checked("ibv_post_recv", unsafe {
+            post(self.qp.as_ptr(), wr, &mut bad)
+        })
     }
 }
 
