@@ -33,17 +33,7 @@ fn the_server_says_which_guest_gids_its_rdma_device_holds() {
     let Some(name) = rdma_device("the_server_says_which_guest_gids_its_rdma_device_holds") else {
         return;
     };
-    let verbs = Verbs::load().expect("libibverbs");
-    let listed = devices::list(&verbs).expect("the host's RDMA devices");
-    let device = listed
-        .iter()
-        .find(|d| d.name == name)
-        .unwrap_or_else(|| panic!("no RDMA device {name} in {listed:?}"));
-    let held = device.ports[0]
-        .gids
-        .iter()
-        .find(|g| g.gid[..12] == ipv4_gid([0, 0, 0, 0])[..12])
-        .unwrap_or_else(|| panic!("{name} has no IPv4 GID: {device}"));
+    let held = held_gid(&name);
     let absent = ipv4_gid([10, 200, 0, 1]);
 
     // The driver waits for the server's debug lines of its DMA maps.
