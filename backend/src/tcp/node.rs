@@ -548,7 +548,11 @@ impl Node {
     /// (and we accepted) count.
     fn accept_rdma_gids(&mut self, from: PeerId, mut announced: Vec<Gid>) {
         if let Some(peer) = self.peers.get_mut(&from) {
-            announced.retain(|gid| peer.gids.contains(gid));
+            // A set, not a scan per entry: a peer may announce thousands of GIDs, and this
+            // runs on the thread that serves every device's links.
+            let held: std::collections::HashSet<&Gid> = peer.gids.iter().collect();
+            announced.retain(|gid| held.contains(gid));
+            drop(held);
             announced.sort_unstable();
             announced.dedup();
             if peer.rdma_gids != announced {
