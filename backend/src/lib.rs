@@ -6,17 +6,23 @@
 //! ([`Destination`]: a GID and a QPN) — and hands it to the [`Network`]. The network finds the
 //! peer: for a device of the same process, the memcpy fabric ([`memcpy`]) lets the peer
 //! device's model execute the operation directly against both guests' memories; the
-//! rdma-core and TCP backends will do the same for peers on other hosts. The answer
+//! TCP backend does the same for peers on other hosts. A QP the host's RDMA device carries
+//! is driven through [`HostQps`] instead, its work posted to a host QP. The answer
 //! ([`Outcome`] or [`RemoteError`]) is what the requester turns into its completion.
 //!
 //! See docs/backends.md for the whole design.
 
+mod host_qps;
 pub mod memcpy;
 mod owned;
 pub mod rdma;
 mod sgl;
 pub mod tcp;
 
+pub use host_qps::{
+    Connect, HostCompletion, HostEvent, HostOp, HostPathError, HostPort, HostQpCaps, HostQps,
+    HostReceipt, HostRegion, HostSend, KeyedSge, ReceiveError, SendSide, access as host_access,
+};
 pub use owned::OwnedRequest;
 pub use sgl::{CopyError, Segment, Sgl, copy, gather};
 
@@ -208,6 +214,12 @@ pub trait Network {
     /// device answers those itself. Default: it does not.
     fn carries_loopback(&self) -> bool {
         false
+    }
+
+    /// The host RDMA device's QPs, when this process has the rdma path, as the asking
+    /// device sees them. Default: none.
+    fn host(&self) -> Option<HostPort<'_>> {
+        None
     }
 }
 

@@ -24,7 +24,9 @@ use vfio_user_pvrdma::log_limit::RateLimited;
 use vfio_user_pvrdma::profiler::control;
 use vfio_user_pvrdma::pvrdma::{DeviceConfig, caps};
 use vfio_user_pvrdma::runtime::fabric::Fabric;
-use vfio_user_pvrdma::runtime::rdma::{RdmaPath, watch as rdma_watch};
+use vfio_user_pvrdma::runtime::rdma::{
+    RdmaPath, serve_completions as rdma_completions, watch as rdma_watch,
+};
 use vfio_user_pvrdma::runtime::remote::FabricHost;
 use vfio_user_pvrdma::runtime::{control as control_server, poller, rnr_timer};
 use vfio_user_pvrdma::sandbox;
@@ -309,7 +311,7 @@ fn read_cluster_key(cli: &Cli) -> Result<Option<Vec<u8>>, StartupError> {
 }
 
 /// Enters the sandbox (unless --sandbox off) and says what the kernel enforced.
-fn enter_sandbox(cli: &Cli) -> Result<(), StartupError> {
+fn enter_sandbox(cli: &Cli, rdma_open: bool) -> Result<(), StartupError> {
     if cli.sandbox == Switch::Off {
         warn!("--sandbox off: the server runs with every system call and file it may reach");
         return Ok(());
@@ -318,12 +320,17 @@ fn enter_sandbox(cli: &Cli) -> Result<(), StartupError> {
         sockets: cli.sockets.iter().chain(&cli.control).cloned().collect(),
         listen_port: cli.listen.map(|addr| addr.port()),
         peer_ports: cli.peers.iter().map(|addr| addr.port()).collect(),
+        without_landlock: rdma_open.then_some(
+            "Landlock is off while the rdma path's device is open (the kernel refuses the \
+             commands libibverbs writes to the device from the new credentials Landlock gives)",
+        ),
     };
     let entered = sandbox::enter(&needs)?;
-    let files = match entered.landlock_full {
-        Some(true) => "Landlock limits files and TCP ports",
-        Some(false) => "Landlock limits files and ports as far as this kernel can",
-        None => "this kernel has no Landlock, so files and ports are not limited",
+    let files = match (entered.landlock_full, needs.without_landlock) {
+        (_, Some(reason)) => reason,
+        (Some(true), None) => "Landlock limits files and TCP ports",
+        (Some(false), None) => "Landlock limits files and ports as far as this kernel can",
+        (None, None) => "this kernel has no Landlock, so files and ports are not limited",
     };
     info!(
         "sandbox: no new privileges, {} system calls allowed (others fail with EPERM); {files}",
@@ -396,10 +403,24 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
     let rdma = RdmaPath::open(&cli.rdma_device).map_err(StartupError::Rdma)?;
     // Every socket file is bound and every file read: from here on the server needs no
     // more than serving does. No thread exists yet, so all of them inherit the sandbox.
-    enter_sandbox(cli)?;
+    enter_sandbox(cli, rdma.is_some())?;
 
     // The devices of one process form one fabric: their guests reach each other by memcpy.
     let fabric = Fabric::new();
+    // The rdma path: the devices drive the host device's QPs; one thread takes their
+    // completions.
+    if let Some(rdma) = &rdma {
+        let carrier = rdma.carrier(&fabric);
+        fabric.set_host(carrier.clone());
+        let target = fabric.clone();
+        thread::Builder::new()
+            .name("rdma completions".into())
+            .spawn(move || rdma_completions(carrier, target))
+            .map_err(|source| StartupError::Thread {
+                path: PathBuf::from("rdma completions"),
+                source,
+            })?;
+    }
     let spin = Duration::from_micros(cli.spin_us);
     let mut serving = Vec::new();
     for (index, (path, server)) in servers.into_iter().enumerate() {

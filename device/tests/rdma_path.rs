@@ -121,3 +121,93 @@ fn a_named_device_the_host_lacks_stops_the_server() {
         "{stderr}"
     );
 }
+
+/// The Soft-RoCE device on the VM's loopback interface that `rdma_host.rs` makes, with two
+/// addresses for two servers' guests (`PVRDMA_RDMA_LOOP_DEVICE`): traffic between two
+/// local addresses goes through the loopback interface, so only a device there carries it.
+fn loop_device(test: &str) -> Option<String> {
+    let device = std::env::var("PVRDMA_RDMA_LOOP_DEVICE").ok();
+    if device.is_none() {
+        eprintln!(
+            "NOT RUN: {test} needs Soft-RoCE on a loopback interface (PVRDMA_RDMA_LOOP_DEVICE); \
+             guest-tests/tests/rdma_host.rs runs it inside a lab guest"
+        );
+    }
+    device
+}
+
+/// The guests' addresses on the loop device (`rdma_host.rs` adds them to `lo`).
+const LOOP_A: [u8; 4] = [127, 0, 0, 11];
+const LOOP_B: [u8; 4] = [127, 0, 0, 12];
+
+/// A counter of the host device's port (`hw_counters`).
+fn port_counter(device: &str, counter: &str) -> u64 {
+    let path = format!("/sys/class/infiniband/{device}/ports/1/hw_counters/{counter}");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Two servers with the host device, one guest each whose GID the device holds: their RC
+/// QPs take the host's QP numbers, connect through the host device, and SEND, WRITE, READ
+/// and fetch-and-add cross with the same completions as over memcpy and TCP, the packets
+/// counted by the device; `stats` names the path.
+#[test]
+fn rc_verbs_cross_two_servers_through_the_host_rdma_device() {
+    let Some(name) = loop_device("rc_verbs_cross_two_servers_through_the_host_rdma_device") else {
+        return;
+    };
+    let (server_a, server_b) =
+        two_servers::two_servers_with(|addr| addr.to_string(), &["--rdma-device", &name]);
+    let mut a = two_servers::side(&server_a, LOOP_A);
+    let mut b = two_servers::side(&server_b, LOOP_B);
+    // Each hears that the other's guest GID is on the other's RDMA device.
+    server_a.wait_for_server_line(": 1 of its GIDs are on its RDMA device");
+    server_b.wait_for_server_line(": 1 of its GIDs are on its RDMA device");
+    two_servers::connect(&mut a, b.qp.qpn, b.gid);
+    two_servers::connect(&mut b, a.qp.qpn, a.gid);
+    for (server, side) in [(&server_a, &a), (&server_b, &b)] {
+        server.wait_for_server_line(&format!(
+            "rdma path: QP {:#x} is carried by the host's RDMA device",
+            side.qp.qpn
+        ));
+    }
+    let stats = vfio_user_pvrdma::profiler::control::request(
+        server_a.control(),
+        "stats",
+        std::time::Duration::from_secs(10),
+    )
+    .expect("stats from A");
+    let row = format!("  0 {:>5} rdma", a.qp.qpn);
+    assert!(
+        stats.contains(&row),
+        "A's RC QP takes the rdma path ({row:?}):\n{stats}"
+    );
+
+    let sent = port_counter(&name, "sent_pkts");
+    let crossed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        two_servers::every_rc_verb_crosses(a, b)
+    }));
+    if let Err(panic) = crossed {
+        for (side, server) in [("A", &server_a), ("B", &server_b)] {
+            let log = server.log();
+            let rdma: Vec<&str> = log.lines().filter(|l| l.contains("rdma")).collect();
+            eprintln!("server {side}'s rdma path lines:\n{}", rdma.join("\n"));
+        }
+        let shown = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "rdma statistic show link {name}/1; rdma resource show qp link {name}/1"
+            ))
+            .output();
+        if let Ok(out) = shown {
+            eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+        }
+        std::panic::resume_unwind(panic);
+    }
+    let carried = port_counter(&name, "sent_pkts") - sent;
+    // SEND, three WRITE packets, READ and its reply, the atomic and its reply, and acks.
+    assert!(carried >= 8, "{name} carried {carried} packets");
+}

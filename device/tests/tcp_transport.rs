@@ -12,9 +12,12 @@ use std::time::{Duration, Instant};
 use driver::Qp;
 use driver::memory;
 use driver::verbs::{PINGPONG_SIZES, QpSpec};
-use two_servers::{BUF_VA, Side, buffer, connected_pair, connected_pair_with, sge, wait_cqes};
+use two_servers::{
+    BUF_VA, Side, buffer, connected_pair, connected_pair_with, every_rc_verb_crosses, sge,
+    wait_cqes,
+};
 use vfio_user_pvrdma::abi::{
-    self, GID_TYPE_ROCE_V1, PAGE_SIZE, qp_state, qp_type, send_flags, wc_status, wr_opcode,
+    self, GID_TYPE_ROCE_V1, qp_state, qp_type, send_flags, wc_status, wr_opcode,
 };
 
 #[test]
@@ -47,122 +50,6 @@ fn thread_names(pid: i32) -> Vec<String> {
         .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
         .map(|name| name.trim().to_string())
         .collect()
-}
-
-/// SEND with immediate, a 10 KiB WRITE, a READ and a fetch-and-add from A to B.
-fn every_rc_verb_crosses(mut a: Side, mut b: Side) {
-    // SEND with immediate: lands in B's receive buffer.
-    let message = b"across two servers over TCP";
-    let len = message.len() as u32;
-    b.d.post_recv(&b.qp, 77, &[sge(BUF_VA, 256, b.mr.lkey)])
-        .unwrap();
-    memory::write_bytes(a.d.ram(), buffer(&a, BUF_VA), message);
-    let mut wqe = driver::queues::send_wqe(
-        11,
-        wr_opcode::SEND_WITH_IMM,
-        send_flags::SIGNALED,
-        &[sge(BUF_VA, len, a.mr.lkey)],
-    );
-    // The immediate sits in the header's `ex` word.
-    let ex = std::mem::offset_of!(abi::SendWqeHeader, ex);
-    wqe[ex..ex + 4].copy_from_slice(&0x1234_5678u32.to_le_bytes());
-    a.d.post_send_raw(&a.qp, &wqe).unwrap();
-    a.d.ring_qp(&a.qp, abi::uar::QP_SEND);
-    let sent = wait_cqes(&mut a.d, &a.cq, 1);
-    assert_eq!((sent[0].wr_id, sent[0].status), (11, wc_status::SUCCESS));
-    let received = wait_cqes(&mut b.d, &b.cq, 1);
-    assert_eq!(
-        (
-            received[0].wr_id,
-            received[0].status,
-            received[0].byte_len,
-            received[0].imm_data
-        ),
-        (77, wc_status::SUCCESS, len, 0x1234_5678)
-    );
-    assert_eq!(
-        memory::snapshot(b.d.ram(), buffer(&b, BUF_VA), message.len()),
-        message
-    );
-
-    // RDMA WRITE of 10 KiB into B's MR, then READ it back into another part of A's.
-    let data: Vec<u8> = (0..10_240u32).map(|i| (i * 13 % 251) as u8).collect();
-    for (i, chunk) in data.chunks(PAGE_SIZE as usize).enumerate() {
-        let va = BUF_VA + i as u64 * PAGE_SIZE;
-        memory::write_bytes(a.d.ram(), buffer(&a, va), chunk);
-    }
-    let write = driver::queues::rdma_wqe(
-        21,
-        wr_opcode::RDMA_WRITE,
-        send_flags::SIGNALED,
-        &[sge(BUF_VA, data.len() as u32, a.mr.lkey)],
-        BUF_VA,
-        b.mr.rkey,
-    );
-    a.d.post_send_raw(&a.qp, &write).unwrap();
-    a.d.ring_qp(&a.qp, abi::uar::QP_SEND);
-    let cqes = wait_cqes(&mut a.d, &a.cq, 1);
-    assert_eq!((cqes[0].wr_id, cqes[0].status), (21, wc_status::SUCCESS));
-    let mut landed = Vec::new();
-    for i in 0..3u64 {
-        let take = (data.len() as u64 - i * PAGE_SIZE).min(PAGE_SIZE) as usize;
-        landed.extend(memory::snapshot(
-            b.d.ram(),
-            buffer(&b, BUF_VA + i * PAGE_SIZE),
-            take,
-        ));
-    }
-    assert_eq!(landed, data, "the WRITE's bytes in B's memory");
-    assert_eq!(
-        b.d.drain_cq(&b.cq),
-        [],
-        "a WRITE without immediate consumes no receive"
-    );
-
-    let read = driver::queues::rdma_wqe(
-        22,
-        wr_opcode::RDMA_READ,
-        send_flags::SIGNALED,
-        &[sge(BUF_VA + 3 * PAGE_SIZE, 100, a.mr.lkey)],
-        BUF_VA + 50,
-        b.mr.rkey,
-    );
-    a.d.post_send_raw(&a.qp, &read).unwrap();
-    a.d.ring_qp(&a.qp, abi::uar::QP_SEND);
-    let cqes = wait_cqes(&mut a.d, &a.cq, 1);
-    assert_eq!(
-        (cqes[0].wr_id, cqes[0].status, cqes[0].byte_len),
-        (22, wc_status::SUCCESS, 100)
-    );
-    assert_eq!(
-        memory::snapshot(a.d.ram(), buffer(&a, BUF_VA + 3 * PAGE_SIZE), 100),
-        &data[50..150]
-    );
-
-    // Fetch-and-add on B's first word: A gets the old value, B's memory the sum.
-    memory::write_bytes(b.d.ram(), buffer(&b, BUF_VA), &40u64.to_le_bytes());
-    let faa = driver::queues::atomic_wqe(
-        23,
-        wr_opcode::ATOMIC_FETCH_AND_ADD,
-        send_flags::SIGNALED,
-        &[sge(BUF_VA + 3 * PAGE_SIZE, 8, a.mr.lkey)],
-        BUF_VA,
-        b.mr.rkey,
-        2,
-        0,
-    );
-    a.d.post_send_raw(&a.qp, &faa).unwrap();
-    a.d.ring_qp(&a.qp, abi::uar::QP_SEND);
-    let cqes = wait_cqes(&mut a.d, &a.cq, 1);
-    assert_eq!((cqes[0].wr_id, cqes[0].status), (23, wc_status::SUCCESS));
-    assert_eq!(
-        memory::snapshot(a.d.ram(), buffer(&a, BUF_VA + 3 * PAGE_SIZE), 8),
-        40u64.to_le_bytes()
-    );
-    assert_eq!(
-        memory::snapshot(b.d.ram(), buffer(&b, BUF_VA), 8),
-        42u64.to_le_bytes()
-    );
 }
 
 #[test]

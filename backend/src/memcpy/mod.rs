@@ -35,7 +35,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::time::Instant;
 
 use super::{
-    Completion, Delivery, Gid, Network, Outcome, OwnedRequest, RemoteError, Request, Responder,
+    Completion, Delivery, Gid, HostPort, HostQps, Network, Outcome, OwnedRequest, RemoteError,
+    Request, Responder,
 };
 use inbox::{Carried, Inbox, QpKey, Work};
 
@@ -96,6 +97,8 @@ pub struct MemcpyFabric<E> {
     /// claimed while it binds one (so two ports cannot bind the same GID at once).
     directory: RwLock<Vec<Vec<Gid>>>,
     remote: Mutex<Option<Remote>>,
+    /// The host RDMA device's QPs (the rdma path), when this process has one.
+    host: std::sync::OnceLock<Arc<dyn HostQps>>,
 }
 
 impl<E> Default for MemcpyFabric<E> {
@@ -104,6 +107,7 @@ impl<E> Default for MemcpyFabric<E> {
             ports: RwLock::new(Vec::new()),
             directory: RwLock::new(Vec::new()),
             remote: Mutex::new(None),
+            host: std::sync::OnceLock::new(),
         }
     }
 }
@@ -141,6 +145,11 @@ impl<E: Endpoint> MemcpyFabric<E> {
     /// Sends requests for GIDs outside the fabric to `remote` (none: they are unreachable).
     pub fn set_remote(&self, remote: Remote) {
         *lock(&self.remote) = Some(remote);
+    }
+
+    /// Lets the devices drive the host RDMA device's QPs (the rdma path); once.
+    pub fn set_host(&self, host: Arc<dyn HostQps>) {
+        let _ = self.host.set(host);
     }
 
     /// Whether the remote transport knows a peer that holds `gid`.
@@ -567,6 +576,14 @@ impl<E: Endpoint> Network for Outbox<'_, E> {
 
     fn carries_loopback(&self) -> bool {
         true
+    }
+
+    fn host(&self) -> Option<HostPort<'_>> {
+        let qps = self.fabric.host.get()?;
+        Some(HostPort {
+            qps: qps.as_ref(),
+            owner: self.from,
+        })
     }
 
     fn gid_taken(&self, gid: &Gid) -> bool {

@@ -388,8 +388,20 @@ pub const WR_ATOMIC_CMP_AND_SWP: u32 = 5;
 pub const WR_ATOMIC_FETCH_AND_ADD: u32 = 6;
 /// `enum ibv_send_flags`.
 pub const SEND_SIGNALED: c_uint = 1 << 1;
+pub const SEND_SOLICITED: c_uint = 1 << 2;
 /// `enum ibv_wc_status`.
 pub const WC_SUCCESS: u32 = 0;
+pub const WC_LOC_LEN_ERR: u32 = 1;
+pub const WC_LOC_PROT_ERR: u32 = 4;
+pub const WC_WR_FLUSH_ERR: u32 = 5;
+pub const WC_REM_INV_REQ_ERR: u32 = 9;
+pub const WC_REM_ACCESS_ERR: u32 = 10;
+pub const WC_REM_OP_ERR: u32 = 11;
+pub const WC_RETRY_EXC_ERR: u32 = 12;
+pub const WC_RNR_RETRY_EXC_ERR: u32 = 13;
 /// `enum ibv_wc_opcode`.
 pub const WC_SEND: u32 = 0;
 pub const WC_RECV: u32 = 1 << 7;
+pub const WC_RECV_RDMA_WITH_IMM: u32 = (1 << 7) + 1;
+/// `enum ibv_wc_flags`.
+pub const WC_WITH_IMM: c_uint = 1 << 1;

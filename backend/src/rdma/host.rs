@@ -152,17 +152,44 @@ impl HostDevice {
         iova: u64,
         access: c_int,
     ) -> Result<HostMr, HostError> {
+        let len = view.len() as u64;
+        self.register_part(view, 0, len, iova, access)
+    }
+
+    /// Registers `len` bytes of `view` from `offset` at the I/O virtual address `iova` (a
+    /// guest MR need not start or end on a page boundary); the MR owns the view.
+    pub fn register_part(
+        self: &Arc<Self>,
+        view: ContiguousView,
+        offset: u64,
+        len: u64,
+        iova: u64,
+        access: c_int,
+    ) -> Result<HostMr, HostError> {
         let reg = self.verbs.reg_mr_iova.ok_or(HostError {
             call: "ibv_reg_mr_iova",
             reason: "libibverbs is older than rdma-core 20".into(),
         })?;
-        // SAFETY: a live PD and a view the MR owns from here on, so it outlives the
-        // registration.
+        let inside = offset
+            .checked_add(len)
+            .is_some_and(|end| end <= view.len() as u64 && len > 0);
+        let (Ok(start), Ok(len), true) = (usize::try_from(offset), usize::try_from(len), inside)
+        else {
+            return Err(HostError {
+                call: "ibv_reg_mr_iova",
+                reason: format!(
+                    "{len} bytes at {offset} do not fit a {}-byte view",
+                    view.len()
+                ),
+            });
+        };
+        // SAFETY: a live PD and a range inside a view the MR owns from here on, so it
+        // outlives the registration.
         let mr = unsafe {
             reg(
                 self.pd.as_ptr(),
-                view.as_ptr().cast::<c_void>(),
-                view.len(),
+                view.as_ptr().add(start).cast::<c_void>(),
+                len,
                 iova,
                 access,
             )
@@ -418,6 +445,15 @@ impl HostQp {
         // SAFETY: a live QP and a filled attribute structure.
         let rc = unsafe { (self.cq.device.verbs.modify_qp)(self.qp.as_ptr(), attr, mask) };
         checked(call, rc)
+    }
+
+    /// To RESET or to the error state (`QPS_RESET`, `QPS_ERR`), from any state.
+    pub fn set_state(&mut self, state: u32) -> Result<(), HostError> {
+        let mut attr = IbvQpAttr {
+            qp_state: state,
+            ..IbvQpAttr::default()
+        };
+        self.modify(&mut attr, QP_STATE, "ibv_modify_qp")
     }
 
     /// RESET → INIT on `port`, with the remote `access` (`ACCESS_*`) it grants.

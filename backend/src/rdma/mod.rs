@@ -1,6 +1,8 @@
 //! The rdma-core transport: guest verbs carried by the host's RDMA device
 //! (docs/rdma-transport.md).
 //!
+//! * [`carrier`] — the host QPs and registrations behind guest QPs and MRs, and their
+//!   completions;
 //! * [`abi`] — the structures and constants used, declared by hand and checked against
 //!   rdma-core's headers by `tests/rdma_abi.rs`;
 //! * [`verbs`] — libibverbs, loaded at run time, and the calls looked up in it;
@@ -10,6 +12,7 @@
 //! * [`view`] — a guest MR's scattered pages mapped again as one range, for registration.
 
 pub mod abi;
+pub mod carrier;
 pub mod devices;
 pub mod host;
 pub mod loopback;

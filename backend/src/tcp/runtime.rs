@@ -207,6 +207,11 @@ impl PeerView {
     pub fn rdma_gids(&self, peer: PeerId) -> usize {
         self.shared.node().peer_rdma_gids(peer)
     }
+
+    /// Whether a peer announced `gid` as held by its host RDMA device.
+    pub fn rdma_reachable(&self, gid: &Gid) -> bool {
+        self.shared.node().rdma_reachable(gid)
+    }
 }
 
 impl std::fmt::Debug for PeerView {

@@ -45,6 +45,8 @@ pub enum QpPath {
     Memcpy,
     /// A GID a peer server announced: the TCP transport.
     Tcp,
+    /// The host's RDMA device carries it (the rdma path).
+    Rdma,
     /// Nobody holds its peer's GID now.
     Unreachable,
 }
@@ -57,6 +59,7 @@ impl QpPath {
             QpPath::Loopback => "loopback",
             QpPath::Memcpy => "memcpy",
             QpPath::Tcp => "tcp",
+            QpPath::Rdma => "rdma",
             QpPath::Unreachable => "unreachable",
         }
     }

@@ -51,6 +51,9 @@ pub(super) fn ring(
                 super::completion::flush_qp(device, mem, irq, handle);
                 return;
             }
+            // Exit-free doorbell words may hide a receive doorbell under a send: any QP
+            // doorbell hands new receives to a host QP that carries the QP.
+            super::datapath::post_host_receives(device, mem, net, handle);
             if send {
                 super::datapath::process_send_queue(device, mem, irq, net, handle, rang);
             }

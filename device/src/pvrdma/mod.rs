@@ -32,6 +32,14 @@ use objects::Objects;
 use profile::Profiler;
 use std::sync::Arc;
 
+/// Releases what the host's RDMA device holds for the asking device's objects, which are
+/// about to go all at once (a reset, a new DSR).
+fn forget_host(net: &dyn Network) {
+    if let Some(host) = net.host() {
+        host.qps.forget_owner(host.owner);
+    }
+}
+
 /// Where the device's interrupts go (MSI-X vectors, already filtered by IMR).
 pub trait Interrupts {
     fn raise(&mut self, vector: u16);
@@ -128,6 +136,13 @@ impl PvrdmaDevice {
         self.wake_events = wake_events.wrapping_add(1);
     }
 
+    /// [`PvrdmaDevice::reset`], with what the host's RDMA device holds for this device's
+    /// objects (host QPs and registrations) released too.
+    pub fn reset_on(&mut self, net: &dyn Network) {
+        forget_host(net);
+        self.reset();
+    }
+
     /// See the `wake_events` field: compare before and after work to learn whether stalled
     /// senders anywhere should be retried.
     pub fn wake_events(&self) -> u64 {
@@ -187,6 +202,16 @@ impl PvrdmaDevice {
             .collect()
     }
 
+    /// The numbers of the QPs the host's RDMA device carries (the rdma path).
+    pub fn qps_on_host(&self) -> Vec<u32> {
+        self.objects
+            .qps
+            .iter()
+            .filter(|(_, qp)| matches!(qp.host, objects::HostLink::Carrying { .. }))
+            .map(|(_, qp)| qp.qpn)
+            .collect()
+    }
+
     /// The profiler's figures for QP `handle`.
     pub fn qp_stats_of(&self, handle: u32) -> Option<QpStats> {
         self.objects.qps.get(handle).map(|qp| qp.stats)
@@ -237,9 +262,15 @@ impl PvrdmaDevice {
             regs::DSR_LOW => self.dsr_low = value,
             regs::DSR_HIGH => {
                 self.dsr_high = value;
+                forget_host(net);
                 self.load_dsr(mem);
             }
-            regs::CTL => self.control(value),
+            regs::CTL => {
+                if value == regs::CTL_RESET {
+                    forget_host(net);
+                }
+                self.control(value);
+            }
             regs::REQUEST => self.request(mem, irq, net, value),
             regs::IMR => self.imr = value,
             regs::MAC_LOW => self.mac[0] = value,
@@ -328,6 +359,20 @@ impl PvrdmaDevice {
         self.respond(mem, irq, request)
     }
 
+    /// A completion of a host QP that carries one of this device's QPs (the rdma path).
+    pub fn complete_host(
+        &mut self,
+        mem: &GuestRam,
+        irq: &mut dyn Interrupts,
+        net: &mut dyn Network,
+        qpn: u32,
+        event: &pvrdma_backend::HostEvent,
+    ) {
+        if self.active {
+            datapath::complete_host(self, mem, irq, net, qpn, event);
+        }
+    }
+
     /// A transport's answer to a request this device issued (see `Delivery::Pending`).
     pub fn complete_remote(
         &mut self,
@@ -360,6 +405,8 @@ impl PvrdmaDevice {
             .and_then(|handle| self.objects.qps.get(handle))
             .is_some_and(|qp| {
                 qp.qp_type == abi::qp_type::RC
+                    // A QP the host's RDMA device carries takes its requests there only.
+                    && !matches!(qp.host, objects::HostLink::Carrying { .. })
                     && !matches!(
                         qp.attr.qp_state,
                         abi::qp_state::RESET | abi::qp_state::INIT | abi::qp_state::ERR

@@ -57,6 +57,8 @@ pub struct Mr {
     pub lkey: u32,
     pub rkey: u32,
     pub kind: MrKind,
+    /// Its key is the host device's registration of it (the rdma path).
+    pub on_host: bool,
 }
 
 /// Notification requested by the last arm doorbell.
@@ -134,6 +136,22 @@ pub struct Qp {
     /// The transport refused the next request (flow control): issue again after a
     /// completion.
     pub waiting_transport: bool,
+    /// Whether the host's RDMA device backs the QP (docs/rdma-transport.md).
+    pub host: HostLink,
+}
+
+/// How a QP stands with the host's RDMA device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HostLink {
+    /// No host QP: the QP's number is the device's own.
+    #[default]
+    None,
+    /// A host QP exists and gave the QP its number, but does not carry it (not connected
+    /// yet, or connected over another path).
+    Standby,
+    /// The host QP carries the QP's work: `recv_posted` receives past the receive queue's
+    /// head were handed to it and not completed yet.
+    Carrying { recv_posted: u32 },
 }
 
 /// A work request a transport carries, waiting for its completion.
@@ -227,6 +245,23 @@ impl Objects {
                 return key;
             }
         }
+    }
+
+    /// Makes `key` (the host device's key for MR `handle`) name it instead of the key it
+    /// was given; false (nothing changed) if `key` names another MR already.
+    pub fn adopt_mr_key(&mut self, handle: u32, key: u32) -> bool {
+        if key >> 8 == 0 || self.mr_keys.contains_key(&(key >> 8)) {
+            return false;
+        }
+        let Some(mr) = self.mrs.get_mut(handle) else {
+            return false;
+        };
+        self.mr_keys.remove(&(mr.rkey >> 8));
+        mr.lkey = key;
+        mr.rkey = key;
+        mr.on_host = true;
+        self.mr_keys.insert(key >> 8, handle);
+        true
     }
 
     /// The handle of the MR that `key` (an lkey or rkey, any low byte) names.

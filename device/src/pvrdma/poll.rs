@@ -19,6 +19,8 @@ const SCAN_EVERY: u32 = 256;
 pub(crate) struct PollState {
     pages: Vec<u32>,
     busy: Vec<u32>,
+    /// QPs the host's RDMA device carries.
+    carried: Vec<u32>,
     since_scan: u32,
 }
 
@@ -76,6 +78,18 @@ impl PvrdmaDevice {
                     .filter(|(_, qp)| qp.sq.backlog(mem).is_ok_and(|pending| pending > 0))
                     .map(|(handle, _)| handle),
             );
+            // Receives whose doorbell was overwritten, for QPs the host device carries.
+            state.carried.clear();
+            state.carried.extend(
+                self.objects
+                    .qps
+                    .iter()
+                    .filter(|(_, qp)| matches!(qp.host, super::objects::HostLink::Carrying { .. }))
+                    .map(|(handle, _)| handle),
+            );
+            for &handle in &state.carried {
+                super::datapath::post_host_receives(self, mem, net, handle);
+            }
             for &handle in &state.busy {
                 activity = true;
                 // Work found without its doorbell: it counts as rung now.

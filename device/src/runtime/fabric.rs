@@ -314,9 +314,10 @@ impl Fabric {
     /// A copy of every device's profiler figures, taken under the lock and nothing else.
     pub fn profile(&self) -> Snapshot {
         type Destinations = Vec<(u32, Option<Option<[u8; 16]>>)>;
+        type Taken = (DeviceSnapshot, Destinations, Vec<[u8; 16]>, Vec<u32>);
         let fabric = &self.shared;
         let mut profiling = false;
-        let taken: Vec<(DeviceSnapshot, Destinations, Vec<[u8; 16]>)> = fabric
+        let taken: Vec<Taken> = fabric
             .indices()
             .filter_map(|index| {
                 fabric.with_endpoint(index, |slot, _| {
@@ -327,17 +328,19 @@ impl Fabric {
                         paths: Vec::new(),
                     };
                     let own = slot.device.gids().collect();
-                    (snapshot, slot.device.qp_destinations(), own)
+                    let carried = slot.device.qps_on_host();
+                    (snapshot, slot.device.qp_destinations(), own, carried)
                 })
             })
             .collect();
         // The path each QP takes, decided as the device decides it (docs/backends.md).
         let devices = taken
             .into_iter()
-            .map(|(mut snapshot, destinations, own)| {
+            .map(|(mut snapshot, destinations, own, carried)| {
                 snapshot.paths = destinations
                     .iter()
-                    .map(|(_, destination)| match destination {
+                    .map(|(qpn, destination)| match destination {
+                        _ if carried.contains(qpn) => QpPath::Rdma,
                         None => QpPath::PerDatagram,
                         Some(None) => QpPath::NotConnected,
                         Some(Some(gid)) if own.contains(gid) => QpPath::Loopback,
@@ -374,6 +377,32 @@ impl Fabric {
     /// Shows the TCP transport's peers in [`Fabric::profile`].
     pub fn set_peer_view(&self, view: pvrdma_backend::tcp::runtime::PeerView) {
         let _ = self.peers.set(view);
+    }
+
+    /// Lets the devices drive the host RDMA device's QPs (the rdma path).
+    pub fn set_host(&self, host: Arc<dyn pvrdma_backend::HostQps>) {
+        self.shared.set_host(host);
+    }
+
+    /// Whether a device of this process holds `gid`.
+    pub fn holds(&self, gid: &[u8; 16]) -> bool {
+        self.shared.find(gid).is_some()
+    }
+
+    /// Whether a peer server announced `gid` as held by its host RDMA device.
+    pub fn peer_rdma_reachable(&self, gid: &[u8; 16]) -> bool {
+        self.peers
+            .get()
+            .is_some_and(|view| view.rdma_reachable(gid))
+    }
+
+    /// A host QP's completion for the device in slot `owner`.
+    pub fn complete_host(&self, completion: &pvrdma_backend::HostCompletion) {
+        self.shared.with_endpoint(completion.owner, |slot, net| {
+            let (device, mem, mut irq) = slot.parts();
+            device.complete_host(mem, &mut irq, net, completion.qpn, &completion.event);
+        });
+        self.contain_faults();
     }
 
     /// Which of the guests' GIDs the host RDMA device holds now.

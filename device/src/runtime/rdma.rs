@@ -7,7 +7,9 @@
 //! The GIDs the device holds are published to the fabric, and the TCP transport tells its
 //! peers which of this server's GIDs the rdma path reaches.
 //!
-//! The path does not carry guest traffic yet; this is what it stands on.
+//! The devices drive the host device through a [`Carrier`] (host QPs and registrations
+//! behind their guest QPs and MRs), and one thread ([`serve_completions`]) takes the host
+//! completions and writes them into the guests' CQs.
 
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
@@ -16,6 +18,7 @@ use std::thread;
 use std::time::Duration;
 
 use log::{info, warn};
+use pvrdma_backend::rdma::carrier::Carrier;
 use pvrdma_backend::rdma::host::HostDevice;
 use pvrdma_backend::rdma::{HostDevice as ListedDevice, LinkLayer, Verbs, devices};
 
@@ -124,6 +127,26 @@ impl RdmaPath {
         }))
     }
 
+    /// The host device as the devices of `fabric` drive it. A destination takes the rdma
+    /// path when it is not a guest of this server (memcpy serves those) and a peer server
+    /// said its RDMA device holds it.
+    pub fn carrier(&self, fabric: &Fabric) -> Arc<Carrier> {
+        let fabric = fabric.clone();
+        let route = Box::new(move |dgid: &Gid| {
+            let addr = Ipv6Addr::from(*dgid);
+            if fabric.holds(dgid) {
+                Err(format!("{addr} is a guest of this server (memcpy)"))
+            } else if fabric.peer_rdma_reachable(dgid) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "no peer server said its RDMA device holds {addr} (TCP carries it)"
+                ))
+            }
+        });
+        Arc::new(Carrier::new(Arc::clone(&self.device), self.port, route))
+    }
+
     /// Where each of `gids` is in the host device's GID table, if it is.
     fn look_up(&self, gids: &[Gid]) -> Result<Vec<(Gid, Option<u32>)>, String> {
         let table = self.device.gids(self.port).map_err(|e| e.to_string())?;
@@ -192,6 +215,22 @@ pub fn watch(path: RdmaPath, fabric: Fabric) -> ! {
             Err(_) => {}
         }
         thread::sleep(WATCH_EVERY);
+    }
+}
+
+/// How long the completion thread waits on the channel before looking again.
+const COMPLETIONS_WAIT: Duration = Duration::from_millis(200);
+
+/// Takes the host completions of every QP the host device carries and hands each to the
+/// device that owns it; never returns.
+pub fn serve_completions(carrier: Arc<Carrier>, fabric: Fabric) -> ! {
+    let mut taken = Vec::new();
+    loop {
+        taken.clear();
+        carrier.wait(COMPLETIONS_WAIT, &mut taken);
+        for completion in &taken {
+            fabric.complete_host(completion);
+        }
     }
 }
 

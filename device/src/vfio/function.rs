@@ -127,9 +127,9 @@ impl PciFunction {
         self.deferred_doorbell = None;
         let windows = self.dma.clear();
         let (objects, eventfds) = self
-            .with_slot(|slot, _| {
+            .with_slot(|slot, net| {
                 let objects = slot.device.object_count();
-                slot.device.reset();
+                slot.device.reset_on(net);
                 if let Some(uar) = &slot.uar {
                     uar.clear();
                 }
@@ -387,9 +387,9 @@ impl DeviceBackend for PciFunction {
         // A device reset does not unmap DMA: the windows belong to the client.
         info!("device reset");
         self.config.reset();
-        self.with_slot(|slot, _| {
+        self.with_slot(|slot, net| {
             slot.msix.clear();
-            slot.device.reset();
+            slot.device.reset_on(net);
             if let Some(uar) = &slot.uar {
                 uar.clear();
             }

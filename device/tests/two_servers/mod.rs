@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use crate::driver::socket_bus::{SocketBus, SocketServer};
 use crate::driver::verbs::{self, PINGPONG_SIZES, QpSpec, ipv4_gid};
 use crate::driver::{self, Cq, Driver, Qp, QpSizes};
-use vfio_user_pvrdma::abi::{self, GID_TYPE_ROCE_V1, PAGE_SIZE, access, qp_type};
+use vfio_user_pvrdma::abi::{
+    self, GID_TYPE_ROCE_V1, PAGE_SIZE, access, qp_type, send_flags, wc_status, wr_opcode,
+};
 
 pub type D = Driver<SocketBus>;
 
@@ -158,14 +160,132 @@ pub fn connect(side: &mut Side, dest_qpn: u32, dgid: [u8; 16]) {
         &verbs::rc_rtr_attrs(dest_qpn, 0x1234, dgid, 0),
     )
     .expect("RTR");
+    // The peer's receive PSN: a real fabric (the rdma path) drops packets numbered
+    // otherwise.
     d.modify_qp(
         side.qp.handle,
         verbs::RC_RTS_MASK,
-        &verbs::rc_rts_attrs(0x5678),
+        &verbs::rc_rts_attrs(0x1234),
     )
     .expect("RTS");
 }
 
 pub fn buffer(side: &Side, va: u64) -> u64 {
     side.mr.buffer.as_ref().expect("user MR").translate(va)
+}
+
+/// SEND with immediate, a 10 KiB WRITE, a READ and a fetch-and-add from A to B.
+pub fn every_rc_verb_crosses(mut a: Side, mut b: Side) {
+    // SEND with immediate: lands in B's receive buffer.
+    let message = b"across two servers";
+    let len = message.len() as u32;
+    b.d.post_recv(&b.qp, 77, &[sge(BUF_VA, 256, b.mr.lkey)])
+        .unwrap();
+    crate::driver::memory::write_bytes(a.d.ram(), buffer(&a, BUF_VA), message);
+    let mut wqe = crate::driver::queues::send_wqe(
+        11,
+        wr_opcode::SEND_WITH_IMM,
+        send_flags::SIGNALED,
+        &[sge(BUF_VA, len, a.mr.lkey)],
+    );
+    // The immediate sits in the header's `ex` word.
+    let ex = std::mem::offset_of!(abi::SendWqeHeader, ex);
+    wqe[ex..ex + 4].copy_from_slice(&0x1234_5678u32.to_le_bytes());
+    a.d.post_send_raw(&a.qp, &wqe).unwrap();
+    a.d.ring_qp(&a.qp, abi::uar::QP_SEND);
+    let sent = wait_cqes(&mut a.d, &a.cq, 1);
+    assert_eq!((sent[0].wr_id, sent[0].status), (11, wc_status::SUCCESS));
+    let received = wait_cqes(&mut b.d, &b.cq, 1);
+    assert_eq!(
+        (
+            received[0].wr_id,
+            received[0].status,
+            received[0].byte_len,
+            received[0].imm_data
+        ),
+        (77, wc_status::SUCCESS, len, 0x1234_5678)
+    );
+    assert_eq!(
+        crate::driver::memory::snapshot(b.d.ram(), buffer(&b, BUF_VA), message.len()),
+        message
+    );
+
+    // RDMA WRITE of 10 KiB into B's MR, then READ it back into another part of A's.
+    let data: Vec<u8> = (0..10_240u32).map(|i| (i * 13 % 251) as u8).collect();
+    for (i, chunk) in data.chunks(PAGE_SIZE as usize).enumerate() {
+        let va = BUF_VA + i as u64 * PAGE_SIZE;
+        crate::driver::memory::write_bytes(a.d.ram(), buffer(&a, va), chunk);
+    }
+    let write = crate::driver::queues::rdma_wqe(
+        21,
+        wr_opcode::RDMA_WRITE,
+        send_flags::SIGNALED,
+        &[sge(BUF_VA, data.len() as u32, a.mr.lkey)],
+        BUF_VA,
+        b.mr.rkey,
+    );
+    a.d.post_send_raw(&a.qp, &write).unwrap();
+    a.d.ring_qp(&a.qp, abi::uar::QP_SEND);
+    let cqes = wait_cqes(&mut a.d, &a.cq, 1);
+    assert_eq!((cqes[0].wr_id, cqes[0].status), (21, wc_status::SUCCESS));
+    let mut landed = Vec::new();
+    for i in 0..3u64 {
+        let take = (data.len() as u64 - i * PAGE_SIZE).min(PAGE_SIZE) as usize;
+        landed.extend(crate::driver::memory::snapshot(
+            b.d.ram(),
+            buffer(&b, BUF_VA + i * PAGE_SIZE),
+            take,
+        ));
+    }
+    assert_eq!(landed, data, "the WRITE's bytes in B's memory");
+    assert_eq!(
+        b.d.drain_cq(&b.cq),
+        [],
+        "a WRITE without immediate consumes no receive"
+    );
+
+    let read = crate::driver::queues::rdma_wqe(
+        22,
+        wr_opcode::RDMA_READ,
+        send_flags::SIGNALED,
+        &[sge(BUF_VA + 3 * PAGE_SIZE, 100, a.mr.lkey)],
+        BUF_VA + 50,
+        b.mr.rkey,
+    );
+    a.d.post_send_raw(&a.qp, &read).unwrap();
+    a.d.ring_qp(&a.qp, abi::uar::QP_SEND);
+    let cqes = wait_cqes(&mut a.d, &a.cq, 1);
+    assert_eq!(
+        (cqes[0].wr_id, cqes[0].status, cqes[0].byte_len),
+        (22, wc_status::SUCCESS, 100)
+    );
+    assert_eq!(
+        crate::driver::memory::snapshot(a.d.ram(), buffer(&a, BUF_VA + 3 * PAGE_SIZE), 100),
+        &data[50..150]
+    );
+
+    // Fetch-and-add on B's first word: A gets the old value, B's memory the sum.
+    crate::driver::memory::write_bytes(b.d.ram(), buffer(&b, BUF_VA), &40u64.to_le_bytes());
+    let faa = crate::driver::queues::atomic_wqe(
+        23,
+        wr_opcode::ATOMIC_FETCH_AND_ADD,
+        send_flags::SIGNALED,
+        &[sge(BUF_VA + 3 * PAGE_SIZE, 8, a.mr.lkey)],
+        BUF_VA,
+        b.mr.rkey,
+        2,
+        0,
+    );
+    a.d.post_send_raw(&a.qp, &faa).unwrap();
+    a.d.ring_qp(&a.qp, abi::uar::QP_SEND);
+    let cqes = wait_cqes(&mut a.d, &a.cq, 1);
+    assert_eq!((cqes[0].wr_id, cqes[0].status), (23, wc_status::SUCCESS));
+    assert_eq!(
+        crate::driver::memory::snapshot(a.d.ram(), buffer(&a, BUF_VA + 3 * PAGE_SIZE), 8),
+        40u64.to_le_bytes()
+    );
+    assert_eq!(
+        crate::driver::memory::snapshot(b.d.ram(), buffer(&b, BUF_VA), 8),
+        42u64.to_le_bytes()
+    );
 }

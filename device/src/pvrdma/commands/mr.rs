@@ -10,6 +10,8 @@ use crate::pvrdma::memory::GuestRam;
 use crate::pvrdma::objects::{KERNEL_CONTEXT, Mr, MrKind};
 use crate::pvrdma::pdir;
 use crate::pvrdma::{PvrdmaDevice, errno};
+use log::warn;
+use pvrdma_backend::Network;
 
 /// Access bits the device understands; higher "optional" IB bits are dropped.
 const KNOWN_ACCESS: u32 = access::LOCAL_WRITE
@@ -20,7 +22,12 @@ const KNOWN_ACCESS: u32 = access::LOCAL_WRITE
     | access::ZERO_BASED
     | access::ON_DEMAND;
 
-pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Request) -> Reply {
+pub(super) fn create(
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    net: &dyn Network,
+    request: &Request,
+) -> Reply {
     let req: CreateMrRequest = request.parse();
     let pd_ctx = device
         .objects
@@ -50,6 +57,7 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
             lkey: 0,
             rkey: 0,
             kind,
+            on_host: false,
         })
         .ok_or(errno::ENOMEM)?;
     // An unpredictable key (consumers of fast-register MRs change its low byte): a peer
@@ -60,6 +68,7 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
         mr.lkey = key;
         mr.rkey = key;
     }
+    let key = register_on_host(device, mem, net, handle).unwrap_or(key);
     reply(&CreateMrResponse {
         mr_handle: handle,
         lkey: key,
@@ -89,8 +98,68 @@ fn user_mr(device: &PvrdmaDevice, mem: &GuestRam, req: &CreateMrRequest) -> Resu
     })
 }
 
-pub(super) fn destroy(device: &mut PvrdmaDevice, request: &Request) -> Reply {
+/// Registers user MR `handle` with the host's RDMA device when this guest's traffic can
+/// take the rdma path (a GID of its port is on the host device), and gives it the host's
+/// key: the guest then hands its peers a key their host devices understand, and posts its
+/// own keys unchanged (docs/rdma-transport.md). `None`: the MR keeps the device's key.
+fn register_on_host(
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    net: &dyn Network,
+    handle: u32,
+) -> Option<u32> {
+    let host = net.host()?;
+    let offered = device
+        .objects
+        .gids
+        .iter()
+        .flatten()
+        .any(|gid| host.qps.offers(&gid.raw));
+    if !offered {
+        return None;
+    }
+    let mr = device.objects.mrs.get(handle)?;
+    let MrKind::User {
+        start,
+        length,
+        pages,
+    } = &mr.kind
+    else {
+        return None;
+    };
+    let registered = host.qps.register(
+        host.owner,
+        mem,
+        pages,
+        PAGE_SIZE as usize,
+        start % PAGE_SIZE,
+        *length,
+        *start,
+        mr.access,
+    );
+    let key = match registered {
+        Ok(region) => region.key,
+        Err(e) => {
+            warn!("rdma path: MR {handle} stays off the host device: {e}");
+            return None;
+        }
+    };
+    if device.objects.adopt_mr_key(handle, key) {
+        Some(key)
+    } else {
+        warn!("rdma path: MR {handle}: the host key {key:#x} names another MR; not adopted");
+        host.qps.deregister(host.owner, key);
+        None
+    }
+}
+
+pub(super) fn destroy(device: &mut PvrdmaDevice, net: &dyn Network, request: &Request) -> Reply {
     let req: HandleRequest = request.parse();
-    device.objects.remove_mr(req.handle).ok_or(errno::ENOENT)?;
+    let mr = device.objects.remove_mr(req.handle).ok_or(errno::ENOENT)?;
+    if mr.on_host
+        && let Some(host) = net.host()
+    {
+        host.qps.deregister(host.owner, mr.rkey);
+    }
     header_only()
 }

@@ -8,17 +8,24 @@ use crate::abi::{
     qp_attr_mask as mask, qp_state, qp_type, version,
 };
 use crate::pvrdma::memory::GuestRam;
-use crate::pvrdma::objects::{GSI_QP_HANDLE, KERNEL_CONTEXT, QPN_OFFSET, Qp};
+use crate::pvrdma::objects::{GSI_QP_HANDLE, HostLink, KERNEL_CONTEXT, QPN_OFFSET, Qp};
 use crate::pvrdma::pdir;
 use crate::pvrdma::ring::{Indices, Ring};
 use crate::pvrdma::{PvrdmaDevice, errno};
+use log::{info, warn};
+use pvrdma_backend::{Connect, HostQpCaps, Network, SendSide};
 
 /// WQE stride for `sges` scatter-gather entries after a header of `header` bytes (§6.3).
 fn stride(header: u64, sges: u32) -> u64 {
     (header + SGE_SIZE * u64::from(sges)).next_power_of_two()
 }
 
-pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Request) -> Reply {
+pub(super) fn create(
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    net: &dyn Network,
+    request: &Request,
+) -> Reply {
     let req: CreateQpRequest = request.parse();
     let limits = *device.limits();
     let objects = &device.objects;
@@ -123,6 +130,7 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
         next_ticket: 0,
         epoch: device.objects.next_qp_epoch,
         waiting_transport: false,
+        host: HostLink::None,
         attr: QpAttr {
             qp_state: qp_state::RESET,
             cap,
@@ -141,14 +149,33 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
     };
     // Drivers older than version 20 use the QPN as the handle: there the two are equal.
     let driver_version = device.shared.as_ref().map_or(0, |s| s.driver_version);
-    let qpn = if handle == GSI_QP_HANDLE || driver_version < version::QP_HANDLE {
-        handle
+    // An RC QP of a user context may take the rdma path: it adopts its host QP's number,
+    // which its peers then address on the wire (docs/rdma-transport.md).
+    let host_qpn = if req.qp_type == qp_type::RC
+        && pd_ctx != KERNEL_CONTEXT
+        && srq.is_none()
+        && driver_version >= version::QP_HANDLE
+    {
+        create_on_host(device, net, &cap)
     } else {
-        handle + QPN_OFFSET
+        None
+    };
+    let qpn = match host_qpn {
+        Some(qpn) => qpn,
+        None if handle == GSI_QP_HANDLE || driver_version < version::QP_HANDLE => handle,
+        None => handle + QPN_OFFSET,
     };
     if !device.objects.number_qp(handle, qpn) {
         device.objects.remove_qp(handle);
+        if let (Some(qpn), Some(host)) = (host_qpn, net.host()) {
+            host.qps.destroy_qp(qpn);
+        }
         return Err(errno::EBUSY);
+    }
+    if host_qpn.is_some()
+        && let Some(qp) = device.objects.qps.get_mut(handle)
+    {
+        qp.host = HostLink::Standby;
     }
     if driver_version >= version::QP_HANDLE {
         reply(&CreateQpResponseV2 {
@@ -170,6 +197,126 @@ pub(super) fn create(device: &mut PvrdmaDevice, mem: &GuestRam, request: &Reques
             ..Default::default()
         })
     }
+}
+
+/// A host QP for a new RC QP, when the host's RDMA device holds one of this port's GIDs;
+/// its number, if made.
+fn create_on_host(device: &PvrdmaDevice, net: &dyn Network, cap: &QpCap) -> Option<u32> {
+    let host = net.host()?;
+    let offered = device
+        .objects
+        .gids
+        .iter()
+        .flatten()
+        .any(|gid| host.qps.offers(&gid.raw));
+    if !offered {
+        return None;
+    }
+    let caps = HostQpCaps {
+        send_wr: cap.max_send_wr,
+        recv_wr: cap.max_recv_wr,
+        send_sge: cap.max_send_sge,
+        recv_sge: cap.max_recv_sge,
+    };
+    match host.qps.create_qp(host.owner, caps) {
+        Ok(qpn) => Some(qpn),
+        Err(e) => {
+            warn!("rdma path: no host QP for a new QP ({e}); it takes the other paths");
+            None
+        }
+    }
+}
+
+/// Moves QP `handle`'s host QP along with the guest's transition `current` → `target`. At
+/// RTR the host QP connects if the host device is the way to the destination, and from
+/// then on carries the QP; otherwise the QP takes the memcpy or TCP path as any QP does.
+fn follow_on_host(
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    net: &dyn Network,
+    handle: u32,
+    current: u32,
+) -> Result<(), u32> {
+    let Some(host) = net.host() else {
+        return Ok(());
+    };
+    let Some(qp) = device.objects.qps.get(handle) else {
+        return Ok(());
+    };
+    if qp.host == HostLink::None {
+        return Ok(());
+    }
+    let (qpn, attr) = (qp.qpn, qp.attr);
+    let target = attr.qp_state;
+    let link = match (current, target) {
+        (_, qp_state::RESET) if current != qp_state::RESET => {
+            host.qps.stop_qp(qpn, false);
+            HostLink::Standby
+        }
+        (_, qp_state::ERR) => {
+            host.qps.stop_qp(qpn, true);
+            HostLink::Standby
+        }
+        (qp_state::RESET, qp_state::INIT) => {
+            if let Err(e) = host.qps.init_qp(qpn, attr.qp_access_flags) {
+                warn!("rdma path: QP {qpn:#x} to INIT on the host: {e}");
+            }
+            HostLink::Standby
+        }
+        (qp_state::INIT, qp_state::RTR) => {
+            let sgid = device
+                .objects
+                .gids
+                .get(usize::from(attr.ah_attr.grh.sgid_index))
+                .copied()
+                .flatten()
+                .map(|gid| gid.raw)
+                .unwrap_or_default();
+            let connect = Connect {
+                sgid,
+                dgid: attr.ah_attr.grh.dgid,
+                dest_qpn: attr.dest_qp_num,
+                rq_psn: attr.rq_psn,
+                path_mtu: attr.path_mtu,
+                max_dest_rd_atomic: attr.max_dest_rd_atomic,
+                min_rnr_timer: attr.min_rnr_timer,
+                access: attr.qp_access_flags,
+            };
+            match host.qps.connect_qp(qpn, &connect) {
+                Ok(()) => {
+                    info!("rdma path: QP {qpn:#x} is carried by the host's RDMA device");
+                    HostLink::Carrying { recv_posted: 0 }
+                }
+                Err(e) => {
+                    info!("rdma path: QP {qpn:#x} takes another path: {e}");
+                    HostLink::Standby
+                }
+            }
+        }
+        (qp_state::RTR, qp_state::RTS) if matches!(qp.host, HostLink::Carrying { .. }) => {
+            let send = SendSide {
+                sq_psn: attr.sq_psn,
+                timeout: attr.timeout,
+                retry_cnt: attr.retry_cnt,
+                rnr_retry: attr.rnr_retry,
+                max_rd_atomic: attr.max_rd_atomic,
+            };
+            if let Err(e) = host.qps.ready_qp(qpn, &send) {
+                warn!("rdma path: QP {qpn:#x} to RTS on the host: {e}");
+                return Err(errno::EIO);
+            }
+            return Ok(());
+        }
+        _ => return Ok(()),
+    };
+    if let Some(qp) = device.objects.qps.get_mut(handle) {
+        qp.host = link;
+    }
+    if matches!(link, HostLink::Carrying { .. }) {
+        // Receives the guest posted before RTR go to the host QP now.
+        crate::pvrdma::datapath::post_host_receives(device, mem, net, handle);
+    }
+    Ok(())
 }
 
 /// Whether the IB state machine allows `from` → `to` (the driver checks the same with
@@ -196,6 +343,7 @@ fn transition_allowed(from: u32, to: u32) -> bool {
 pub(super) fn modify(
     device: &mut PvrdmaDevice,
     mem: &GuestRam,
+    net: &dyn Network,
     request: &Request,
     flush: &mut Vec<u32>,
 ) -> Reply {
@@ -307,6 +455,9 @@ pub(super) fn modify(
     if target == qp_state::ERR {
         flush.push(req.qp_handle);
     }
+    if target != current {
+        follow_on_host(device, mem, net, req.qp_handle, current)?;
+    }
     header_only()
 }
 
@@ -319,9 +470,14 @@ pub(super) fn query(device: &PvrdmaDevice, request: &Request) -> Reply {
     })
 }
 
-pub(super) fn destroy(device: &mut PvrdmaDevice, request: &Request) -> Reply {
+pub(super) fn destroy(device: &mut PvrdmaDevice, net: &dyn Network, request: &Request) -> Reply {
     let req: HandleRequest = request.parse();
-    device.objects.remove_qp(req.handle).ok_or(errno::ENOENT)?;
+    let qp = device.objects.remove_qp(req.handle).ok_or(errno::ENOENT)?;
+    if qp.host != HostLink::None
+        && let Some(host) = net.host()
+    {
+        host.qps.destroy_qp(qp.qpn);
+    }
     reply(&HandleResponse::default())
 }
 

@@ -2,11 +2,14 @@
 //! side executes requests from peers (or from this device, in loopback) against receive
 //! queues and memory regions. Completions go through `completion`.
 
+mod host;
 mod memory_ops;
 mod requester;
 mod responder;
 mod translate;
 
+pub(super) use host::complete as complete_host;
+pub(crate) use host::post_host_receives;
 pub use requester::Timing;
 pub(super) use requester::{
     complete_remote, note_receiver_not_ready, process_send_queue, resume_stalled,
@@ -88,8 +91,19 @@ pub(super) fn peek_recv(
     stride: u64,
     max_sge: u32,
 ) -> Result<Option<RecvWqe>, WqeError> {
+    peek_recv_ahead(ring, mem, 0, stride, max_sge)
+}
+
+/// The receive WQE `ahead` places after the head of `ring`, if any.
+pub(super) fn peek_recv_ahead(
+    ring: &Ring,
+    mem: &GuestRam,
+    ahead: u32,
+    stride: u64,
+    max_sge: u32,
+) -> Result<Option<RecvWqe>, WqeError> {
     let mut bytes = vec![0u8; usize::try_from(stride).unwrap_or(0)];
-    match ring.peek(mem, &mut bytes) {
+    match ring.peek_ahead(mem, ahead, &mut bytes) {
         Ok(Some(())) => {}
         Ok(None) => return Ok(None),
         Err(_) => return Err(WqeError::BrokenQueue),

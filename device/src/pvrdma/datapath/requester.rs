@@ -13,7 +13,7 @@ use super::{SendWqe, WqeError, peek_send};
 use crate::abi::{self, Cqe, qp_state, qp_type, send_flags, wc_status, wr_opcode};
 use crate::pvrdma::completion::{self, send_completion_opcode};
 use crate::pvrdma::memory::GuestRam;
-use crate::pvrdma::objects::{InFlight, KERNEL_CONTEXT};
+use crate::pvrdma::objects::{HostLink, InFlight, KERNEL_CONTEXT};
 use crate::pvrdma::profile::Stage;
 use crate::pvrdma::{Interrupts, PvrdmaDevice};
 
@@ -100,10 +100,10 @@ pub fn resume_stalled(
 
 /// Everything a WQE needs once it has been read and checked: owned, so the device is free
 /// to answer the request itself (loopback).
-struct Plan {
-    wqe: SendWqe,
+pub(super) struct Plan {
+    pub(super) wqe: SendWqe,
     destination: Destination,
-    source: Source,
+    pub(super) source: Source,
     service: Service,
     local: Sgl,
     signaled: bool,
@@ -191,6 +191,24 @@ fn step(
             return false;
         }
     };
+    // A QP the host's RDMA device carries posts the WQE to its host QP as it is.
+    if device
+        .objects
+        .qps
+        .get(qp_handle)
+        .is_some_and(|qp| matches!(qp.host, HostLink::Carrying { .. }))
+    {
+        return super::host::send(
+            device,
+            mem,
+            irq,
+            net,
+            qp_handle,
+            &plan,
+            ahead,
+            timing.is_some(),
+        );
+    }
     let header = plan.wqe.header;
     let solicited = header.send_flags & send_flags::SOLICITED != 0;
     let imm = matches!(
@@ -423,7 +441,7 @@ fn record_completion(
 }
 
 /// Records a work request a transport took (or answered behind older ones in flight).
-fn issue(
+pub(super) fn issue(
     device: &mut PvrdmaDevice,
     qp_handle: u32,
     plan: &Plan,
@@ -743,7 +761,7 @@ fn plan(device: &PvrdmaDevice, qp_handle: u32, wqe: SendWqe) -> Result<Plan, (Se
 
 /// Completes the WQE at the head with an error status and moves the QP to the error state,
 /// which flushes the rest of its work (§9.2).
-fn fail(
+pub(super) fn fail(
     device: &mut PvrdmaDevice,
     mem: &GuestRam,
     irq: &mut dyn Interrupts,
@@ -772,7 +790,7 @@ fn fail(
     completion::flush_qp(device, mem, irq, qp_handle);
 }
 
-fn to_error(device: &mut PvrdmaDevice, qp_handle: u32) {
+pub(super) fn to_error(device: &mut PvrdmaDevice, qp_handle: u32) {
     if let Some(qp) = device.objects.qps.get_mut(qp_handle) {
         qp.attr.qp_state = qp_state::ERR;
         qp.attr.cur_qp_state = qp_state::ERR;

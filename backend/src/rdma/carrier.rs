@@ -1,0 +1,419 @@
+//! The rdma path's work on the host device: a host QP for each guest RC QP that may take
+//! the path, a host registration for each guest MR, and the completions of both, routed
+//! back to the device that owns them (docs/rdma-transport.md).
+//!
+//! Every guest QP gets its own host CQ (send and receive completions together) on the
+//! device's one completion channel, sized for both of its queues, so a CQ can never
+//! overflow whatever the guest posts. One thread waits on the channel ([`Carrier::wait`])
+//! and hands the completions to the runtime, which writes them into the guests' CQs.
+
+use std::collections::HashMap;
+use std::net::Ipv6Addr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use log::debug;
+
+use super::abi::*;
+use super::devices::GidKind;
+use super::host::{HostCq, HostDevice, HostMr, HostQp, RcPath, RcSend};
+use super::view::ContiguousView;
+use crate::{
+    Connect, Gid, GuestMemory, HostCompletion, HostEvent, HostOp, HostPathError, HostQpCaps,
+    HostQps, HostReceipt, HostRegion, HostSend, KeyedSge, ReceiveError, RemoteError, SendSide,
+};
+
+/// Marks a receive's `wr_id` (a send's is the requester's ticket, which never gets there).
+const RECEIVE: u64 = 1 << 63;
+/// Completions taken from a CQ at once.
+const POLL_BATCH: usize = 32;
+
+/// Decides whether the host device reaches a destination GID: `Err` says why not.
+pub type Route = Box<dyn Fn(&Gid) -> Result<(), String> + Send + Sync>;
+
+/// One guest QP's host QP.
+struct Entry {
+    owner: usize,
+    qp: HostQp,
+    cq: Arc<HostCq>,
+}
+
+/// The host device as the devices of one process use it.
+pub struct Carrier {
+    device: Arc<HostDevice>,
+    port: u8,
+    route: Route,
+    qps: Mutex<HashMap<u32, Entry>>,
+    /// By owner and key.
+    mrs: Mutex<HashMap<(usize, u32), HostMr>>,
+}
+
+impl std::fmt::Debug for Carrier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Carrier({} port {})", self.device.name(), self.port)
+    }
+}
+
+fn failed(error: impl std::fmt::Display) -> HostPathError {
+    HostPathError(error.to_string())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Carrier {
+    pub fn new(device: Arc<HostDevice>, port: u8, route: Route) -> Carrier {
+        Carrier {
+            device,
+            port,
+            route,
+            qps: Mutex::new(HashMap::new()),
+            mrs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn device_name(&self) -> &str {
+        self.device.name()
+    }
+
+    /// Runs `work` on QP `qpn`'s host QP.
+    fn with_qp<R>(
+        &self,
+        qpn: u32,
+        work: impl FnOnce(&mut HostQp) -> Result<R, HostPathError>,
+    ) -> Result<R, HostPathError> {
+        let mut qps = lock(&self.qps);
+        let entry = qps
+            .get_mut(&qpn)
+            .ok_or_else(|| failed(format!("no host QP {qpn:#x}")))?;
+        work(&mut entry.qp)
+    }
+
+    /// Where `sgid` is in the port's GID table (a RoCE v2 entry if there are both).
+    fn gid_index(&self, sgid: &Gid) -> Result<u8, HostPathError> {
+        let table = self.device.gids(self.port).map_err(failed)?;
+        let mut found: Vec<_> = table.iter().filter(|e| e.gid == *sgid).collect();
+        found.sort_by_key(|e| e.kind != Some(GidKind::RoceV2));
+        let entry = found.first().ok_or_else(|| {
+            failed(format!(
+                "the guest's GID {} is not in {}'s GID table (no host interface carries it)",
+                Ipv6Addr::from(*sgid),
+                self.device.name()
+            ))
+        })?;
+        u8::try_from(entry.index).map_err(|_| failed("GID index above 255"))
+    }
+
+    /// Waits up to `timeout` for the channel, then takes every completion of the CQ that
+    /// raised the event.
+    pub fn wait(&self, timeout: Duration, out: &mut Vec<HostCompletion>) {
+        let mut pollfd = libc::pollfd {
+            fd: self.device.channel_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pollfd, 1, ms) } <= 0 {
+            return;
+        }
+        let cqs: Vec<Arc<HostCq>> = lock(&self.qps)
+            .values()
+            .map(|e| Arc::clone(&e.cq))
+            .collect();
+        let cq = match self.device.take_event(&cqs) {
+            Ok(Some(cq)) => cq,
+            Ok(None) => return,
+            Err(e) => {
+                debug!("rdma path: {e}");
+                return;
+            }
+        };
+        cq.ack_events();
+        let qps = lock(&self.qps);
+        let Some((&qpn, entry)) = qps.iter().find(|(_, e)| Arc::ptr_eq(&e.cq, &cq)) else {
+            return;
+        };
+        // Armed again before polling, so a completion that lands in between raises an event.
+        if let Err(e) = entry.cq.arm() {
+            debug!("rdma path: {e}");
+        }
+        let mut wcs = [IbvWc::default(); POLL_BATCH];
+        loop {
+            let n = match entry.cq.poll(&mut wcs) {
+                Ok(n) => n,
+                Err(e) => {
+                    debug!("rdma path: {e}");
+                    return;
+                }
+            };
+            out.extend(wcs[..n].iter().map(|wc| HostCompletion {
+                owner: entry.owner,
+                qpn,
+                event: event_of(wc),
+            }));
+            if n < POLL_BATCH {
+                return;
+            }
+        }
+    }
+}
+
+/// What a work completion means for the guest.
+fn event_of(wc: &IbvWc) -> HostEvent {
+    if wc.wr_id & RECEIVE == 0 {
+        let result = match wc.status {
+            WC_SUCCESS => Ok(()),
+            WC_REM_ACCESS_ERR => Err(RemoteError::AccessError),
+            WC_REM_INV_REQ_ERR => Err(RemoteError::InvalidRequest),
+            WC_RETRY_EXC_ERR => Err(RemoteError::Dropped),
+            WC_RNR_RETRY_EXC_ERR => Err(RemoteError::ReceiverNotReady),
+            _ => Err(RemoteError::OperationError),
+        };
+        return HostEvent::Sent {
+            ticket: wc.wr_id,
+            result,
+        };
+    }
+    let result = match wc.status {
+        WC_SUCCESS => Ok(()),
+        WC_LOC_LEN_ERR => Err(ReceiveError::Length),
+        WC_LOC_PROT_ERR => Err(ReceiveError::Protection),
+        WC_WR_FLUSH_ERR => Err(ReceiveError::Flushed),
+        _ => Err(ReceiveError::Other),
+    };
+    HostEvent::Received(HostReceipt {
+        ticket: wc.wr_id & !RECEIVE,
+        result,
+        byte_len: wc.byte_len,
+        imm: (wc.wc_flags & WC_WITH_IMM != 0).then_some(wc.imm_data),
+        by_write: wc.opcode == WC_RECV_RDMA_WITH_IMM,
+        src_qp: wc.src_qp,
+    })
+}
+
+fn scatter(sges: &[KeyedSge]) -> Vec<IbvSge> {
+    sges.iter()
+        .map(|s| IbvSge {
+            addr: s.addr,
+            length: s.length,
+            lkey: s.lkey,
+        })
+        .collect()
+}
+
+/// The send work request for `send` over `list`.
+fn send_wr(send: &HostSend<'_>, list: &mut [IbvSge]) -> IbvSendWr {
+    let mut wr = IbvSendWr {
+        wr_id: send.ticket,
+        sg_list: list.as_mut_ptr(),
+        num_sge: libc::c_int::try_from(list.len()).unwrap_or(0),
+        // Every request completes on the host: the device keeps its slot until then and
+        // decides itself whether the guest sees a completion.
+        send_flags: SEND_SIGNALED | if send.solicited { SEND_SOLICITED } else { 0 },
+        ..IbvSendWr::default()
+    };
+    let rdma = |remote_addr: u64, rkey: u32| IbvSendWrRemote {
+        remote_addr,
+        // `rdma.rkey` overlays the low half of `atomic.compare_add`.
+        compare_add: u64::from(rkey),
+        ..IbvSendWrRemote::default()
+    };
+    // Immediate data travels as the guest wrote it: both sides keep the bytes as they are.
+    match send.op {
+        HostOp::Send { imm: None } => wr.opcode = WR_SEND,
+        HostOp::Send { imm: Some(imm) } => {
+            wr.opcode = WR_SEND_WITH_IMM;
+            wr.imm_data = imm;
+        }
+        HostOp::Write {
+            remote_addr,
+            rkey,
+            imm,
+        } => {
+            wr.opcode = if imm.is_some() {
+                WR_RDMA_WRITE_WITH_IMM
+            } else {
+                WR_RDMA_WRITE
+            };
+            wr.imm_data = imm.unwrap_or(0);
+            wr.wr = rdma(remote_addr, rkey);
+        }
+        HostOp::Read { remote_addr, rkey } => {
+            wr.opcode = WR_RDMA_READ;
+            wr.wr = rdma(remote_addr, rkey);
+        }
+        HostOp::CompareSwap {
+            remote_addr,
+            rkey,
+            compare,
+            swap,
+        } => {
+            wr.opcode = WR_ATOMIC_CMP_AND_SWP;
+            wr.wr = IbvSendWrRemote {
+                remote_addr,
+                compare_add: compare,
+                swap,
+                rkey,
+            };
+        }
+        HostOp::FetchAdd {
+            remote_addr,
+            rkey,
+            add,
+        } => {
+            wr.opcode = WR_ATOMIC_FETCH_AND_ADD;
+            wr.wr = IbvSendWrRemote {
+                remote_addr,
+                compare_add: add,
+                swap: 0,
+                rkey,
+            };
+        }
+    }
+    wr
+}
+
+impl HostQps for Carrier {
+    fn offers(&self, gid: &Gid) -> bool {
+        self.gid_index(gid).is_ok()
+    }
+
+    fn create_qp(&self, owner: usize, caps: HostQpCaps) -> Result<u32, HostPathError> {
+        let depth = caps.send_wr.saturating_add(caps.recv_wr).saturating_add(1);
+        let cq = self.device.create_cq(depth).map_err(failed)?;
+        cq.arm().map_err(failed)?;
+        let qp = self
+            .device
+            .create_rc_qp(
+                &cq,
+                IbvQpCap {
+                    max_send_wr: caps.send_wr.max(1),
+                    max_recv_wr: caps.recv_wr.max(1),
+                    max_send_sge: caps.send_sge.max(1),
+                    max_recv_sge: caps.recv_sge.max(1),
+                    max_inline_data: 0,
+                },
+            )
+            .map_err(failed)?;
+        let qpn = qp.qpn();
+        lock(&self.qps).insert(qpn, Entry { owner, qp, cq });
+        Ok(qpn)
+    }
+
+    fn destroy_qp(&self, qpn: u32) {
+        let gone = lock(&self.qps).remove(&qpn);
+        drop(gone);
+    }
+
+    fn init_qp(&self, qpn: u32, access: u32) -> Result<(), HostPathError> {
+        let access = libc::c_int::try_from(access & 0xf).unwrap_or(0);
+        let port = self.port;
+        self.with_qp(qpn, |qp| qp.to_init(port, access).map_err(failed))
+    }
+
+    fn connect_qp(&self, qpn: u32, connect: &Connect) -> Result<(), HostPathError> {
+        (self.route)(&connect.dgid).map_err(HostPathError)?;
+        let sgid_index = self.gid_index(&connect.sgid)?;
+        let active = self.device.port(self.port).map_err(failed)?.active_mtu;
+        let path = RcPath {
+            port: self.port,
+            mtu: connect.path_mtu.clamp(1, active.max(1)),
+            sgid_index,
+            dgid: connect.dgid,
+            dest_qpn: connect.dest_qpn,
+            rq_psn: connect.rq_psn,
+            max_dest_rd_atomic: connect.max_dest_rd_atomic,
+            min_rnr_timer: connect.min_rnr_timer,
+        };
+        self.with_qp(qpn, |qp| qp.to_rtr(&path).map_err(failed))
+    }
+
+    fn ready_qp(&self, qpn: u32, send: &SendSide) -> Result<(), HostPathError> {
+        let send = RcSend {
+            sq_psn: send.sq_psn,
+            timeout: send.timeout,
+            retry_cnt: send.retry_cnt,
+            rnr_retry: send.rnr_retry,
+            max_rd_atomic: send.max_rd_atomic,
+        };
+        self.with_qp(qpn, |qp| qp.to_rts(&send).map_err(failed))
+    }
+
+    fn stop_qp(&self, qpn: u32, error: bool) {
+        let state = if error { QPS_ERR } else { QPS_RESET };
+        if let Err(e) = self.with_qp(qpn, |qp| qp.set_state(state).map_err(failed)) {
+            debug!("rdma path: QP {qpn:#x}: {e}");
+        }
+    }
+
+    fn post_send(&self, qpn: u32, send: &HostSend<'_>) -> Result<(), HostPathError> {
+        let mut list = scatter(send.sges);
+        let mut wr = send_wr(send, &mut list);
+        self.with_qp(qpn, |qp| qp.post_send(&mut wr).map_err(failed))
+    }
+
+    fn post_recv(&self, qpn: u32, ticket: u64, sges: &[KeyedSge]) -> Result<(), HostPathError> {
+        let mut list = scatter(sges);
+        let mut wr = IbvRecvWr {
+            wr_id: ticket | RECEIVE,
+            next: std::ptr::null_mut(),
+            sg_list: list.as_mut_ptr(),
+            num_sge: libc::c_int::try_from(list.len()).unwrap_or(0),
+        };
+        self.with_qp(qpn, |qp| qp.post_recv(&mut wr).map_err(failed))
+    }
+
+    fn register(
+        &self,
+        owner: usize,
+        memory: &GuestMemory,
+        pages: &[u64],
+        page_size: usize,
+        offset: u64,
+        length: u64,
+        iova: u64,
+        access: u32,
+    ) -> Result<HostRegion, HostPathError> {
+        let view = ContiguousView::map(memory, pages, page_size).map_err(failed)?;
+        let access = libc::c_int::try_from(access & 0xf).unwrap_or(0);
+        let mr = self
+            .device
+            .register_part(view, offset, length, iova, access)
+            .map_err(failed)?;
+        let key = mr.lkey();
+        // The guest's one key serves as both: the host's rkey must be the same (or none,
+        // for an MR peers may not touch, whose key a peer then fails with).
+        if mr.rkey() != key && mr.rkey() != 0 {
+            return Err(failed(format!(
+                "the host gave the MR lkey {key:#x} and rkey {:#x}; the guest has one key",
+                mr.rkey()
+            )));
+        }
+        lock(&self.mrs).insert((owner, key), mr);
+        Ok(HostRegion { key })
+    }
+
+    fn deregister(&self, owner: usize, key: u32) {
+        let gone = lock(&self.mrs).remove(&(owner, key));
+        drop(gone);
+    }
+
+    fn forget_owner(&self, owner: usize) {
+        // QPs first: they may still use the MRs.
+        let qps: Vec<Entry> = {
+            let mut all = lock(&self.qps);
+            let numbers: Vec<u32> = all
+                .iter()
+                .filter(|(_, e)| e.owner == owner)
+                .map(|(qpn, _)| *qpn)
+                .collect();
+            numbers.iter().filter_map(|n| all.remove(n)).collect()
+        };
+        drop(qps);
+        lock(&self.mrs).retain(|(o, _), _| *o != owner);
+    }
+}
