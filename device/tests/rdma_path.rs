@@ -11,7 +11,13 @@ use driver::verbs::ipv4_gid;
 use pvrdma_backend::rdma::{Verbs, devices};
 use vfio_user_pvrdma::abi::GID_TYPE_ROCE_V1;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use driver::memory;
 use driver::socket_bus::SocketServer;
+use two_servers::{BUF_VA, Side, buffer, sge, wait_cqes};
+use vfio_user_pvrdma::abi::{self, qp_state, send_flags, wc_status, wr_opcode};
 
 /// The device named by `PVRDMA_RDMA_DEVICE`, or `None` (said loudly).
 fn rdma_device(test: &str) -> Option<String> {
@@ -150,48 +156,55 @@ fn port_counter(device: &str, counter: &str) -> u64 {
         .unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-/// Two servers with the host device, one guest each whose GID the device holds: their RC
-/// QPs take the host's QP numbers, connect through the host device, and SEND, WRITE, READ
-/// and fetch-and-add cross with the same completions as over memcpy and TCP, the packets
-/// counted by the device; `stats` names the path.
-#[test]
-fn rc_verbs_cross_two_servers_through_the_host_rdma_device() {
-    let Some(name) = loop_device("rc_verbs_cross_two_servers_through_the_host_rdma_device") else {
-        return;
-    };
+/// Two servers with the host device `name` (B's arguments replaced by `b_args` if given),
+/// one guest each whose GID the device holds, their RC QPs connected once each server
+/// heard that the other's guest GID is on the other's device.
+fn connected_over(
+    name: &str,
+    b_args: Option<&[&str]>,
+) -> (Arc<SocketServer>, Arc<SocketServer>, Side, Side) {
+    connected_retrying(name, b_args, 7)
+}
+
+/// As [`connected_over`], the QPs with `retry_cnt` transport retries.
+fn connected_retrying(
+    name: &str,
+    b_args: Option<&[&str]>,
+    retry_cnt: u8,
+) -> (Arc<SocketServer>, Arc<SocketServer>, Side, Side) {
+    let a_args = ["--rdma-device", name];
     let (server_a, server_b) =
-        two_servers::two_servers_with(|addr| addr.to_string(), &["--rdma-device", &name]);
+        two_servers::two_servers_each(|addr| addr.to_string(), &a_args, b_args.unwrap_or(&a_args));
     let mut a = two_servers::side(&server_a, LOOP_A);
     let mut b = two_servers::side(&server_b, LOOP_B);
-    // Each hears that the other's guest GID is on the other's RDMA device.
-    server_a.wait_for_server_line(": 1 of its GIDs are on its RDMA device");
-    server_b.wait_for_server_line(": 1 of its GIDs are on its RDMA device");
-    two_servers::connect(&mut a, b.qp.qpn, b.gid);
-    two_servers::connect(&mut b, a.qp.qpn, a.gid);
-    for (server, side) in [(&server_a, &a), (&server_b, &b)] {
+    if b_args.is_none() {
+        server_a.wait_for_server_line(": 1 of its GIDs are on its RDMA device");
+        server_b.wait_for_server_line(": 1 of its GIDs are on its RDMA device");
+    } else {
+        server_a.wait_for_server_line("holds 1 GIDs");
+        server_b.wait_for_server_line("holds 1 GIDs");
+    }
+    two_servers::connect_retrying(&mut a, b.qp.qpn, b.gid, retry_cnt);
+    two_servers::connect_retrying(&mut b, a.qp.qpn, a.gid, retry_cnt);
+    (server_a, server_b, a, b)
+}
+
+/// Waits until both servers said their QP is carried by the host device.
+fn carried(server_a: &SocketServer, a: &Side, server_b: &SocketServer, b: &Side) {
+    for (server, side) in [(server_a, a), (server_b, b)] {
         server.wait_for_server_line(&format!(
             "rdma path: QP {:#x} is carried by the host's RDMA device",
             side.qp.qpn
         ));
     }
-    let stats = vfio_user_pvrdma::profiler::control::request(
-        server_a.control(),
-        "stats",
-        std::time::Duration::from_secs(10),
-    )
-    .expect("stats from A");
-    let row = format!("  0 {:>5} rdma", a.qp.qpn);
-    assert!(
-        stats.contains(&row),
-        "A's RC QP takes the rdma path ({row:?}):\n{stats}"
-    );
+}
 
-    let sent = port_counter(&name, "sent_pkts");
-    let crossed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        two_servers::every_rc_verb_crosses(a, b)
-    }));
-    if let Err(panic) = crossed {
-        for (side, server) in [("A", &server_a), ("B", &server_b)] {
+/// Runs `work`; if it panics, prints both servers' rdma path lines and the device's
+/// counters and QPs first.
+fn explained(name: &str, servers: [&SocketServer; 2], work: impl FnOnce()) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    if let Err(panic) = outcome {
+        for (side, server) in ["A", "B"].iter().zip(servers) {
             let log = server.log();
             let rdma: Vec<&str> = log.lines().filter(|l| l.contains("rdma")).collect();
             eprintln!("server {side}'s rdma path lines:\n{}", rdma.join("\n"));
@@ -207,7 +220,171 @@ fn rc_verbs_cross_two_servers_through_the_host_rdma_device() {
         }
         std::panic::resume_unwind(panic);
     }
+}
+
+/// Two servers with the host device, one guest each whose GID the device holds: their RC
+/// QPs take the host's QP numbers, connect through the host device, and SEND, WRITE, READ
+/// and fetch-and-add cross with the same completions as over memcpy and TCP, the packets
+/// counted by the device; `stats` names the path.
+#[test]
+fn rc_verbs_cross_two_servers_through_the_host_rdma_device() {
+    let Some(name) = loop_device("rc_verbs_cross_two_servers_through_the_host_rdma_device") else {
+        return;
+    };
+    let (server_a, server_b, a, b) = connected_over(&name, None);
+    carried(&server_a, &a, &server_b, &b);
+    let stats = vfio_user_pvrdma::profiler::control::request(
+        server_a.control(),
+        "stats",
+        Duration::from_secs(10),
+    )
+    .expect("stats from A");
+    let row = format!("  0 {:>5} rdma", a.qp.qpn);
+    assert!(
+        stats.contains(&row),
+        "A's RC QP takes the rdma path ({row:?}):\n{stats}"
+    );
+    let sent = port_counter(&name, "sent_pkts");
+    explained(&name, [&server_a, &server_b], || {
+        two_servers::every_rc_verb_crosses(a, b)
+    });
     let carried = port_counter(&name, "sent_pkts") - sent;
     // SEND, three WRITE packets, READ and its reply, the atomic and its reply, and acks.
     assert!(carried >= 8, "{name} carried {carried} packets");
+}
+
+/// A WRITE with a key the peer never issued: the peer's host device refuses it, and the
+/// guest sees REM_ACCESS_ERR with its QP in the error state, as over memcpy and TCP.
+#[test]
+fn protection_is_checked_by_the_peers_host_device() {
+    let Some(name) = loop_device("protection_is_checked_by_the_peers_host_device") else {
+        return;
+    };
+    let (server_a, server_b, mut a, b) = connected_over(&name, None);
+    carried(&server_a, &a, &server_b, &b);
+    explained(&name, [&server_a, &server_b], || {
+        let write = driver::queues::rdma_wqe(
+            31,
+            wr_opcode::RDMA_WRITE,
+            send_flags::SIGNALED,
+            &[sge(BUF_VA, 64, a.mr.lkey)],
+            BUF_VA,
+            b.mr.rkey ^ 0xffff_ff00,
+        );
+        a.d.post_send_raw(&a.qp, &write).unwrap();
+        a.d.ring_qp(&a.qp, abi::uar::QP_SEND);
+        let cqes = wait_cqes(&mut a.d, &a.cq, 1);
+        assert_eq!(
+            (cqes[0].wr_id, cqes[0].status),
+            (31, wc_status::REM_ACCESS_ERR)
+        );
+        assert_eq!(
+            a.d.query_qp(a.qp.handle, 0).expect("QUERY_QP").qp_state,
+            qp_state::ERR
+        );
+    });
+}
+
+/// A SEND before the peer posted a receive waits (receiver not ready, retried for ever
+/// with rnr_retry 7) and lands once the receive is posted.
+#[test]
+fn a_send_waits_for_a_receive_on_the_peers_host_device() {
+    let Some(name) = loop_device("a_send_waits_for_a_receive_on_the_peers_host_device") else {
+        return;
+    };
+    let (server_a, server_b, mut a, mut b) = connected_over(&name, None);
+    carried(&server_a, &a, &server_b, &b);
+    explained(&name, [&server_a, &server_b], || {
+        memory::write_bytes(a.d.ram(), buffer(&a, BUF_VA), b"late receive");
+        a.d.post_send(
+            &a.qp,
+            41,
+            wr_opcode::SEND,
+            send_flags::SIGNALED,
+            &[sge(BUF_VA, 12, a.mr.lkey)],
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(a.d.drain_cq(&a.cq), []);
+        b.d.post_recv(&b.qp, 42, &[sge(BUF_VA, 64, b.mr.lkey)])
+            .unwrap();
+        let sent = wait_cqes(&mut a.d, &a.cq, 1);
+        assert_eq!((sent[0].wr_id, sent[0].status), (41, wc_status::SUCCESS));
+        let received = wait_cqes(&mut b.d, &b.cq, 1);
+        assert_eq!((received[0].wr_id, received[0].byte_len), (42, 12));
+        assert_eq!(
+            memory::snapshot(b.d.ram(), buffer(&b, BUF_VA), 12),
+            b"late receive"
+        );
+    });
+}
+
+/// The peer server is killed: its host QPs go with it, the host device's retries run out,
+/// and the guest sees RETRY_EXC_ERR with its QP in the error state; the server goes on.
+/// (Soft-RoCE reads retry_cnt 7 as "for ever", as IB does only for rnr_retry: 3 here.)
+#[test]
+fn a_vanished_peer_fails_work_with_retry_exceeded() {
+    let Some(name) = loop_device("a_vanished_peer_fails_work_with_retry_exceeded") else {
+        return;
+    };
+    let (server_a, server_b, mut a, b) = connected_retrying(&name, None, 3);
+    carried(&server_a, &a, &server_b, &b);
+    nix::sys::signal::kill(server_b.pid(), nix::sys::signal::Signal::SIGKILL).expect("kill B");
+    server_a.wait_for_server_line("is down");
+    explained(&name, [&server_a, &server_b], || {
+        memory::write_bytes(a.d.ram(), buffer(&a, BUF_VA), b"to a dead server");
+        a.d.post_send(
+            &a.qp,
+            61,
+            wr_opcode::SEND,
+            send_flags::SIGNALED,
+            &[sge(BUF_VA, 16, a.mr.lkey)],
+        )
+        .unwrap();
+        let cqes = wait_cqes(&mut a.d, &a.cq, 1);
+        assert_eq!(
+            (cqes[0].wr_id, cqes[0].status),
+            (61, wc_status::RETRY_EXC_ERR)
+        );
+        assert_eq!(
+            a.d.query_qp(a.qp.handle, 0).expect("QUERY_QP").qp_state,
+            qp_state::ERR
+        );
+        a.d.query_port(1).expect("QUERY_PORT after the peer died");
+    });
+}
+
+/// Fallback: the peer server has no RDMA device (`--rdma-device off`), so A's QP cannot
+/// take the rdma path; it says why and every verb crosses over TCP instead, with the host
+/// QP number and keys it adopted.
+#[test]
+fn without_a_device_on_the_peer_the_verbs_take_tcp() {
+    let Some(name) = loop_device("without_a_device_on_the_peer_the_verbs_take_tcp") else {
+        return;
+    };
+    let (server_a, server_b, a, b) = connected_over(&name, Some(&["--rdma-device", "off"]));
+    server_a.wait_for_server_line(&format!(
+        "rdma path: QP {:#x} takes another path: no peer server said its RDMA device holds ::ffff:127.0.0.12 (TCP carries it)",
+        a.qp.qpn
+    ));
+    let stats = vfio_user_pvrdma::profiler::control::request(
+        server_a.control(),
+        "stats",
+        Duration::from_secs(10),
+    )
+    .expect("stats from A");
+    let row = format!("  0 {:>5} tcp", a.qp.qpn);
+    assert!(
+        stats.contains(&row),
+        "A's RC QP takes TCP ({row:?}):\n{stats}"
+    );
+    let sent = port_counter(&name, "sent_pkts");
+    explained(&name, [&server_a, &server_b], || {
+        two_servers::every_rc_verb_crosses(a, b)
+    });
+    assert_eq!(
+        port_counter(&name, "sent_pkts"),
+        sent,
+        "nothing went through {name}"
+    );
 }

@@ -33,9 +33,18 @@ pub fn two_servers_with(
     route: impl FnOnce(&str) -> String,
     args: &[&str],
 ) -> (Arc<SocketServer>, Arc<SocketServer>) {
+    two_servers_each(route, args, args)
+}
+
+/// As [`two_servers_via`], with `args_a` for A and `args_b` for B.
+pub fn two_servers_each(
+    route: impl FnOnce(&str) -> String,
+    args_a: &[&str],
+    args_b: &[&str],
+) -> (Arc<SocketServer>, Arc<SocketServer>) {
     let a_args: Vec<&str> = ["--listen", "127.0.0.1:0"]
         .iter()
-        .chain(args)
+        .chain(args_a)
         .copied()
         .collect();
     let a = SocketServer::start_with(1, LOG, &a_args);
@@ -49,7 +58,7 @@ pub fn two_servers_with(
     let peer = route(&addr);
     let b_args: Vec<&str> = ["--listen", "127.0.0.1:0", "--peer", &peer]
         .iter()
-        .chain(args)
+        .chain(args_b)
         .copied()
         .collect();
     let b = SocketServer::start_with(1, LOG, &b_args);
@@ -147,6 +156,11 @@ pub fn connect_sides(
 /// `ibv_rc_pingpong`'s RESET → INIT → RTR → RTS, with remote WRITE, READ and atomics
 /// allowed on the QP (pingpong allows none).
 pub fn connect(side: &mut Side, dest_qpn: u32, dgid: [u8; 16]) {
+    connect_retrying(side, dest_qpn, dgid, 7);
+}
+
+/// As [`connect`], with `retry_cnt` transport retries.
+pub fn connect_retrying(side: &mut Side, dest_qpn: u32, dgid: [u8; 16], retry_cnt: u8) {
     let init = abi::QpAttr {
         qp_access_flags: access::REMOTE_WRITE | access::REMOTE_READ | access::REMOTE_ATOMIC,
         ..verbs::rc_init_attrs()
@@ -165,7 +179,10 @@ pub fn connect(side: &mut Side, dest_qpn: u32, dgid: [u8; 16]) {
     d.modify_qp(
         side.qp.handle,
         verbs::RC_RTS_MASK,
-        &verbs::rc_rts_attrs(0x1234),
+        &abi::QpAttr {
+            retry_cnt,
+            ..verbs::rc_rts_attrs(0x1234)
+        },
     )
     .expect("RTS");
 }
