@@ -167,8 +167,10 @@ pub trait HostQps: Send + Sync {
     /// (registering pins their pages).
     fn offers(&self, gid: &[u8; 16]) -> bool;
 
-    /// A host QP for a new RC QP of endpoint `owner`: its number, which the guest adopts.
-    fn create_qp(&self, owner: usize, caps: HostQpCaps) -> Result<u32, HostPathError>;
+    /// A host QP for a new RC QP of endpoint `owner` in the guest's PD `pd`: its number,
+    /// which the guest adopts. Each guest PD has a host PD of its own, so no guest's keys
+    /// reach another's memory through the host device.
+    fn create_qp(&self, owner: usize, pd: u32, caps: HostQpCaps) -> Result<u32, HostPathError>;
 
     /// The guest destroyed the QP (or its device was reset).
     fn destroy_qp(&self, qpn: u32);
@@ -193,7 +195,8 @@ pub trait HostQps: Send + Sync {
     /// Posts one receive buffer; filled, it comes back as a [`HostEvent::Received`].
     fn post_recv(&self, qpn: u32, ticket: u64, sges: &[KeyedSge]) -> Result<(), HostPathError>;
 
-    /// Registers a guest MR of endpoint `owner`: `pages` (guest physical addresses of
+    /// Registers a guest MR of endpoint `owner` in the guest's PD `pd`: `pages` (guest
+    /// physical addresses of
     /// `page_size`-byte pages) of `memory`, of which `length` bytes from `offset` into the
     /// first page are the region, at the guest's address `iova`.
     #[expect(
@@ -203,6 +206,7 @@ pub trait HostQps: Send + Sync {
     fn register(
         &self,
         owner: usize,
+        pd: u32,
         memory: &GuestMemory,
         pages: &[u64],
         page_size: usize,

@@ -17,7 +17,7 @@ use std::time::Duration;
 use driver::memory;
 use driver::socket_bus::SocketServer;
 use two_servers::{BUF_VA, Side, buffer, sge, wait_cqes};
-use vfio_user_pvrdma::abi::{self, qp_state, send_flags, wc_status, wr_opcode};
+use vfio_user_pvrdma::abi::{self, PAGE_SIZE, access, qp_state, send_flags, wc_status, wr_opcode};
 
 /// The device named by `PVRDMA_RDMA_DEVICE`, or `None` (said loudly).
 fn rdma_device(test: &str) -> Option<String> {
@@ -283,6 +283,61 @@ fn protection_is_checked_by_the_peers_host_device() {
             qp_state::ERR
         );
     });
+}
+
+/// Each guest PD is a PD of its own on the host device: a WRITE to B's QP with the rkey of
+/// an MR in another PD of B's (one that grants remote writes) is refused, and the MR's
+/// bytes stay as they were.
+#[test]
+fn an_rkey_of_another_pd_does_not_reach_through_the_host_device() {
+    let Some(name) = loop_device("an_rkey_of_another_pd_does_not_reach_through_the_host_device")
+    else {
+        return;
+    };
+    let (server_a, server_b, mut a, mut b) = connected_over(&name, None);
+    carried(&server_a, &a, &server_b, &b);
+    let other_va = 0x40_0000;
+    let uc = b.d.open_context().expect("a second context on B");
+    let pd = b.d.create_pd(uc.handle).expect("a second PD on B");
+    let other =
+        b.d.reg_user_mr(
+            pd,
+            other_va,
+            PAGE_SIZE,
+            access::LOCAL_WRITE | access::REMOTE_WRITE | access::REMOTE_READ,
+        )
+        .expect("an MR in the second PD");
+    let before = memory::snapshot(
+        b.d.ram(),
+        other.buffer.as_ref().unwrap().translate(other_va),
+        64,
+    );
+    explained(&name, [&server_a, &server_b], || {
+        memory::write_bytes(a.d.ram(), buffer(&a, BUF_VA), &[0x5a; 64]);
+        let write = driver::queues::rdma_wqe(
+            32,
+            wr_opcode::RDMA_WRITE,
+            send_flags::SIGNALED,
+            &[sge(BUF_VA, 64, a.mr.lkey)],
+            other_va,
+            other.rkey,
+        );
+        a.d.post_send_raw(&a.qp, &write).unwrap();
+        a.d.ring_qp(&a.qp, abi::uar::QP_SEND);
+        let cqes = wait_cqes(&mut a.d, &a.cq, 1);
+        assert_eq!(
+            (cqes[0].wr_id, cqes[0].status),
+            (32, wc_status::REM_ACCESS_ERR)
+        );
+    });
+    assert_eq!(
+        memory::snapshot(
+            b.d.ram(),
+            other.buffer.as_ref().unwrap().translate(other_va),
+            64
+        ),
+        before
+    );
 }
 
 /// A SEND before the peer posted a receive waits (receiver not ready, retried for ever

@@ -16,7 +16,7 @@ use log::debug;
 
 use super::abi::*;
 use super::devices::GidKind;
-use super::host::{HostCq, HostDevice, HostMr, HostQp, RcPath, RcSend};
+use super::host::{HostCq, HostDevice, HostMr, HostPd, HostQp, RcPath, RcSend};
 use super::view::ContiguousView;
 use crate::{
     Connect, Gid, GuestMemory, HostCompletion, HostEvent, HostOp, HostPathError, HostQpCaps,
@@ -46,6 +46,8 @@ pub struct Carrier {
     qps: Mutex<HashMap<u32, Entry>>,
     /// By owner and key.
     mrs: Mutex<HashMap<(usize, u32), HostMr>>,
+    /// The host PD of each guest PD, by owner and the guest's PD handle.
+    pds: Mutex<HashMap<(usize, u32), Arc<HostPd>>>,
 }
 
 impl std::fmt::Debug for Carrier {
@@ -72,7 +74,19 @@ impl Carrier {
             route,
             qps: Mutex::new(HashMap::new()),
             mrs: Mutex::new(HashMap::new()),
+            pds: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The host PD of `owner`'s guest PD `pd`, made at first use.
+    fn pd(&self, owner: usize, pd: u32) -> Result<Arc<HostPd>, HostPathError> {
+        let mut pds = lock(&self.pds);
+        if let Some(found) = pds.get(&(owner, pd)) {
+            return Ok(Arc::clone(found));
+        }
+        let made = self.device.alloc_pd().map_err(failed)?;
+        pds.insert((owner, pd), Arc::clone(&made));
+        Ok(made)
     }
 
     pub fn device_name(&self) -> &str {
@@ -282,12 +296,12 @@ impl HostQps for Carrier {
         self.gid_index(gid).is_ok()
     }
 
-    fn create_qp(&self, owner: usize, caps: HostQpCaps) -> Result<u32, HostPathError> {
+    fn create_qp(&self, owner: usize, pd: u32, caps: HostQpCaps) -> Result<u32, HostPathError> {
+        let pd = self.pd(owner, pd)?;
         let depth = caps.send_wr.saturating_add(caps.recv_wr).saturating_add(1);
         let cq = self.device.create_cq(depth).map_err(failed)?;
         cq.arm().map_err(failed)?;
-        let qp = self
-            .device
+        let qp = pd
             .create_rc_qp(
                 &cq,
                 IbvQpCap {
@@ -370,6 +384,7 @@ impl HostQps for Carrier {
     fn register(
         &self,
         owner: usize,
+        pd: u32,
         memory: &GuestMemory,
         pages: &[u64],
         page_size: usize,
@@ -381,7 +396,7 @@ impl HostQps for Carrier {
         let view = ContiguousView::map(memory, pages, page_size).map_err(failed)?;
         let access = libc::c_int::try_from(access & 0xf).unwrap_or(0);
         let mr = self
-            .device
+            .pd(owner, pd)?
             .register_part(view, offset, length, iova, access)
             .map_err(failed)?;
         let key = mr.lkey();
@@ -415,5 +430,6 @@ impl HostQps for Carrier {
         };
         drop(qps);
         lock(&self.mrs).retain(|(o, _), _| *o != owner);
+        lock(&self.pds).retain(|(o, _), _| *o != owner);
     }
 }

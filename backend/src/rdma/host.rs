@@ -157,7 +157,8 @@ impl HostDevice {
     }
 
     /// Registers `len` bytes of `view` from `offset` at the I/O virtual address `iova` (a
-    /// guest MR need not start or end on a page boundary); the MR owns the view.
+    /// guest MR need not start or end on a page boundary), in the device's own PD; the MR
+    /// owns the view.
     pub fn register_part(
         self: &Arc<Self>,
         view: ContiguousView,
@@ -166,40 +167,25 @@ impl HostDevice {
         iova: u64,
         access: c_int,
     ) -> Result<HostMr, HostError> {
-        let reg = self.verbs.reg_mr_iova.ok_or(HostError {
-            call: "ibv_reg_mr_iova",
-            reason: "libibverbs is older than rdma-core 20".into(),
-        })?;
-        let inside = offset
-            .checked_add(len)
-            .is_some_and(|end| end <= view.len() as u64 && len > 0);
-        let (Ok(start), Ok(len), true) = (usize::try_from(offset), usize::try_from(len), inside)
-        else {
-            return Err(HostError {
-                call: "ibv_reg_mr_iova",
-                reason: format!(
-                    "{len} bytes at {offset} do not fit a {}-byte view",
-                    view.len()
-                ),
-            });
-        };
-        // SAFETY: a live PD and a range inside a view the MR owns from here on, so it
-        // outlives the registration.
-        let mr = unsafe {
-            reg(
-                self.pd.as_ptr(),
-                view.as_ptr().add(start).cast::<c_void>(),
-                len,
-                iova,
-                access,
-            )
-        };
-        let mr = NonNull::new(mr).ok_or_else(|| errno("ibv_reg_mr_iova"))?;
+        let mr = register_view(self, self.pd, &view, offset, len, iova, access)?;
         Ok(HostMr {
             device: Arc::clone(self),
             mr,
             view: Some(view),
+            _pd: None,
         })
+    }
+
+    /// A protection domain of its own: QPs and MRs of one PD cannot reach another's, so
+    /// each guest PD gets one (one tenant's keys mean nothing on another's QPs).
+    pub fn alloc_pd(self: &Arc<Self>) -> Result<Arc<HostPd>, HostError> {
+        // SAFETY: an open context.
+        let pd = NonNull::new(unsafe { (self.verbs.alloc_pd)(self.context.as_ptr()) })
+            .ok_or_else(|| errno("ibv_alloc_pd"))?;
+        Ok(Arc::new(HostPd {
+            device: Arc::clone(self),
+            pd,
+        }))
     }
 
     /// Registers `len` bytes at `addr` of the server's own memory (its address used on the
@@ -220,6 +206,7 @@ impl HostDevice {
             device: Arc::clone(self),
             mr,
             view: None,
+            _pd: None,
         })
     }
 
@@ -244,28 +231,13 @@ impl HostDevice {
         }))
     }
 
-    /// An RC QP whose send and receive queues complete on `cq`.
+    /// An RC QP of the device's own PD whose send and receive queues complete on `cq`.
     pub fn create_rc_qp(
         self: &Arc<Self>,
         cq: &Arc<HostCq>,
         cap: IbvQpCap,
     ) -> Result<HostQp, HostError> {
-        let mut init = IbvQpInitAttr {
-            qp_context: ptr::null_mut(),
-            send_cq: cq.cq.as_ptr(),
-            recv_cq: cq.cq.as_ptr(),
-            srq: ptr::null_mut(),
-            cap,
-            qp_type: QPT_RC,
-            sq_sig_all: 0,
-        };
-        // SAFETY: a live PD and CQ of this device, and a filled attribute structure.
-        let qp = unsafe { (self.verbs.create_qp)(self.pd.as_ptr(), &mut init) };
-        let qp = NonNull::new(qp).ok_or_else(|| errno("ibv_create_qp"))?;
-        Ok(HostQp {
-            cq: Arc::clone(cq),
-            qp,
-        })
+        create_rc_qp(self.pd, None, cq, cap)
     }
 
     /// Waits for nothing: the CQ whose event the channel holds, if its fd is readable,
@@ -319,6 +291,8 @@ pub struct HostMr {
     mr: NonNull<IbvMr>,
     /// The guest pages it covers, mapped for it (none for the server's own memory).
     view: Option<ContiguousView>,
+    /// Its PD, if not the device's own (dropped after the MR).
+    _pd: Option<Arc<HostPd>>,
 }
 
 // SAFETY: see `HostDevice`.
@@ -401,6 +375,8 @@ impl Drop for HostCq {
 pub struct HostQp {
     cq: Arc<HostCq>,
     qp: NonNull<IbvQp>,
+    /// Its PD, if not the device's own (dropped after the QP).
+    _pd: Option<Arc<HostPd>>,
 }
 
 // SAFETY: see `HostDevice`; posting needs `&mut`.
@@ -552,6 +528,120 @@ impl Drop for HostQp {
     fn drop(&mut self) {
         // SAFETY: a live QP, destroyed once, before its CQ (which it holds).
         unsafe { (self.cq.device.verbs.destroy_qp)(self.qp.as_ptr()) };
+    }
+}
+
+/// Registers part of `view` in `pd` of `device`.
+fn register_view(
+    device: &HostDevice,
+    pd: NonNull<IbvPd>,
+    view: &ContiguousView,
+    offset: u64,
+    len: u64,
+    iova: u64,
+    access: c_int,
+) -> Result<NonNull<IbvMr>, HostError> {
+    let reg = device.verbs.reg_mr_iova.ok_or(HostError {
+        call: "ibv_reg_mr_iova",
+        reason: "libibverbs is older than rdma-core 20".into(),
+    })?;
+    let inside = offset
+        .checked_add(len)
+        .is_some_and(|end| end <= view.len() as u64 && len > 0);
+    let (Ok(start), Ok(len), true) = (usize::try_from(offset), usize::try_from(len), inside) else {
+        return Err(HostError {
+            call: "ibv_reg_mr_iova",
+            reason: format!(
+                "{len} bytes at {offset} do not fit a {}-byte view",
+                view.len()
+            ),
+        });
+    };
+    // SAFETY: a live PD of the device and a range inside `view`, which the caller's MR owns
+    // from here on, so it outlives the registration.
+    let mr = unsafe {
+        reg(
+            pd.as_ptr(),
+            view.as_ptr().add(start).cast::<c_void>(),
+            len,
+            iova,
+            access,
+        )
+    };
+    NonNull::new(mr).ok_or_else(|| errno("ibv_reg_mr_iova"))
+}
+
+/// An RC QP in `pd` (kept alive by `keep`, if it is not the device's own) on `cq`.
+fn create_rc_qp(
+    pd: NonNull<IbvPd>,
+    keep: Option<Arc<HostPd>>,
+    cq: &Arc<HostCq>,
+    cap: IbvQpCap,
+) -> Result<HostQp, HostError> {
+    let mut init = IbvQpInitAttr {
+        qp_context: ptr::null_mut(),
+        send_cq: cq.cq.as_ptr(),
+        recv_cq: cq.cq.as_ptr(),
+        srq: ptr::null_mut(),
+        cap,
+        qp_type: QPT_RC,
+        sq_sig_all: 0,
+    };
+    // SAFETY: a live PD and CQ of one device, and a filled attribute structure.
+    let qp = unsafe { (cq.device.verbs.create_qp)(pd.as_ptr(), &mut init) };
+    let qp = NonNull::new(qp).ok_or_else(|| errno("ibv_create_qp"))?;
+    Ok(HostQp {
+        cq: Arc::clone(cq),
+        qp,
+        _pd: keep,
+    })
+}
+
+/// A protection domain; deallocated when dropped, after every MR and QP made in it (they
+/// hold it).
+pub struct HostPd {
+    device: Arc<HostDevice>,
+    pd: NonNull<IbvPd>,
+}
+
+// SAFETY: see `HostDevice`.
+unsafe impl Send for HostPd {}
+// SAFETY: see `HostDevice`.
+unsafe impl Sync for HostPd {}
+
+impl HostPd {
+    /// As [`HostDevice::register_part`], in this PD.
+    pub fn register_part(
+        self: &Arc<Self>,
+        view: ContiguousView,
+        offset: u64,
+        len: u64,
+        iova: u64,
+        access: c_int,
+    ) -> Result<HostMr, HostError> {
+        let mr = register_view(&self.device, self.pd, &view, offset, len, iova, access)?;
+        Ok(HostMr {
+            device: Arc::clone(&self.device),
+            mr,
+            view: Some(view),
+            _pd: Some(Arc::clone(self)),
+        })
+    }
+
+    /// As [`HostDevice::create_rc_qp`], in this PD; `cq` must be of the same device.
+    pub fn create_rc_qp(
+        self: &Arc<Self>,
+        cq: &Arc<HostCq>,
+        cap: IbvQpCap,
+    ) -> Result<HostQp, HostError> {
+        create_rc_qp(self.pd, Some(Arc::clone(self)), cq, cap)
+    }
+}
+
+impl Drop for HostPd {
+    fn drop(&mut self) {
+        // SAFETY: a live PD; every MR and QP in it holds an `Arc` of it, so none is left.
+        unsafe { (self.device.verbs.dealloc_pd)(self.pd.as_ptr()) };
     }
 }
 

@@ -129,6 +129,7 @@ fn register_on_host(
     };
     let registered = host.qps.register(
         host.owner,
+        mr.pd,
         mem,
         pages,
         PAGE_SIZE as usize,

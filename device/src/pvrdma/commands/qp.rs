@@ -156,7 +156,7 @@ pub(super) fn create(
         && srq.is_none()
         && driver_version >= version::QP_HANDLE
     {
-        create_on_host(device, net, &cap)
+        create_on_host(device, net, req.pd_handle, &cap)
     } else {
         None
     };
@@ -201,7 +201,7 @@ pub(super) fn create(
 
 /// A host QP for a new RC QP, when the host's RDMA device holds one of this port's GIDs;
 /// its number, if made.
-fn create_on_host(device: &PvrdmaDevice, net: &dyn Network, cap: &QpCap) -> Option<u32> {
+fn create_on_host(device: &PvrdmaDevice, net: &dyn Network, pd: u32, cap: &QpCap) -> Option<u32> {
     let host = net.host()?;
     let offered = device
         .objects
@@ -218,7 +218,7 @@ fn create_on_host(device: &PvrdmaDevice, net: &dyn Network, cap: &QpCap) -> Opti
         send_sge: cap.max_send_sge,
         recv_sge: cap.max_recv_sge,
     };
-    match host.qps.create_qp(host.owner, caps) {
+    match host.qps.create_qp(host.owner, pd, caps) {
         Ok(qpn) => Some(qpn),
         Err(e) => {
             warn!("rdma path: no host QP for a new QP ({e}); it takes the other paths");
