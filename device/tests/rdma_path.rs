@@ -6,18 +6,18 @@ mod driver;
 #[allow(dead_code)] // The suites share the module; this one uses its servers only.
 mod two_servers;
 
-use driver::Driver;
-use driver::verbs::ipv4_gid;
-use pvrdma_backend::rdma::{Verbs, devices};
-use vfio_user_pvrdma::abi::GID_TYPE_ROCE_V1;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use driver::Driver;
 use driver::memory;
 use driver::socket_bus::SocketServer;
+use driver::verbs::ipv4_gid;
+use pvrdma_backend::rdma::{Verbs, devices};
 use two_servers::{BUF_VA, Side, buffer, sge, wait_cqes};
-use vfio_user_pvrdma::abi::{self, PAGE_SIZE, access, qp_state, send_flags, wc_status, wr_opcode};
+use vfio_user_pvrdma::abi::{
+    self, GID_TYPE_ROCE_V1, PAGE_SIZE, access, qp_state, send_flags, wc_status, wr_opcode,
+};
 
 /// The device named by `PVRDMA_RDMA_DEVICE`, or `None` (said loudly).
 fn rdma_device(test: &str) -> Option<String> {
@@ -441,5 +441,39 @@ fn without_a_device_on_the_peer_the_verbs_take_tcp() {
         port_counter(&name, "sent_pkts"),
         sent,
         "nothing went through {name}"
+    );
+}
+
+/// Registering pins guest pages and maps them again for the host device, one mapping per
+/// run of adjacent pages: a guest registering scattered pages gets at most its share of
+/// the process's mappings, then its MRs stay off the host device (they keep the device's
+/// own keys and still serve the other paths), and the log says why.
+#[test]
+fn a_guest_cannot_use_up_the_servers_mappings() {
+    let Some(name) = loop_device("a_guest_cannot_use_up_the_servers_mappings") else {
+        return;
+    };
+    let server = SocketServer::start_with(1, two_servers::LOG, &["--rdma-device", &name]);
+    let mut d = Driver::on_socket(&server, 0);
+    d.probe();
+    d.create_bind(0, ipv4_gid(LOOP_A), GID_TYPE_ROCE_V1)
+        .expect("bind a GID the loop device holds");
+    let uc = d.open_context().expect("CREATE_UC");
+    let pd = d.create_pd(uc.handle).expect("CREATE_PD");
+    // The driver hands out a buffer's pages in descending order: each is a run of its own.
+    let pages = 3000u64;
+    for i in 0..3u64 {
+        d.reg_user_mr(
+            pd,
+            0x100_0000 * (i + 1),
+            pages * PAGE_SIZE,
+            access::LOCAL_WRITE,
+        )
+        .expect("REG_MR succeeds on or off the host device");
+    }
+    let line = server.wait_for_line(0, "stays off the host device");
+    assert!(
+        line.contains("its 3000 runs of pages would pass the mappings registrations may take (6000 of 8192 for this device"),
+        "{line}"
     );
 }

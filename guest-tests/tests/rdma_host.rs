@@ -195,7 +195,7 @@ fn a_guest_hosts_soft_roce_the_server_and_the_test_driver() {
             .map_err(|e| e.to_string())
             .and_then(|out| {
                 eprintln!("{}", out.stdout);
-                expect_contains(&out.stdout, "test result: ok. 9 passed")
+                expect_contains(&out.stdout, "test result: ok. 10 passed")
                     .and(if out.stdout.contains("NOT RUN") {
                         Err(format!("a test did not run:\n{}", out.stdout))
                     } else {

@@ -27,6 +27,13 @@ use crate::{
 const RECEIVE: u64 = 1 << 63;
 /// Completions taken from a CQ at once.
 const POLL_BATCH: usize = 32;
+/// Mappings the views of one device's registrations may take (each run of pages adjacent
+/// in guest memory is one `mmap`). The kernel allows a process about 65 000 mappings in
+/// all (`vm.max_map_count`): without a cap, one guest registering scattered pages could
+/// use them up and leave the server unable to map anything for anyone.
+pub const MAX_RUNS_PER_OWNER: usize = 8192;
+/// Mappings every registration together may take.
+pub const MAX_RUNS: usize = 32_768;
 
 /// Decides whether the host device reaches a destination GID: `Err` says why not.
 pub type Route = Box<dyn Fn(&Gid) -> Result<(), String> + Send + Sync>;
@@ -44,8 +51,8 @@ pub struct Carrier {
     port: u8,
     route: Route,
     qps: Mutex<HashMap<u32, Entry>>,
-    /// By owner and key.
-    mrs: Mutex<HashMap<(usize, u32), HostMr>>,
+    /// By owner and key, with the mappings each view takes.
+    mrs: Mutex<HashMap<(usize, u32), (HostMr, usize)>>,
     /// The host PD of each guest PD, by owner and the guest's PD handle.
     pds: Mutex<HashMap<(usize, u32), Arc<HostPd>>>,
 }
@@ -394,6 +401,23 @@ impl HostQps for Carrier {
         access: u32,
     ) -> Result<HostRegion, HostPathError> {
         let view = ContiguousView::map(memory, pages, page_size).map_err(failed)?;
+        {
+            let mrs = lock(&self.mrs);
+            let total: usize = mrs.values().map(|(_, runs)| runs).sum();
+            let own: usize = mrs
+                .iter()
+                .filter(|((o, _), _)| *o == owner)
+                .map(|(_, (_, runs))| runs)
+                .sum();
+            if own + view.runs() > MAX_RUNS_PER_OWNER || total + view.runs() > MAX_RUNS {
+                return Err(failed(format!(
+                    "its {} runs of pages would pass the mappings registrations may take \
+                     ({own} of {MAX_RUNS_PER_OWNER} for this device, {total} of {MAX_RUNS} in all)",
+                    view.runs()
+                )));
+            }
+        }
+        let runs = view.runs();
         let access = libc::c_int::try_from(access & 0xf).unwrap_or(0);
         let mr = self
             .pd(owner, pd)?
@@ -408,7 +432,7 @@ impl HostQps for Carrier {
                 mr.rkey()
             )));
         }
-        lock(&self.mrs).insert((owner, key), mr);
+        lock(&self.mrs).insert((owner, key), (mr, runs));
         Ok(HostRegion { key })
     }
 
