@@ -136,9 +136,10 @@ struct Cli {
 
     /// The host RDMA device of the rdma path (libibverbs, loaded at run time): a device
     /// name, `auto` (the first with an active port, if any; without libibverbs or a device
-    /// the path is simply off) or `off`. The server opens it before entering the sandbox and
-    /// logs, for each GID its guests bind, whether the device's GID table holds it. The
-    /// path does not carry guest traffic yet (docs/rdma-transport.md).
+    /// the path is simply off) or `off`. A guest RC QP whose GID the device holds and whose
+    /// peer server announced its destination on its own device is carried by the device;
+    /// others take memcpy or TCP. With a device open the sandbox is the system call filter
+    /// alone (docs/rdma-transport.md).
     #[arg(long, value_name = "NAME|auto|off", default_value = "auto")]
     rdma_device: vfio_user_pvrdma::runtime::rdma::Choice,
 
