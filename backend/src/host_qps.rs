@@ -147,6 +147,9 @@ pub enum HostEvent {
         result: Result<(), RemoteError>,
     },
     Received(HostReceipt),
+    /// The host QP is in the error state on its own (a fatal QP error, its port down, the
+    /// device gone): the guest QP follows, with the guest's async event.
+    Failed,
 }
 
 /// A host QP's completion, routed to its owner.

@@ -32,6 +32,9 @@ fn expected() -> Vec<(&'static str, usize)> {
     }
     vec![
         ("sizeof(union ibv_gid)", size_of::<IbvGid>()),
+        ("sizeof(struct ibv_async_event)", size_of::<IbvAsyncEvent>()),
+        field!("ibv_async_event", IbvAsyncEvent, element),
+        field!("ibv_async_event", IbvAsyncEvent, event_type),
         ("_Alignof(union ibv_gid)", align_of::<IbvGid>()),
         // The compat prefix ends with `flags`; the structure is 4-byte aligned.
         (
@@ -233,6 +236,11 @@ fn expected() -> Vec<(&'static str, usize)> {
         ),
         ("IBV_SEND_SIGNALED", SEND_SIGNALED as usize),
         ("IBV_SEND_SOLICITED", SEND_SOLICITED as usize),
+        ("IBV_EVENT_QP_FATAL", EVENT_QP_FATAL as usize),
+        ("IBV_EVENT_QP_REQ_ERR", EVENT_QP_REQ_ERR as usize),
+        ("IBV_EVENT_QP_ACCESS_ERR", EVENT_QP_ACCESS_ERR as usize),
+        ("IBV_EVENT_DEVICE_FATAL", EVENT_DEVICE_FATAL as usize),
+        ("IBV_EVENT_PORT_ERR", EVENT_PORT_ERR as usize),
         ("IBV_WC_SUCCESS", WC_SUCCESS as usize),
         ("IBV_WC_LOC_LEN_ERR", WC_LOC_LEN_ERR as usize),
         ("IBV_WC_LOC_PROT_ERR", WC_LOC_PROT_ERR as usize),

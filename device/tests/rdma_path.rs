@@ -477,3 +477,80 @@ fn a_guest_cannot_use_up_the_servers_mappings() {
         "{line}"
     );
 }
+
+/// Brings `lo` back up when dropped (a test took it down to take the loop device's port
+/// down), and waits for the loop device's port to be active again.
+struct LoopUp(String);
+
+impl Drop for LoopUp {
+    fn drop(&mut self) {
+        let name = &self.0;
+        let _ = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ip link set lo up; \
+                 for i in $(seq 100); do grep -q ACTIVE /sys/class/infiniband/{name}/ports/1/state && break; sleep 0.1; done"
+            ))
+            .status();
+    }
+}
+
+/// The host device's port goes down under carried QPs (Soft-RoCE follows its interface:
+/// `lo` is taken down for a moment): each guest QP goes to the error state with a QP_FATAL
+/// event, the server says why and goes on serving. (Removing a Soft-RoCE device is not
+/// the same test: rxe cannot take its objects away from a process, so the removal waits
+/// until every process closes the device, and tells it nothing; drivers that can,
+/// real HCAs among them, send DEVICE_FATAL, which the server handles as this event.)
+#[test]
+fn a_port_that_goes_down_fails_the_qps_it_carries() {
+    let Some(name) = loop_device("a_port_that_goes_down_fails_the_qps_it_carries") else {
+        return;
+    };
+    let (server_a, server_b, mut a, b) = connected_over(&name, None);
+    carried(&server_a, &a, &server_b, &b);
+    {
+        let _up = LoopUp(name.clone());
+        let down = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "down"])
+            .status()
+            .expect("ip link set lo down");
+        assert!(down.success(), "ip link set lo down: {down}");
+        server_a.wait_for_server_line(&format!("rdma path: {name}: port 1 is down"));
+    }
+    explained(&name, [&server_a, &server_b], || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut events = Vec::new();
+        while !events
+            .iter()
+            .any(|e: &abi::Eqe| e.event_type == abi::event::QP_FATAL && e.info == a.qp.handle)
+        {
+            events.extend(a.d.poll_async().expect("the async ring"));
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no QP_FATAL for QP {} within 10 s: {events:?}",
+                a.qp.handle
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            a.d.query_qp(a.qp.handle, 0).expect("QUERY_QP").qp_state,
+            qp_state::ERR
+        );
+        // Work posted now flushes at once; the device goes on answering.
+        a.d.post_send(
+            &a.qp,
+            71,
+            wr_opcode::SEND,
+            send_flags::SIGNALED,
+            &[sge(BUF_VA, 8, a.mr.lkey)],
+        )
+        .unwrap();
+        let cqes = wait_cqes(&mut a.d, &a.cq, 1);
+        assert_eq!(
+            (cqes[0].wr_id, cqes[0].status),
+            (71, wc_status::WR_FLUSH_ERR)
+        );
+        a.d.query_port(1)
+            .expect("QUERY_PORT after the port went down");
+    });
+}

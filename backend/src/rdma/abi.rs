@@ -337,6 +337,31 @@ pub struct IbvWc {
     pub dlid_path_bits: u8,
 }
 
+/// `struct ibv_async_event`: `element` is the union of the CQ, QP, SRQ or WQ pointer and
+/// the port number (in its low half).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct IbvAsyncEvent {
+    pub element: *mut c_void,
+    pub event_type: u32,
+}
+
+impl Default for IbvAsyncEvent {
+    fn default() -> Self {
+        IbvAsyncEvent {
+            element: std::ptr::null_mut(),
+            event_type: 0,
+        }
+    }
+}
+
+/// `enum ibv_event_type`: the events the server acts on.
+pub const EVENT_QP_FATAL: u32 = 1;
+pub const EVENT_QP_REQ_ERR: u32 = 2;
+pub const EVENT_QP_ACCESS_ERR: u32 = 3;
+pub const EVENT_DEVICE_FATAL: u32 = 8;
+pub const EVENT_PORT_ERR: u32 = 10;
+
 /// `enum ibv_port_state`: the one value the server acts on.
 pub const PORT_ACTIVE: u32 = 4;
 /// `IBV_LINK_LAYER_*`.

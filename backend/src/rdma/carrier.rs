@@ -9,10 +9,11 @@
 
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use log::debug;
+use log::{debug, warn};
 
 use super::abi::*;
 use super::devices::GidKind;
@@ -55,6 +56,8 @@ pub struct Carrier {
     mrs: Mutex<HashMap<(usize, u32), (HostMr, usize)>>,
     /// The host PD of each guest PD, by owner and the guest's PD handle.
     pds: Mutex<HashMap<(usize, u32), Arc<HostPd>>>,
+    /// The device said it is gone (DEVICE_FATAL): its fds are no longer waited on.
+    gone: AtomicBool,
 }
 
 impl std::fmt::Debug for Carrier {
@@ -82,6 +85,7 @@ impl Carrier {
             qps: Mutex::new(HashMap::new()),
             mrs: Mutex::new(HashMap::new()),
             pds: Mutex::new(HashMap::new()),
+            gone: AtomicBool::new(false),
         }
     }
 
@@ -128,19 +132,84 @@ impl Carrier {
         u8::try_from(entry.index).map_err(|_| failed("GID index above 255"))
     }
 
-    /// Waits up to `timeout` for the channel, then takes every completion of the CQ that
-    /// raised the event.
+    /// Waits up to `timeout` for the channel or the device's own events, then takes every
+    /// completion of the CQ that raised the event, or the QPs a device event fails.
     pub fn wait(&self, timeout: Duration, out: &mut Vec<HostCompletion>) {
-        let mut pollfd = libc::pollfd {
-            fd: self.device.channel_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut pollfd, 1, ms) } <= 0 {
+        if self.gone.load(Ordering::Acquire) {
+            // A device that went away may leave its fds readable for ever: no busy loop.
+            std::thread::sleep(timeout);
             return;
         }
+        let mut fds = [self.device.channel_fd(), self.device.async_fd()].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: two valid pollfds.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) } <= 0 {
+            return;
+        }
+        if fds[1].revents != 0 {
+            self.device_event(out);
+        }
+        if fds[0].revents != 0 {
+            self.completions(out);
+        }
+    }
+
+    /// The device's own event: the QPs it fails, for their owners.
+    fn device_event(&self, out: &mut Vec<HostCompletion>) {
+        let event = match self.device.take_async_event() {
+            Ok(Some(event)) => event,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(
+                    "rdma path: {}: {e}; the device is taken as gone",
+                    self.device.name()
+                );
+                self.gone.store(true, Ordering::Release);
+                return;
+            }
+        };
+        let qps = lock(&self.qps);
+        let failed: Vec<(u32, usize)> = match event.kind {
+            EVENT_QP_FATAL | EVENT_QP_REQ_ERR | EVENT_QP_ACCESS_ERR => qps
+                .iter()
+                .filter(|(_, e)| e.qp.is_at(event.element))
+                .map(|(qpn, e)| (*qpn, e.owner))
+                .collect(),
+            EVENT_DEVICE_FATAL => {
+                self.gone.store(true, Ordering::Release);
+                qps.iter().map(|(qpn, e)| (*qpn, e.owner)).collect()
+            }
+            EVENT_PORT_ERR if event.element as u64 & 0xff == u64::from(self.port) => {
+                qps.iter().map(|(qpn, e)| (*qpn, e.owner)).collect()
+            }
+            other => {
+                debug!("rdma path: {}: event {other}", self.device.name());
+                return;
+            }
+        };
+        let what = match event.kind {
+            EVENT_DEVICE_FATAL => "the device is gone".to_string(),
+            EVENT_PORT_ERR => format!("port {} is down", self.port),
+            _ => "a QP failed".to_string(),
+        };
+        warn!(
+            "rdma path: {}: {what}; {} QPs it carries go to the error state",
+            self.device.name(),
+            failed.len()
+        );
+        out.extend(failed.into_iter().map(|(qpn, owner)| HostCompletion {
+            owner,
+            qpn,
+            event: HostEvent::Failed,
+        }));
+    }
+
+    /// Every completion of the CQ whose event the channel holds.
+    fn completions(&self, out: &mut Vec<HostCompletion>) {
         let cqs: Vec<Arc<HostCq>> = lock(&self.qps)
             .values()
             .map(|e| Arc::clone(&e.cq))

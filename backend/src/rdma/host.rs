@@ -124,6 +124,41 @@ impl HostDevice {
         unsafe { (*self.channel.as_ptr()).fd }
     }
 
+    /// The context's async fd: readable when the device has an event of its own (a QP's
+    /// fatal error, a port down, the device gone).
+    pub fn async_fd(&self) -> RawFd {
+        // SAFETY: the context lives as long as this device.
+        unsafe { (*self.context.as_ptr()).async_fd }
+    }
+
+    /// The device's next event, if its async fd is readable: the event's type and what it
+    /// names (a QP's address for QP events, the port number for port events), already
+    /// acknowledged.
+    pub fn take_async_event(&self) -> Result<Option<DeviceEvent>, HostError> {
+        let mut pollfd = libc::pollfd {
+            fd: self.async_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; no wait.
+        if unsafe { libc::poll(&mut pollfd, 1, 0) } <= 0 {
+            return Ok(None);
+        }
+        let mut event = IbvAsyncEvent::default();
+        // SAFETY: an open context with an event waiting; a valid out-structure.
+        let rc = unsafe { (self.verbs.get_async_event)(self.context.as_ptr(), &mut event) };
+        if rc != 0 {
+            return Err(errno("ibv_get_async_event"));
+        }
+        let taken = DeviceEvent {
+            kind: event.event_type,
+            element: event.element as usize,
+        };
+        // SAFETY: the event just read, acknowledged once.
+        unsafe { (self.verbs.ack_async_event)(&mut event) };
+        Ok(Some(taken))
+    }
+
     /// The port's attributes (the compat prefix the exported call fills).
     pub fn port(&self, port: u8) -> Result<IbvPortAttr, HostError> {
         let mut attr = IbvPortAttr::default();
@@ -285,6 +320,14 @@ impl Drop for HostDevice {
     }
 }
 
+/// An event of the device itself (`EVENT_*`), with what it names: for a QP event the QP's
+/// address (compare with [`HostQp::is_at`]), for a port event the port number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceEvent {
+    pub kind: u32,
+    pub element: usize,
+}
+
 /// A registered memory region; deregistered (and its view unmapped) when dropped.
 pub struct HostMr {
     device: Arc<HostDevice>,
@@ -407,6 +450,11 @@ pub struct RcSend {
 }
 
 impl HostQp {
+    /// Whether this QP is the one at `address` (a [`DeviceEvent`]'s element).
+    pub fn is_at(&self, address: usize) -> bool {
+        self.qp.as_ptr() as usize == address
+    }
+
     pub fn qpn(&self) -> u32 {
         // SAFETY: a live QP.
         unsafe { (*self.qp.as_ptr()).qp_num }

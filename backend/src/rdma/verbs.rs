@@ -12,8 +12,8 @@
 use std::ffi::{CStr, c_char, c_int, c_void};
 
 use super::abi::{
-    IbvCompChannel, IbvContext, IbvCq, IbvDevice, IbvGid, IbvGidEntry, IbvMr, IbvPd, IbvPortAttr,
-    IbvQp, IbvQpAttr, IbvQpInitAttr,
+    IbvAsyncEvent, IbvCompChannel, IbvContext, IbvCq, IbvDevice, IbvGid, IbvGidEntry, IbvMr, IbvPd,
+    IbvPortAttr, IbvQp, IbvQpAttr, IbvQpInitAttr,
 };
 
 type GetDeviceList = unsafe extern "C" fn(*mut c_int) -> *mut *mut IbvDevice;
@@ -41,6 +41,8 @@ type CreateCq = unsafe extern "C" fn(
 type DestroyCq = unsafe extern "C" fn(*mut IbvCq) -> c_int;
 type CreateCompChannel = unsafe extern "C" fn(*mut IbvContext) -> *mut IbvCompChannel;
 type DestroyCompChannel = unsafe extern "C" fn(*mut IbvCompChannel) -> c_int;
+type GetAsyncEvent = unsafe extern "C" fn(*mut IbvContext, *mut IbvAsyncEvent) -> c_int;
+type AckAsyncEvent = unsafe extern "C" fn(*mut IbvAsyncEvent);
 type GetCqEvent =
     unsafe extern "C" fn(*mut IbvCompChannel, *mut *mut IbvCq, *mut *mut c_void) -> c_int;
 type AckCqEvents = unsafe extern "C" fn(*mut IbvCq, std::ffi::c_uint);
@@ -77,6 +79,10 @@ pub struct Verbs {
     pub(super) destroy_comp_channel: DestroyCompChannel,
     pub(super) get_cq_event: GetCqEvent,
     pub(super) ack_cq_events: AckCqEvents,
+    /// The device's own events (a QP's fatal error, a port down, the device gone), read
+    /// from the context's async fd.
+    pub(super) get_async_event: GetAsyncEvent,
+    pub(super) ack_async_event: AckAsyncEvent,
     pub(super) create_qp: CreateQp,
     pub(super) modify_qp: ModifyQp,
     pub(super) destroy_qp: DestroyQp,
@@ -175,6 +181,8 @@ impl Verbs {
                 destroy_comp_channel: cast(required(c"ibv_destroy_comp_channel")?),
                 get_cq_event: cast(required(c"ibv_get_cq_event")?),
                 ack_cq_events: cast(required(c"ibv_ack_cq_events")?),
+                get_async_event: cast(required(c"ibv_get_async_event")?),
+                ack_async_event: cast(required(c"ibv_ack_async_event")?),
                 create_qp: cast(required(c"ibv_create_qp")?),
                 modify_qp: cast(required(c"ibv_modify_qp")?),
                 destroy_qp: cast(required(c"ibv_destroy_qp")?),

@@ -236,7 +236,28 @@ pub(crate) fn complete(
             super::complete_remote(device, mem, irq, net, &completion);
         }
         HostEvent::Received(receipt) => received(device, mem, irq, qpn, &receipt),
+        HostEvent::Failed => failed(device, mem, irq, qpn),
     }
+}
+
+/// The host QP failed on its own (a fatal error, its port down, the device gone): the
+/// guest QP goes to the error state with a QP_FATAL event, and what it holds flushes.
+fn failed(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut dyn Interrupts, qpn: u32) {
+    let Some(handle) = device.objects.qp_handle(qpn) else {
+        return;
+    };
+    let Some(qp) = device.objects.qps.get_mut(handle) else {
+        return;
+    };
+    if !matches!(qp.host, HostLink::Carrying { .. })
+        || matches!(qp.attr.qp_state, qp_state::RESET | qp_state::ERR)
+    {
+        return;
+    }
+    qp.host = HostLink::Standby;
+    super::requester::to_error(device, handle);
+    device.post_event(mem, irq, crate::abi::event::QP_FATAL, handle);
+    completion::flush_qp(device, mem, irq, handle);
 }
 
 /// A receive the host QP filled (or failed): the head of the guest's receive queue
