@@ -9,6 +9,9 @@ mod driver;
 mod baseline;
 #[path = "../benches/fabric/guests.rs"]
 mod guests;
+#[path = "../benches/fabric/rdma.rs"]
+#[allow(dead_code)] // Only its refusal runs here; rdma_path.rs runs the rest.
+mod rdma;
 #[path = "../benches/fabric/report.rs"]
 mod report;
 #[path = "../benches/fabric/suite.rs"]
@@ -180,4 +183,23 @@ fn a_short_tcp_benchmark_run_reports_every_figure() {
         assert!(table.contains("RC SEND 64 B round trip p50"), "{table}");
         assert!(table.contains("one TCP stream"), "{table}");
     }
+}
+
+/// `--transport rdma` on a host without the device it names says what is missing instead
+/// of measuring anything (the figures come from `guest-tests/tests/rdma_bench.rs`, which
+/// runs it in the lab's host VM, and `rdma_path.rs` smoke-tests it there).
+#[test]
+fn the_rdma_bench_names_the_missing_device() {
+    let config = suite::Config {
+        round_trips: 10,
+        ..suite::Config::new(true)
+    };
+    let error = match rdma::run(&config, "no-such-rdma-device") {
+        Ok(_) => panic!("measured without a device"),
+        Err(e) => e,
+    };
+    assert!(
+        error.contains("/sys/class/infiniband/no-such-rdma-device/ports/1/gids"),
+        "{error}"
+    );
 }

@@ -3,6 +3,23 @@
 //! sets `PVRDMA_RDMA_DEVICE`). Anywhere else they say so and pass without checking.
 
 mod driver;
+
+#[path = "../benches/fabric/baseline.rs"]
+mod baseline;
+#[path = "../benches/fabric/guests.rs"]
+#[allow(dead_code)] // The benchmark's other figures are not smoke-tested here.
+mod guests;
+#[path = "../benches/fabric/rdma.rs"]
+mod rdma;
+#[path = "../benches/fabric/report.rs"]
+#[allow(dead_code)]
+mod report;
+#[path = "../benches/fabric/suite.rs"]
+#[allow(dead_code)]
+mod suite;
+#[path = "../benches/fabric/tcp.rs"]
+#[allow(dead_code)]
+mod tcp;
 #[allow(dead_code)] // The suites share the module; this one uses its servers only.
 mod two_servers;
 
@@ -553,4 +570,42 @@ fn a_port_that_goes_down_fails_the_qps_it_carries() {
         a.d.query_port(1)
             .expect("QUERY_PORT after the port went down");
     });
+}
+
+/// `scripts/bench --transport rdma`'s own code, very short, against real servers on the
+/// loop device and perftest on the same device: every figure is measured and printed.
+/// Nothing about timing is asserted (a debug build under TCG).
+#[test]
+fn the_rdma_bench_measures_every_figure() {
+    let Some(name) = loop_device("the_rdma_bench_measures_every_figure") else {
+        return;
+    };
+    let config = suite::Config {
+        warmup: 20,
+        round_trips: 200,
+        write_time: Duration::from_millis(200),
+        big_mr: 16 << 20,
+        modes: &[guests::Mode::ExitFree],
+        ..suite::Config::new(true)
+    };
+    let runs = rdma::run(&config, &name).unwrap_or_else(|e| panic!("the rdma bench: {e}"));
+    assert_eq!(runs.len(), 1);
+    let json: serde_json::Value = serde_json::from_str(&runs[0].json()).expect("JSON");
+    for key in [
+        "rdma_rc_send_64_rtt_us_p50",
+        "raw_ib_send_lat_rtt_us",
+        "ratio_rdma_rc_send_to_raw",
+        "rdma_write_64k_gbytes_per_s",
+        "raw_ib_write_bw_gbytes_per_s",
+        "ratio_rdma_write_64k_to_raw",
+    ] {
+        let value = &json[key];
+        assert!(
+            value.as_f64().is_some_and(|x| x.is_finite() && x > 0.0),
+            "{key} is not a positive number: {json}"
+        );
+    }
+    let table = runs[0].table();
+    eprintln!("{table}");
+    assert!(table.contains("ib_send_lat 2 × "), "{table}");
 }

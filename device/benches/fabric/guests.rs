@@ -396,8 +396,21 @@ fn connect(d: &mut D, qp: &Qp, peer_gid: [u8; 16], peer_qpn: u32) {
     let rtr = verbs::rc_rtr_attrs(peer_qpn, 0x1234, peer_gid, 0);
     d.modify_qp(qp.handle, RC_RTR_MASK, &rtr)
         .expect("MODIFY_QP to RTR");
-    d.modify_qp(qp.handle, RC_RTS_MASK, &verbs::rc_rts_attrs(0x5678))
+    // The peer's receive PSN: a real fabric (the rdma path) drops packets numbered
+    // otherwise.
+    d.modify_qp(qp.handle, RC_RTS_MASK, &verbs::rc_rts_attrs(0x1234))
         .expect("MODIFY_QP to RTS");
+}
+
+/// How A's and B's servers reach each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peering {
+    /// One server (memcpy).
+    Same,
+    /// Two servers joined by TCP.
+    Tcp,
+    /// Two servers whose QPs the host RDMA device carries.
+    Rdma,
 }
 
 /// The server and its two guests, A and B, with connected RC QPs and receives posted.
@@ -421,7 +434,7 @@ impl Fabric {
         let mut all_args = vec!["--doorbells", mode.name()];
         all_args.extend_from_slice(args);
         let server = SocketServer::start_with(2, QUIET_LOG, &all_args);
-        Fabric::attach(big_mr, mode, server, None)
+        Fabric::attach(big_mr, mode, server, None, Peering::Same)
     }
 
     /// A on one server, B on another, the two servers joined by the TCP transport on
@@ -443,7 +456,41 @@ impl Fabric {
         let server_b = SocketServer::start_with(1, TCP_LOG, &b_args);
         server_a.wait_for_server_line("is up");
         server_b.wait_for_server_line("is up");
-        Fabric::attach(big_mr, mode, server_a, Some(server_b))
+        Fabric::attach(big_mr, mode, server_a, Some(server_b), Peering::Tcp)
+    }
+
+    /// As [`Fabric::start_tcp`], both servers with the host RDMA device `device` and the
+    /// guests at GIDs it holds, so the device carries their QPs (the rdma path).
+    pub fn start_rdma(big_mr: u64, mode: Mode, device: &str) -> Fabric {
+        const RDMA_LOG: &str = "vfio_user_pvrdma::vfio=debug,pvrdma_backend=info,info";
+        let a_args = [
+            "--doorbells",
+            mode.name(),
+            "--listen",
+            "127.0.0.1:0",
+            "--rdma-device",
+            device,
+        ];
+        let server_a = SocketServer::start_with(1, RDMA_LOG, &a_args);
+        let line = server_a.wait_for_server_line("listening on 127.0.0.1:");
+        let addr = line
+            .rsplit("listening on ")
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let b_args = [
+            "--doorbells",
+            mode.name(),
+            "--peer",
+            addr.as_str(),
+            "--rdma-device",
+            device,
+        ];
+        let server_b = SocketServer::start_with(1, RDMA_LOG, &b_args);
+        server_a.wait_for_server_line("is up");
+        server_b.wait_for_server_line("is up");
+        Fabric::attach(big_mr, mode, server_a, Some(server_b), Peering::Rdma)
     }
 
     /// Sets both guests up: A on `server`'s socket 0, B on socket 1 of the same server or
@@ -453,6 +500,7 @@ impl Fabric {
         mode: Mode,
         server: Arc<SocketServer>,
         peer: Option<Arc<SocketServer>>,
+        peering: Peering,
     ) -> Fabric {
         assert!(big_mr.is_multiple_of(PAGE_SIZE) && big_mr > 0);
         let base = memory::DEFAULT_BASE;
@@ -469,15 +517,34 @@ impl Fabric {
             b_socket,
             GuestMemory::new(base, WORK_RAM),
         ));
-        let mut a = Guest::new(da, [10, 0, 0, 1], mode);
-        let mut b = Guest::new(db, [10, 0, 0, 2], mode);
+        let (ip_a, ip_b) = match peering {
+            Peering::Rdma => ([127, 0, 0, 11], [127, 0, 0, 12]),
+            Peering::Same | Peering::Tcp => ([10, 0, 0, 1], [10, 0, 0, 2]),
+        };
+        let mut a = Guest::new(da, ip_a, mode);
+        let mut b = Guest::new(db, ip_b, mode);
         if let Some(peer) = &peer {
-            // Each server must have heard of the other's GID before traffic flows.
-            server.wait_for_server_line("holds 1 GIDs");
-            peer.wait_for_server_line("holds 1 GIDs");
+            // Each server must have heard of the other's GID before traffic flows, and
+            // for the rdma path that the GID is on the other's device.
+            let heard = match peering {
+                Peering::Rdma => ": 1 of its GIDs are on its RDMA device",
+                Peering::Same | Peering::Tcp => "holds 1 GIDs",
+            };
+            server.wait_for_server_line(heard);
+            peer.wait_for_server_line(heard);
         }
         connect(&mut a.d, &a.qp, b.gid, b.qp.qpn);
         connect(&mut b.d, &b.qp, a.gid, a.qp.qpn);
+        if peering == Peering::Rdma {
+            for (server, qpn) in [
+                (&server, a.qp.qpn),
+                peer.as_ref().map(|p| (p, b.qp.qpn)).expect("two servers"),
+            ] {
+                server.wait_for_server_line(&format!(
+                    "rdma path: QP {qpn:#x} is carried by the host's RDMA device"
+                ));
+            }
+        }
         a.post_receives(RX_DEPTH);
         b.post_receives(RX_DEPTH);
         a.d.take_irqs();
