@@ -6,11 +6,10 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use guest_tests::lab::{Lab, LabConfig, server_binary};
-use support::{AGENT, Checks, expect_contains};
+use support::{AGENT, Checks, LOOP_DEVICE_SETUP, cargo_artifact, expect_contains};
 
 /// Where the server binary lands in the guest.
 const SERVER_IN_GUEST: &str = "/usr/local/bin/vfio-user-pvrdma";
@@ -20,34 +19,9 @@ const DRIVER_IN_GUEST: &str = "/usr/local/bin/pvrdma-driver-tcp-transport";
 const RDMA_SUITE_IN_GUEST: &str = "/usr/local/bin/pvrdma-driver-rdma-path";
 
 /// The executable of the device crate's integration test `test` (the host-side test driver
-/// with one suite), built if it is not: cargo names it with a hash, so ask cargo.
+/// with one suite), built if it is not.
 fn driver_suite(test: &str) -> Result<PathBuf, String> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .ok_or("no workspace above guest-tests")?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let built = Command::new(cargo)
-        .args(["test", "-p", "vfio-user-pvrdma", "--test", test, "--no-run"])
-        .args(["--message-format=json"])
-        .current_dir(workspace)
-        .output()
-        .map_err(|e| format!("running cargo: {e}"))?;
-    if !built.status.success() {
-        return Err(format!(
-            "cargo could not build the {test} suite:\n{}",
-            String::from_utf8_lossy(&built.stderr)
-        ));
-    }
-    let name = format!("\"name\":\"{test}\"");
-    String::from_utf8_lossy(&built.stdout)
-        .lines()
-        .filter(|line| line.contains("\"reason\":\"compiler-artifact\"") && line.contains(&name))
-        .find_map(|line| {
-            let at = line.find("\"executable\":\"")? + "\"executable\":\"".len();
-            let end = line[at..].find('"')?;
-            Some(PathBuf::from(&line[at..at + end]))
-        })
-        .ok_or_else(|| format!("cargo named no executable for the {test} suite"))
+    cargo_artifact(&["test", "-p", "vfio-user-pvrdma", "--test", test], test)
 }
 
 /// Soft-RoCE on the guest's Ethernet; `vfio-user-pvrdma rdma-devices` lists it with its port
@@ -167,14 +141,7 @@ fn a_guest_hosts_soft_roce_the_server_and_the_test_driver() {
     // Two servers in one VM reach each other's guests only through the loopback interface
     // (their addresses are both local), so Soft-RoCE goes there too, with an address for
     // each server's guest: the rdma path's data tests run through it.
-    let looped = guest
-        .check(
-            "ip addr add 127.0.0.11/8 dev lo && ip addr add 127.0.0.12/8 dev lo && \
-             rdma link add rxelo type rxe netdev lo && \
-             for i in $(seq 100); do grep -q 7f00:000c /sys/class/infiniband/rxelo/ports/1/gids/* 2>/dev/null && break; sleep 0.1; done; \
-             grep -l 7f00:000c /sys/class/infiniband/rxelo/ports/1/gids/*",
-        )
-        .map_err(|e| e.to_string());
+    let looped = guest.check(LOOP_DEVICE_SETUP).map_err(|e| e.to_string());
     checks.check(
         "Soft-RoCE on the loopback interface holds both guests' addresses",
         looped.and_then(|out| expect_contains(&out, "/gids/")),
