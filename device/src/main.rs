@@ -312,32 +312,42 @@ fn read_cluster_key(cli: &Cli) -> Result<Option<Vec<u8>>, StartupError> {
 }
 
 /// Enters the sandbox (unless --sandbox off) and says what the kernel enforced.
-fn enter_sandbox(cli: &Cli, rdma_open: bool) -> Result<(), StartupError> {
+/// Enters the sandbox around opening the rdma path's device (`open_rdma`): Landlock first,
+/// then the device (libibverbs reads sysfs, loads its provider and opens
+/// `/dev/infiniband/uverbsN`; the device must be opened under the credentials Landlock
+/// gives, or the kernel refuses the commands libibverbs writes to it), then the system call
+/// filter.
+fn enter_sandbox<T>(
+    cli: &Cli,
+    open_rdma: impl FnOnce() -> Result<T, StartupError>,
+) -> Result<T, StartupError> {
     if cli.sandbox == Switch::Off {
         warn!("--sandbox off: the server runs with every system call and file it may reach");
-        return Ok(());
+        return open_rdma();
     }
     let needs = sandbox::Needs {
         sockets: cli.sockets.iter().chain(&cli.control).cloned().collect(),
         listen_port: cli.listen.map(|addr| addr.port()),
         peer_ports: cli.peers.iter().map(|addr| addr.port()).collect(),
-        without_landlock: rdma_open.then_some(
-            "Landlock is off while the rdma path's device is open (the kernel refuses the \
-             commands libibverbs writes to the device from the new credentials Landlock gives)",
-        ),
+        rdma: cli.rdma_device != vfio_user_pvrdma::runtime::rdma::Choice::Off,
     };
-    let entered = sandbox::enter(&needs)?;
-    let files = match (entered.landlock_full, needs.without_landlock) {
-        (_, Some(reason)) => reason,
-        (Some(true), None) => "Landlock limits files and TCP ports",
-        (Some(false), None) => "Landlock limits files and ports as far as this kernel can",
-        (None, None) => "this kernel has no Landlock, so files and ports are not limited",
+    let landlock = sandbox::enter_files(&needs)?;
+    let rdma = open_rdma()?;
+    let allowed_calls = sandbox::enter_calls()?;
+    let files = match (landlock, needs.rdma) {
+        (Some(true), false) => "Landlock limits files and TCP ports",
+        (Some(true), true) => {
+            "Landlock limits files and TCP ports (and lets the rdma path read sysfs, \
+             libibverbs' configuration and libraries, and use /dev/infiniband)"
+        }
+        (Some(false), _) => "Landlock limits files and ports as far as this kernel can",
+        (None, _) => "this kernel has no Landlock, so files and ports are not limited",
     };
     info!(
-        "sandbox: no new privileges, {} system calls allowed (others fail with EPERM); {files}",
-        entered.allowed_calls
+        "sandbox: no new privileges, {allowed_calls} system calls allowed (others fail with \
+         EPERM); {files}"
     );
-    Ok(())
+    Ok(rdma)
 }
 
 /// Starts the TCP transport when --listen or --peer asks for it, chained behind the
@@ -400,11 +410,12 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
     };
 
     let cluster_key = read_cluster_key(cli)?;
-    // libibverbs reads sysfs, opens the device and loads its provider: before the sandbox.
-    let rdma = RdmaPath::open(&cli.rdma_device).map_err(StartupError::Rdma)?;
     // Every socket file is bound and every file read: from here on the server needs no
-    // more than serving does. No thread exists yet, so all of them inherit the sandbox.
-    enter_sandbox(cli, rdma.is_some())?;
+    // more than serving does (and the rdma path's device, opened inside). No thread exists
+    // yet, so all of them inherit the sandbox.
+    let rdma = enter_sandbox(cli, || {
+        RdmaPath::open(&cli.rdma_device).map_err(StartupError::Rdma)
+    })?;
 
     // The devices of one process form one fabric: their guests reach each other by memcpy.
     let fabric = Fabric::new();

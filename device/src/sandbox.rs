@@ -32,12 +32,24 @@ pub struct Needs {
     pub listen_port: Option<u16>,
     /// The TCP ports of its peers.
     pub peer_ports: Vec<u16>,
-    /// Landlock is left out, for this reason. It gives the process new credentials, and
-    /// the kernel refuses the commands libibverbs writes to an RDMA device's file (Soft-RoCE
-    /// posts every work request that way) from credentials other than the opener's: with
-    /// the rdma path's device open, only the system call filter applies.
-    pub without_landlock: Option<&'static str>,
+    /// The rdma path will open a host RDMA device after Landlock is entered (see
+    /// [`enter_files`]): libibverbs may read what it reads to find and open one (sysfs,
+    /// its configuration and provider libraries) and use `/dev/infiniband`.
+    pub rdma: bool,
 }
+
+/// What libibverbs reads to list the host's RDMA devices, load its provider and open one:
+/// sysfs, its driver list, the dynamic linker's cache and the libraries. Read only.
+const RDMA_READS: &[&str] = &[
+    "/sys",
+    "/etc/libibverbs.d",
+    "/etc/ld.so.cache",
+    "/usr/lib",
+    "/lib",
+    "/lib64",
+];
+/// The device files the rdma path opens and writes its commands to.
+const RDMA_DEVICES: &str = "/dev/infiniband";
 
 /// How much of the sandbox the kernel could enforce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,16 +75,29 @@ pub enum SandboxError {
 
 /// Enters the sandbox, for every thread of the process (call it before starting any).
 pub fn enter(needs: &Needs) -> Result<Entered, SandboxError> {
-    let landlock_full = match needs.without_landlock {
-        Some(_) => None,
-        None => restrict_files_and_ports(needs)?,
-    };
-    let filter = seccomp_filter()?;
-    seccompiler::apply_filter_all_threads(&filter)?;
+    let landlock_full = enter_files(needs)?;
+    let allowed_calls = enter_calls()?;
     Ok(Entered {
         landlock_full,
-        allowed_calls: ALLOWED.len() + ALLOWED_ARCH.len(),
+        allowed_calls,
     })
+}
+
+/// The first half of [`enter`]: Landlock (files and TCP ports), for the calling thread and
+/// the threads it starts later. A host RDMA device must be opened after this, not before:
+/// entering Landlock gives the process new credentials, and the kernel refuses the
+/// commands libibverbs writes to a device file opened under other credentials (Soft-RoCE
+/// posts every work request that way). Returns what [`Entered::landlock_full`] says.
+pub fn enter_files(needs: &Needs) -> Result<Option<bool>, SandboxError> {
+    restrict_files_and_ports(needs)
+}
+
+/// The second half of [`enter`]: the system call filter, for every thread; how many calls
+/// it allows.
+pub fn enter_calls() -> Result<usize, SandboxError> {
+    let filter = seccomp_filter()?;
+    seccompiler::apply_filter_all_threads(&filter)?;
+    Ok(ALLOWED.len() + ALLOWED_ARCH.len())
 }
 
 /// The Landlock part: best effort, as the kernel allows.
@@ -85,6 +110,16 @@ fn restrict_files_and_ports(needs: &Needs) -> Result<Option<bool>, SandboxError>
         .create()?
         .add_rules(path_beneath_rules(["/dev/urandom"], AccessFs::ReadFile))?
         .add_rules(path_beneath_rules(folders, AccessFs::RemoveFile))?;
+    if needs.rdma {
+        let read = AccessFs::ReadFile | AccessFs::ReadDir;
+        ruleset = ruleset
+            .add_rules(path_beneath_rules(RDMA_READS, read))?
+            // Its commands are ioctls on the device file (Landlock ABI 5 filters those).
+            .add_rules(path_beneath_rules(
+                [RDMA_DEVICES],
+                read | AccessFs::WriteFile | AccessFs::IoctlDev,
+            ))?;
+    }
     if let Some(port) = needs.listen_port {
         ruleset = ruleset.add_rule(NetPort::new(port, AccessNet::BindTcp))?;
     }

@@ -66,7 +66,10 @@ fn the_server_says_which_guest_gids_its_rdma_device_holds() {
         &["--rdma-device", &name],
     );
     server.wait_for_server_line(&format!("rdma path: {name} port 1"));
-    server.wait_for_server_line("system calls allowed");
+    // Landlock stays on: the device is opened after it, under the credentials it gives.
+    server.wait_for_server_line(
+        "Landlock limits files and TCP ports (and lets the rdma path read sysfs",
+    );
     let mut d = Driver::on_socket(&server, 0);
     d.probe();
     d.create_bind(0, held.gid, GID_TYPE_ROCE_V1)

@@ -1,8 +1,9 @@
 //! The rdma path's host device in the server (docs/rdma-transport.md): chosen at start
-//! (`--rdma-device`), opened before the sandbox is entered (libibverbs reads sysfs, opens
-//! `/dev/infiniband` and loads its provider then), and watched: each GID the guests bind is
-//! looked up in the host device's GID table, because the path can carry a guest's traffic
-//! only where the host device holds the guest's GID (a host interface carries its address).
+//! (`--rdma-device`), opened between Landlock and the system call filter (libibverbs reads
+//! sysfs, opens `/dev/infiniband` and loads its provider then), and watched: each GID the
+//! guests bind is looked up in the host device's GID table, because the path can carry a
+//! guest's traffic only where the host device holds the guest's GID (a host interface
+//! carries its address).
 //!
 //! The GIDs the device holds are published to the fabric, and the TCP transport tells its
 //! peers which of this server's GIDs the rdma path reaches.

@@ -61,7 +61,7 @@ fn child(dir: &Path) {
         sockets: vec![dir.join("a.sock")],
         listen_port: None,
         peer_ports: vec![4791],
-        without_landlock: None,
+        rdma: false,
     })
     .expect("enter the sandbox");
     let landlock = entered.landlock_full.is_some();
