@@ -154,4 +154,16 @@ impl Driver<FabricBus> {
     pub fn with_device<R>(&self, f: impl FnOnce(&mut PvrdmaDevice) -> R) -> R {
         self.bus.with_endpoint(|e, _| f(&mut e.device))
     }
+
+    /// The fabric this driver's device is part of (to give it a host RDMA device).
+    pub fn shared_fabric(&self) -> &SharedFabric {
+        &self.bus.fabric
+    }
+
+    /// A completion of a host QP for this driver's device, as the server's completion
+    /// thread hands it over.
+    pub fn complete_host(&self, qpn: u32, event: &pvrdma_backend::HostEvent) {
+        self.bus
+            .with_endpoint(|e, net| e.device.complete_host(&e.ram, &mut e.irqs, net, qpn, event));
+    }
 }
