@@ -311,12 +311,11 @@ fn read_cluster_key(cli: &Cli) -> Result<Option<Vec<u8>>, StartupError> {
     Ok(Some(key))
 }
 
-/// Enters the sandbox (unless --sandbox off) and says what the kernel enforced.
-/// Enters the sandbox around opening the rdma path's device (`open_rdma`): Landlock first,
-/// then the device (libibverbs reads sysfs, loads its provider and opens
-/// `/dev/infiniband/uverbsN`; the device must be opened under the credentials Landlock
-/// gives, or the kernel refuses the commands libibverbs writes to it), then the system call
-/// filter.
+/// Enters the sandbox (unless --sandbox off) around opening the rdma path's device
+/// (`open_rdma`): Landlock first, then the device (libibverbs reads sysfs, loads its
+/// provider and opens `/dev/infiniband/uverbsN`; the device must be opened under the
+/// credentials Landlock gives, or the kernel refuses the commands libibverbs writes to
+/// it), then the system call filter; says what the kernel enforced.
 fn enter_sandbox<T>(
     cli: &Cli,
     open_rdma: impl FnOnce() -> Result<T, StartupError>,
