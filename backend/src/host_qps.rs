@@ -88,6 +88,14 @@ pub enum HostOp {
         rkey: u32,
         add: u64,
     },
+    /// A UD send from the guest's `sgid` to QP `remote_qpn` at `dgid`.
+    Datagram {
+        sgid: [u8; 16],
+        dgid: [u8; 16],
+        remote_qpn: u32,
+        qkey: u32,
+        imm: Option<u32>,
+    },
 }
 
 /// A send work request for a host QP.
@@ -137,8 +145,19 @@ pub enum ReceiveError {
     Other,
 }
 
+/// A datagram a host UD QP received: the server took it into a buffer of its own, and the
+/// device delivers it to the guest's receive queue as it delivers any datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostDatagram {
+    pub sgid: [u8; 16],
+    pub dgid: [u8; 16],
+    pub src_qp: u32,
+    pub imm: Option<u32>,
+    pub payload: Box<[u8]>,
+}
+
 /// What a host QP completed, for the device that owns it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostEvent {
     /// A send work request is done: the same answer a transport gives
     /// ([`crate::Completion`]), READ data and atomics already in guest memory.
@@ -147,13 +166,15 @@ pub enum HostEvent {
         result: Result<(), RemoteError>,
     },
     Received(HostReceipt),
+    /// A host UD QP received a datagram.
+    Datagram(HostDatagram),
     /// The host QP is in the error state on its own (a fatal QP error, its port down, the
     /// device gone): the guest QP follows, with the guest's async event.
     Failed,
 }
 
 /// A host QP's completion, routed to its owner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostCompletion {
     /// The fabric endpoint that created the QP.
     pub owner: usize,
@@ -174,6 +195,18 @@ pub trait HostQps: Send + Sync {
     /// which the guest adopts. Each guest PD has a host PD of its own, so no guest's keys
     /// reach another's memory through the host device.
     fn create_qp(&self, owner: usize, pd: u32, caps: HostQpCaps) -> Result<u32, HostPathError>;
+
+    /// A host QP for a new UD QP of endpoint `owner` in the guest's PD `pd`: its number.
+    /// Its datagrams are received into buffers of the server's, and handed to the device
+    /// ([`HostEvent::Datagram`]), which delivers them as it delivers any datagram: a UD QP
+    /// receives from every path at once, so its receive queue stays the device's.
+    fn create_ud_qp(&self, owner: usize, pd: u32, caps: HostQpCaps) -> Result<u32, HostPathError>;
+
+    /// A host UD QP to RTS, taking datagrams with `qkey`, sending from `sq_psn`.
+    fn ready_ud_qp(&self, qpn: u32, qkey: u32, sq_psn: u32) -> Result<(), HostPathError>;
+
+    /// Whether a datagram from the guest's `sgid` to `dgid` goes through the host device.
+    fn carries_to(&self, sgid: &[u8; 16], dgid: &[u8; 16]) -> bool;
 
     /// The guest destroyed the QP (or its device was reset).
     fn destroy_qp(&self, qpn: u32);

@@ -20,8 +20,9 @@ mod sgl;
 pub mod tcp;
 
 pub use host_qps::{
-    Connect, HostCompletion, HostEvent, HostOp, HostPathError, HostPort, HostQpCaps, HostQps,
-    HostReceipt, HostRegion, HostSend, KeyedSge, ReceiveError, SendSide, access as host_access,
+    Connect, HostCompletion, HostDatagram, HostEvent, HostOp, HostPathError, HostPort, HostQpCaps,
+    HostQps, HostReceipt, HostRegion, HostSend, KeyedSge, ReceiveError, SendSide,
+    access as host_access,
 };
 pub use owned::OwnedRequest;
 pub use sgl::{CopyError, Segment, Sgl, copy, gather};

@@ -26,6 +26,8 @@ use vfio_user_pvrdma::abi::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Call {
     CreateQp(usize, u32, HostQpCaps),
+    CreateUdQp(usize, u32, HostQpCaps),
+    ReadyUd(u32, u32, u32),
     DestroyQp(u32),
     Init(u32, u32),
     Connect(u32, Connect),
@@ -83,6 +85,20 @@ impl HostQps for Recorder {
     fn create_qp(&self, owner: usize, pd: u32, caps: HostQpCaps) -> Result<u32, HostPathError> {
         self.log(Call::CreateQp(owner, pd, caps));
         Ok(0x4000 + self.qpns.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn create_ud_qp(&self, owner: usize, pd: u32, caps: HostQpCaps) -> Result<u32, HostPathError> {
+        self.log(Call::CreateUdQp(owner, pd, caps));
+        Ok(0x4000 + self.qpns.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn ready_ud_qp(&self, qpn: u32, qkey: u32, sq_psn: u32) -> Result<(), HostPathError> {
+        self.log(Call::ReadyUd(qpn, qkey, sq_psn));
+        Ok(())
+    }
+
+    fn carries_to(&self, sgid: &[u8; 16], dgid: &[u8; 16]) -> bool {
+        self.offers(sgid) && *dgid == ipv4_gid(PEER)
     }
 
     fn destroy_qp(&self, qpn: u32) {
@@ -538,4 +554,111 @@ fn a_reset_device_releases_what_the_host_holds_for_it_and_destroy_releases_each_
     // pvrdma_pci_remove: the device is reset.
     g.d.remove();
     assert!(g.host.calls().contains(&Call::Forget(0)));
+}
+
+/// A UD QP takes a host QP too; a datagram to a destination the host reaches goes to it
+/// (with the address vector's GID and QPN and the Q_Key), one to elsewhere takes the other
+/// paths, and a datagram the host received reaches the guest's receive queue with its GRH.
+#[test]
+fn a_ud_qp_sends_through_the_host_where_it_reaches_and_receives_its_datagrams() {
+    let mut g = guest(true);
+    let uc = g.qp.uc;
+    let ud =
+        g.d.create_qp_with(QpSpec::user(
+            qp_type::UD,
+            uc,
+            g.qp.pd,
+            g.cq.handle,
+            PINGPONG_SIZES,
+        ))
+        .expect("CREATE_QP UD");
+    assert_eq!(ud.qpn, 0x4001, "the UD QP adopted the host QP's number");
+    g.d.ud_activate(&ud, 0x2222).expect("UD to RTS");
+    assert!(
+        g.host
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::ReadyUd(0x4001, 0x2222, _)))
+    );
+
+    let datagram = |g: &mut Guest, wr_id: u64, to: [u8; 4]| {
+        let mut wqe = driver::queues::send_wqe(
+            wr_id,
+            wr_opcode::SEND,
+            send_flags::SIGNALED,
+            &[sge(BUF_VA, 10, g.mr.lkey)],
+        );
+        let av = abi::AddressVector {
+            port_pd: g.qp.pd | 1 << 24,
+            dgid: ipv4_gid(to),
+            hop_limit: 64,
+            ..abi::AddressVector::default()
+        };
+        wqe[32..36].copy_from_slice(&0x4777u32.to_le_bytes());
+        wqe[36..40].copy_from_slice(&0x2222u32.to_le_bytes());
+        wqe[40..80].copy_from_slice(zerocopy::IntoBytes::as_bytes(&av));
+        g.d.post_send_raw(&ud, &wqe).unwrap();
+        g.d.ring_qp(&ud, abi::uar::QP_SEND);
+    };
+    datagram(&mut g, 61, PEER);
+    let sends = g.host.sends();
+    let [Call::Send(0x4001, ticket, op, _)] = sends.as_slice() else {
+        panic!("{sends:?}");
+    };
+    assert_eq!(
+        *op,
+        HostOp::Datagram {
+            sgid: ipv4_gid(OWN),
+            dgid: ipv4_gid(PEER),
+            remote_qpn: 0x4777,
+            qkey: 0x2222,
+            imm: None
+        }
+    );
+    g.d.complete_host(
+        0x4001,
+        &HostEvent::Sent {
+            ticket: *ticket,
+            result: Ok(()),
+        },
+    );
+    assert_eq!(g.d.drain_cq(&g.cq)[0].wr_id, 61);
+    // Elsewhere: not through the host (nobody here holds it: dropped, a successful send).
+    datagram(&mut g, 62, [10, 9, 9, 9]);
+    assert_eq!(g.host.sends().len(), 1);
+    assert_eq!(
+        g.d.drain_cq(&g.cq)
+            .iter()
+            .map(|c| (c.wr_id, c.status))
+            .collect::<Vec<_>>(),
+        [(62, wc_status::SUCCESS)]
+    );
+
+    // The host received a datagram: the guest's receive gets the GRH and the payload.
+    g.d.post_recv(&ud, 63, &[sge(BUF_VA + 2048, 256, g.mr.lkey)])
+        .unwrap();
+    g.d.complete_host(
+        0x4001,
+        &HostEvent::Datagram(pvrdma_backend::HostDatagram {
+            sgid: ipv4_gid(PEER),
+            dgid: ipv4_gid(OWN),
+            src_qp: 0x4777,
+            imm: Some(9),
+            payload: b"from the host".as_slice().into(),
+        }),
+    );
+    let cqes = g.d.drain_cq(&g.cq);
+    assert_eq!(
+        cqes.iter()
+            .map(|c| (c.wr_id, c.status, c.src_qp, c.byte_len, c.imm_data))
+            .collect::<Vec<_>>(),
+        [(63, wc_status::SUCCESS, 0x4777, 40 + 13, 9)]
+    );
+    let landed = driver::memory::snapshot(
+        g.d.ram(),
+        g.mr.buffer.as_ref().unwrap().translate(BUF_VA + 2048),
+        53,
+    );
+    assert_eq!(&landed[8..24], &ipv4_gid(PEER), "the GRH names the sender");
+    assert_eq!(&landed[40..53], b"from the host");
 }

@@ -360,6 +360,80 @@ fn an_rkey_of_another_pd_does_not_reach_through_the_host_device() {
     );
 }
 
+/// A UD QP of each guest: a datagram from A to B goes through the host device (rxe counts
+/// it), and B's receive holds the GRH naming A's GID and the payload, as over memcpy and
+/// TCP; B's receive queue stays the device's (the host QP receives into the server's
+/// buffers).
+#[test]
+fn datagrams_cross_two_servers_through_the_host_rdma_device() {
+    let Some(name) = loop_device("datagrams_cross_two_servers_through_the_host_rdma_device") else {
+        return;
+    };
+    let (server_a, server_b, mut a, mut b) = connected_over(&name, None);
+    let ud = |side: &mut Side| {
+        let spec = driver::verbs::QpSpec::user(
+            abi::qp_type::UD,
+            side.qp.uc,
+            side.qp.pd,
+            side.cq.handle,
+            driver::verbs::PINGPONG_SIZES,
+        );
+        let qp = side.d.create_qp_with(spec).expect("CREATE_QP UD");
+        side.d.ud_activate(&qp, 0x2222).expect("UD to RTS");
+        qp
+    };
+    let (qa, qb) = (ud(&mut a), ud(&mut b));
+    for (server, qp) in [(&server_a, &qa), (&server_b, &qb)] {
+        server.wait_for_server_line(&format!(
+            "rdma path: UD QP {:#x} sends through the host's RDMA device",
+            qp.qpn
+        ));
+    }
+    let sent_before = port_counter(&name, "sent_pkts");
+    explained(&name, [&server_a, &server_b], || {
+        b.d.post_recv(&qb, 51, &[sge(BUF_VA, 256, b.mr.lkey)])
+            .unwrap();
+        memory::write_bytes(a.d.ram(), buffer(&a, BUF_VA), b"a datagram");
+        let mut wqe = driver::queues::send_wqe(
+            52,
+            wr_opcode::SEND,
+            send_flags::SIGNALED,
+            &[sge(BUF_VA, 10, a.mr.lkey)],
+        );
+        let av = abi::AddressVector {
+            port_pd: a.qp.pd | 1 << 24,
+            dgid: b.gid,
+            hop_limit: 64,
+            ..abi::AddressVector::default()
+        };
+        // The UD union: remote QPN, remote Q_Key, then the address vector.
+        wqe[32..36].copy_from_slice(&qb.qpn.to_le_bytes());
+        wqe[36..40].copy_from_slice(&0x2222u32.to_le_bytes());
+        wqe[40..80].copy_from_slice(zerocopy::IntoBytes::as_bytes(&av));
+        a.d.post_send_raw(&qa, &wqe).unwrap();
+        a.d.ring_qp(&qa, abi::uar::QP_SEND);
+        let sent = wait_cqes(&mut a.d, &a.cq, 1);
+        assert_eq!((sent[0].wr_id, sent[0].status), (52, wc_status::SUCCESS));
+        let received = wait_cqes(&mut b.d, &b.cq, 1);
+        assert_eq!(
+            (
+                received[0].wr_id,
+                received[0].status,
+                received[0].src_qp,
+                received[0].byte_len
+            ),
+            (51, wc_status::SUCCESS, qa.qpn, 50)
+        );
+        let landed = memory::snapshot(b.d.ram(), buffer(&b, BUF_VA), 50);
+        assert_eq!(&landed[8..24], &a.gid, "the GRH names the sender");
+        assert_eq!(&landed[40..50], b"a datagram");
+    });
+    assert!(
+        port_counter(&name, "sent_pkts") > sent_before,
+        "the datagram went through {name}"
+    );
+}
+
 /// A SEND before the peer posted a receive waits (receiver not ready, retried for ever
 /// with rnr_retry 7) and lands once the receive is posted.
 #[test]

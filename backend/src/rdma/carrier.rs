@@ -16,6 +16,7 @@ use std::time::Duration;
 use log::{debug, warn};
 
 use super::abi::*;
+use super::datagrams::{self, Datagrams};
 use super::devices::GidKind;
 use super::host::{HostCq, HostDevice, HostMr, HostPd, HostQp, RcPath, RcSend};
 use super::view::ContiguousView;
@@ -25,7 +26,7 @@ use crate::{
 };
 
 /// Marks a receive's `wr_id` (a send's is the requester's ticket, which never gets there).
-const RECEIVE: u64 = 1 << 63;
+const RECEIVE: u64 = datagrams::RECEIVE;
 /// Completions taken from a CQ at once.
 const POLL_BATCH: usize = 32;
 /// Mappings the views of one device's registrations may take (each run of pages adjacent
@@ -39,11 +40,14 @@ pub const MAX_RUNS: usize = 32_768;
 /// Decides whether the host device reaches a destination GID: `Err` says why not.
 pub type Route = Box<dyn Fn(&Gid) -> Result<(), String> + Send + Sync>;
 
-/// One guest QP's host QP.
+/// One guest QP's host QP (dropped first), its CQ, a UD QP's buffers and address handles,
+/// and its PD (dropped last).
 struct Entry {
     owner: usize,
     qp: HostQp,
     cq: Arc<HostCq>,
+    datagrams: Option<Datagrams>,
+    pd: Arc<HostPd>,
 }
 
 /// The host device as the devices of one process use it.
@@ -223,8 +227,8 @@ impl Carrier {
             }
         };
         cq.ack_events();
-        let qps = lock(&self.qps);
-        let Some((&qpn, entry)) = qps.iter().find(|(_, e)| Arc::ptr_eq(&e.cq, &cq)) else {
+        let mut qps = lock(&self.qps);
+        let Some((&qpn, entry)) = qps.iter_mut().find(|(_, e)| Arc::ptr_eq(&e.cq, &cq)) else {
             return;
         };
         // Armed again before polling, so a completion that lands in between raises an event.
@@ -240,10 +244,25 @@ impl Carrier {
                     return;
                 }
             };
-            out.extend(wcs[..n].iter().map(|wc| HostCompletion {
-                owner: entry.owner,
-                qpn,
-                event: event_of(wc),
+            let Entry {
+                owner,
+                qp,
+                datagrams,
+                ..
+            } = &mut *entry;
+            out.extend(wcs[..n].iter().filter_map(|wc| {
+                let event = match datagrams {
+                    // A UD QP's receives are the server's buffers.
+                    Some(datagrams) if wc.wr_id & RECEIVE != 0 => {
+                        HostEvent::Datagram(datagrams.take(qp, wc)?)
+                    }
+                    _ => event_of(wc),
+                };
+                Some(HostCompletion {
+                    owner: *owner,
+                    qpn,
+                    event,
+                })
             }));
             if n < POLL_BATCH {
                 return;
@@ -314,6 +333,15 @@ fn send_wr(send: &HostSend<'_>, list: &mut [IbvSge]) -> IbvSendWr {
     };
     // Immediate data travels as the guest wrote it: both sides keep the bytes as they are.
     match send.op {
+        HostOp::Datagram { imm, .. } => {
+            // The address handle and the destination are the caller's (`ud_destination`).
+            wr.opcode = if imm.is_some() {
+                WR_SEND_WITH_IMM
+            } else {
+                WR_SEND
+            };
+            wr.imm_data = imm.unwrap_or(0);
+        }
         HostOp::Send { imm: None } => wr.opcode = WR_SEND,
         HostOp::Send { imm: Some(imm) } => {
             wr.opcode = WR_SEND_WITH_IMM;
@@ -390,8 +418,69 @@ impl HostQps for Carrier {
             )
             .map_err(failed)?;
         let qpn = qp.qpn();
-        lock(&self.qps).insert(qpn, Entry { owner, qp, cq });
+        lock(&self.qps).insert(
+            qpn,
+            Entry {
+                owner,
+                qp,
+                cq,
+                datagrams: None,
+                pd,
+            },
+        );
         Ok(qpn)
+    }
+
+    fn create_ud_qp(&self, owner: usize, pd: u32, caps: HostQpCaps) -> Result<u32, HostPathError> {
+        let pd = self.pd(owner, pd)?;
+        let buffers = datagrams::BUFFERS as u32;
+        let depth = caps.send_wr.saturating_add(buffers).saturating_add(1);
+        let cq = self.device.create_cq(depth).map_err(failed)?;
+        cq.arm().map_err(failed)?;
+        let qp = pd
+            .create_ud_qp(
+                &cq,
+                IbvQpCap {
+                    max_send_wr: caps.send_wr.max(1),
+                    max_recv_wr: buffers,
+                    max_send_sge: caps.send_sge.max(1),
+                    max_recv_sge: 1,
+                    max_inline_data: 0,
+                },
+            )
+            .map_err(failed)?;
+        let datagrams = Datagrams::new(&pd).map_err(failed)?;
+        let qpn = qp.qpn();
+        lock(&self.qps).insert(
+            qpn,
+            Entry {
+                owner,
+                qp,
+                cq,
+                datagrams: Some(datagrams),
+                pd,
+            },
+        );
+        Ok(qpn)
+    }
+
+    fn ready_ud_qp(&self, qpn: u32, qkey: u32, sq_psn: u32) -> Result<(), HostPathError> {
+        let mut qps = lock(&self.qps);
+        let entry = qps
+            .get_mut(&qpn)
+            .ok_or_else(|| failed(format!("no host QP {qpn:#x}")))?;
+        entry
+            .qp
+            .to_rts_ud(self.port, qkey, sq_psn)
+            .map_err(failed)?;
+        match &entry.datagrams {
+            Some(datagrams) => datagrams.post_all(&mut entry.qp).map_err(failed),
+            None => Err(failed(format!("host QP {qpn:#x} is not a UD QP"))),
+        }
+    }
+
+    fn carries_to(&self, sgid: &Gid, dgid: &Gid) -> bool {
+        self.gid_index(sgid).is_ok() && (self.route)(dgid).is_ok()
     }
 
     fn destroy_qp(&self, qpn: u32) {
@@ -443,7 +532,37 @@ impl HostQps for Carrier {
     fn post_send(&self, qpn: u32, send: &HostSend<'_>) -> Result<(), HostPathError> {
         let mut list = scatter(send.sges);
         let mut wr = send_wr(send, &mut list);
-        self.with_qp(qpn, |qp| qp.post_send(&mut wr).map_err(failed))
+        let HostOp::Datagram {
+            sgid,
+            dgid,
+            remote_qpn,
+            qkey,
+            ..
+        } = send.op
+        else {
+            return self.with_qp(qpn, |qp| qp.post_send(&mut wr).map_err(failed));
+        };
+        let sgid_index = self.gid_index(&sgid)?;
+        let mut qps = lock(&self.qps);
+        let entry = qps
+            .get_mut(&qpn)
+            .ok_or_else(|| failed(format!("no host QP {qpn:#x}")))?;
+        let Entry {
+            qp, datagrams, pd, ..
+        } = entry;
+        let datagrams = datagrams
+            .as_mut()
+            .ok_or_else(|| failed(format!("host QP {qpn:#x} is not a UD QP")))?;
+        let ah = datagrams
+            .ah(pd, self.port, sgid_index, dgid)
+            .map_err(failed)?;
+        // `wr.ud`: the AH, then the remote QPN and Q_Key in the next eight bytes.
+        wr.wr = IbvSendWrRemote {
+            remote_addr: ah,
+            compare_add: u64::from(remote_qpn) | u64::from(qkey) << 32,
+            ..IbvSendWrRemote::default()
+        };
+        qp.post_send(&mut wr).map_err(failed)
     }
 
     fn post_recv(&self, qpn: u32, ticket: u64, sges: &[KeyedSge]) -> Result<(), HostPathError> {

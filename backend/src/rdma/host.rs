@@ -272,7 +272,7 @@ impl HostDevice {
         cq: &Arc<HostCq>,
         cap: IbvQpCap,
     ) -> Result<HostQp, HostError> {
-        create_rc_qp(self.pd, None, cq, cap)
+        create_qp(self.pd, None, cq, cap, QPT_RC)
     }
 
     /// Waits for nothing: the CQ whose event the channel holds, if its fd is readable,
@@ -495,6 +495,33 @@ impl HostQp {
         )
     }
 
+    /// RESET → INIT → RTR → RTS of a UD QP: datagrams with `qkey` are taken, and its sends
+    /// start at `sq_psn`.
+    pub fn to_rts_ud(&mut self, port: u8, qkey: u32, sq_psn: u32) -> Result<(), HostError> {
+        let mut attr = IbvQpAttr {
+            qp_state: QPS_INIT,
+            port_num: port,
+            qkey,
+            ..IbvQpAttr::default()
+        };
+        self.modify(
+            &mut attr,
+            QP_STATE | QP_PKEY_INDEX | QP_PORT | QP_QKEY,
+            "ibv_modify_qp to INIT",
+        )?;
+        let mut attr = IbvQpAttr {
+            qp_state: QPS_RTR,
+            ..IbvQpAttr::default()
+        };
+        self.modify(&mut attr, QP_STATE, "ibv_modify_qp to RTR")?;
+        let mut attr = IbvQpAttr {
+            qp_state: QPS_RTS,
+            sq_psn,
+            ..IbvQpAttr::default()
+        };
+        self.modify(&mut attr, QP_STATE | QP_SQ_PSN, "ibv_modify_qp to RTS")
+    }
+
     /// INIT → RTR towards `path`.
     pub fn to_rtr(&mut self, path: &RcPath) -> Result<(), HostError> {
         let mut attr = IbvQpAttr {
@@ -619,12 +646,13 @@ fn register_view(
     NonNull::new(mr).ok_or_else(|| errno("ibv_reg_mr_iova"))
 }
 
-/// An RC QP in `pd` (kept alive by `keep`, if it is not the device's own) on `cq`.
-fn create_rc_qp(
+/// A QP of `qp_type` in `pd` (kept alive by `keep`, if it is not the device's own) on `cq`.
+fn create_qp(
     pd: NonNull<IbvPd>,
     keep: Option<Arc<HostPd>>,
     cq: &Arc<HostCq>,
     cap: IbvQpCap,
+    qp_type: u32,
 ) -> Result<HostQp, HostError> {
     let mut init = IbvQpInitAttr {
         qp_context: ptr::null_mut(),
@@ -632,7 +660,7 @@ fn create_rc_qp(
         recv_cq: cq.cq.as_ptr(),
         srq: ptr::null_mut(),
         cap,
-        qp_type: QPT_RC,
+        qp_type,
         sq_sig_all: 0,
     };
     // SAFETY: a live PD and CQ of one device, and a filled attribute structure.
@@ -676,13 +704,94 @@ impl HostPd {
         })
     }
 
+    /// As [`HostDevice::register_own`], in this PD.
+    ///
+    /// # Safety
+    /// `addr..addr + len` must stay mapped until the MR is dropped.
+    pub unsafe fn register_own(
+        self: &Arc<Self>,
+        addr: *mut u8,
+        len: usize,
+        access: c_int,
+    ) -> Result<HostMr, HostError> {
+        // SAFETY: a live PD; the caller keeps the memory mapped.
+        let mr = unsafe { (self.device.verbs.reg_mr)(self.pd.as_ptr(), addr.cast(), len, access) };
+        let mr = NonNull::new(mr).ok_or_else(|| errno("ibv_reg_mr"))?;
+        Ok(HostMr {
+            device: Arc::clone(&self.device),
+            mr,
+            view: None,
+            _pd: Some(Arc::clone(self)),
+        })
+    }
+
     /// As [`HostDevice::create_rc_qp`], in this PD; `cq` must be of the same device.
     pub fn create_rc_qp(
         self: &Arc<Self>,
         cq: &Arc<HostCq>,
         cap: IbvQpCap,
     ) -> Result<HostQp, HostError> {
-        create_rc_qp(self.pd, Some(Arc::clone(self)), cq, cap)
+        create_qp(self.pd, Some(Arc::clone(self)), cq, cap, QPT_RC)
+    }
+
+    /// A UD QP in this PD on `cq`.
+    pub fn create_ud_qp(
+        self: &Arc<Self>,
+        cq: &Arc<HostCq>,
+        cap: IbvQpCap,
+    ) -> Result<HostQp, HostError> {
+        create_qp(self.pd, Some(Arc::clone(self)), cq, cap, QPT_UD)
+    }
+
+    /// An address handle in this PD: `dgid` on `port`, from the GID at `sgid_index`.
+    pub fn create_ah(
+        self: &Arc<Self>,
+        port: u8,
+        sgid_index: u8,
+        dgid: [u8; 16],
+    ) -> Result<HostAh, HostError> {
+        let mut attr = IbvAhAttr {
+            grh: IbvGlobalRoute {
+                dgid: IbvGid { raw: dgid },
+                flow_label: 0,
+                sgid_index,
+                hop_limit: 64,
+                traffic_class: 0,
+            },
+            is_global: 1,
+            port_num: port,
+            ..IbvAhAttr::default()
+        };
+        // SAFETY: a live PD and a filled attribute structure.
+        let ah = unsafe { (self.device.verbs.create_ah)(self.pd.as_ptr(), &mut attr) };
+        let ah = NonNull::new(ah).ok_or_else(|| errno("ibv_create_ah"))?;
+        Ok(HostAh {
+            pd: Arc::clone(self),
+            ah,
+        })
+    }
+}
+
+/// An address handle; destroyed when dropped, before its PD (which it holds).
+pub struct HostAh {
+    pd: Arc<HostPd>,
+    ah: NonNull<c_void>,
+}
+
+// SAFETY: see `HostDevice`.
+unsafe impl Send for HostAh {}
+
+impl HostAh {
+    /// Its address, for a UD send's `wr.ud.ah`.
+    pub fn address(&self) -> u64 {
+        self.ah.as_ptr() as u64
+    }
+}
+
+impl Drop for HostAh {
+    fn drop(&mut self) {
+        // SAFETY: a live AH, destroyed once.
+        unsafe { (self.pd.device.verbs.destroy_ah)(self.ah.as_ptr()) };
     }
 }
 

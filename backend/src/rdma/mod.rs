@@ -3,6 +3,7 @@
 //!
 //! * [`carrier`] — the host QPs and registrations behind guest QPs and MRs, and their
 //!   completions;
+//! * [`datagrams`] — a host UD QP's receive buffers and address handles;
 //! * [`abi`] — the structures and constants used, declared by hand and checked against
 //!   rdma-core's headers by `tests/rdma_abi.rs`;
 //! * [`verbs`] — libibverbs, loaded at run time, and the calls looked up in it;
@@ -13,6 +14,7 @@
 
 pub mod abi;
 pub mod carrier;
+pub mod datagrams;
 pub mod devices;
 pub mod host;
 pub mod loopback;

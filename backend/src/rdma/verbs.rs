@@ -12,8 +12,8 @@
 use std::ffi::{CStr, c_char, c_int, c_void};
 
 use super::abi::{
-    IbvAsyncEvent, IbvCompChannel, IbvContext, IbvCq, IbvDevice, IbvGid, IbvGidEntry, IbvMr, IbvPd,
-    IbvPortAttr, IbvQp, IbvQpAttr, IbvQpInitAttr,
+    IbvAhAttr, IbvAsyncEvent, IbvCompChannel, IbvContext, IbvCq, IbvDevice, IbvGid, IbvGidEntry,
+    IbvMr, IbvPd, IbvPortAttr, IbvQp, IbvQpAttr, IbvQpInitAttr,
 };
 
 type GetDeviceList = unsafe extern "C" fn(*mut c_int) -> *mut *mut IbvDevice;
@@ -47,6 +47,8 @@ type GetCqEvent =
     unsafe extern "C" fn(*mut IbvCompChannel, *mut *mut IbvCq, *mut *mut c_void) -> c_int;
 type AckCqEvents = unsafe extern "C" fn(*mut IbvCq, std::ffi::c_uint);
 type CreateQp = unsafe extern "C" fn(*mut IbvPd, *mut IbvQpInitAttr) -> *mut IbvQp;
+type CreateAh = unsafe extern "C" fn(*mut IbvPd, *mut IbvAhAttr) -> *mut c_void;
+type DestroyAh = unsafe extern "C" fn(*mut c_void) -> c_int;
 type ModifyQp = unsafe extern "C" fn(*mut IbvQp, *mut IbvQpAttr, c_int) -> c_int;
 type DestroyQp = unsafe extern "C" fn(*mut IbvQp) -> c_int;
 
@@ -84,6 +86,9 @@ pub struct Verbs {
     pub(super) get_async_event: GetAsyncEvent,
     pub(super) ack_async_event: AckAsyncEvent,
     pub(super) create_qp: CreateQp,
+    /// Address handles: where a UD send goes.
+    pub(super) create_ah: CreateAh,
+    pub(super) destroy_ah: DestroyAh,
     pub(super) modify_qp: ModifyQp,
     pub(super) destroy_qp: DestroyQp,
 }
@@ -184,6 +189,8 @@ impl Verbs {
                 get_async_event: cast(required(c"ibv_get_async_event")?),
                 ack_async_event: cast(required(c"ibv_ack_async_event")?),
                 create_qp: cast(required(c"ibv_create_qp")?),
+                create_ah: cast(required(c"ibv_create_ah")?),
+                destroy_ah: cast(required(c"ibv_destroy_ah")?),
                 modify_qp: cast(required(c"ibv_modify_qp")?),
                 destroy_qp: cast(required(c"ibv_destroy_qp")?),
             })

@@ -99,6 +99,9 @@ pub struct PvrdmaDevice {
     profiler: Profiler,
     /// The exit-free poller's reusable lists and counter (see `poll`).
     poll_state: poll::PollState,
+    /// Where a datagram a host UD QP received is staged for the responder (made at first
+    /// use: 4 KiB, the largest datagram).
+    staging: Option<GuestRam>,
     /// Counts what may let a sender stalled on this device (receiver not ready) proceed or
     /// fail: receives posted, QPs, SRQs and GIDs changed or gone, resets. Kept across resets.
     /// The fabric retries stalled senders only when some device's count moved, so a
@@ -121,8 +124,24 @@ impl PvrdmaDevice {
             mac: [0; 2],
             profiler: Profiler::default(),
             poll_state: poll::PollState::default(),
+            staging: None,
             wake_events: 0,
         }
+    }
+
+    /// The staging buffer for host datagrams, taken out while a request uses it (`None` if
+    /// it cannot be made).
+    pub(crate) fn take_staging(&mut self) -> Option<GuestRam> {
+        match self.staging.take() {
+            Some(staging) => Some(staging),
+            None => GuestRam::from_ranges(&[(vm_memory::GuestAddress(0), 4096)])
+                .map_err(|e| warn!("rdma path: no staging buffer for datagrams: {e}"))
+                .ok(),
+        }
+    }
+
+    pub(crate) fn put_staging(&mut self, staging: GuestRam) {
+        self.staging = Some(staging);
     }
 
     /// Power-on state: every object destroyed, every guest address forgotten. The profiler's

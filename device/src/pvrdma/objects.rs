@@ -152,6 +152,9 @@ pub enum HostLink {
     /// The host QP carries the QP's work: `recv_posted` receives past the receive queue's
     /// head were handed to it and not completed yet.
     Carrying { recv_posted: u32 },
+    /// A UD QP whose host QP is ready: datagrams to destinations the host device reaches go
+    /// through it; every datagram, whichever path brought it, is received by the device.
+    Datagrams,
 }
 
 /// A work request a transport carries, waiting for its completion.

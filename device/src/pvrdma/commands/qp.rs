@@ -151,12 +151,12 @@ pub(super) fn create(
     let driver_version = device.shared.as_ref().map_or(0, |s| s.driver_version);
     // An RC QP of a user context may take the rdma path: it adopts its host QP's number,
     // which its peers then address on the wire (docs/rdma-transport.md).
-    let host_qpn = if req.qp_type == qp_type::RC
+    let host_qpn = if matches!(req.qp_type, qp_type::RC | qp_type::UD)
         && pd_ctx != KERNEL_CONTEXT
         && srq.is_none()
         && driver_version >= version::QP_HANDLE
     {
-        create_on_host(device, net, req.pd_handle, &cap)
+        create_on_host(device, net, req.pd_handle, req.qp_type, &cap)
     } else {
         None
     };
@@ -199,9 +199,15 @@ pub(super) fn create(
     }
 }
 
-/// A host QP for a new RC QP, when the host's RDMA device holds one of this port's GIDs;
-/// its number, if made.
-fn create_on_host(device: &PvrdmaDevice, net: &dyn Network, pd: u32, cap: &QpCap) -> Option<u32> {
+/// A host QP for a new RC or UD QP, when the host's RDMA device holds one of this port's
+/// GIDs; its number, if made.
+fn create_on_host(
+    device: &PvrdmaDevice,
+    net: &dyn Network,
+    pd: u32,
+    kind: u8,
+    cap: &QpCap,
+) -> Option<u32> {
     let host = net.host()?;
     let offered = device
         .objects
@@ -218,7 +224,12 @@ fn create_on_host(device: &PvrdmaDevice, net: &dyn Network, pd: u32, cap: &QpCap
         send_sge: cap.max_send_sge,
         recv_sge: cap.max_recv_sge,
     };
-    match host.qps.create_qp(host.owner, pd, caps) {
+    let made = if kind == qp_type::UD {
+        host.qps.create_ud_qp(host.owner, pd, caps)
+    } else {
+        host.qps.create_qp(host.owner, pd, caps)
+    };
+    match made {
         Ok(qpn) => Some(qpn),
         Err(e) => {
             warn!("rdma path: no host QP for a new QP ({e}); it takes the other paths");
@@ -248,6 +259,31 @@ fn follow_on_host(
     }
     let (qpn, attr) = (qp.qpn, qp.attr);
     let target = attr.qp_state;
+    if qp.qp_type == qp_type::UD {
+        let link = match (current, target) {
+            (_, qp_state::RESET | qp_state::ERR) => {
+                host.qps.stop_qp(qpn, target == qp_state::ERR);
+                HostLink::Standby
+            }
+            (qp_state::RTR, qp_state::RTS) => {
+                match host.qps.ready_ud_qp(qpn, attr.qkey, attr.sq_psn) {
+                    Ok(()) => {
+                        info!("rdma path: UD QP {qpn:#x} sends through the host's RDMA device");
+                        HostLink::Datagrams
+                    }
+                    Err(e) => {
+                        warn!("rdma path: UD QP {qpn:#x} to RTS on the host: {e}");
+                        HostLink::Standby
+                    }
+                }
+            }
+            _ => return Ok(()),
+        };
+        if let Some(qp) = device.objects.qps.get_mut(handle) {
+            qp.host = link;
+        }
+        return Ok(());
+    }
     let link = match (current, target) {
         (_, qp_state::RESET) if current != qp_state::RESET => {
             host.qps.stop_qp(qpn, false);

@@ -5,8 +5,10 @@
 
 use log::{debug, warn};
 use pvrdma_backend::{
-    Completion, HostEvent, HostOp, HostReceipt, HostSend, KeyedSge, Network, Outcome, ReceiveError,
+    Completion, Destination, HostDatagram, HostEvent, HostOp, HostReceipt, HostSend, KeyedSge,
+    Network, Operation, Outcome, ReceiveError, Request, RetryPolicy, Service, Sgl, Source,
 };
+use vm_memory::Bytes;
 
 use super::requester::{Plan, fail, issue};
 use super::{RecvWqe, WqeError, peek_recv_ahead};
@@ -39,6 +41,21 @@ fn keys_on_host(device: &PvrdmaDevice, sges: &[Sge]) -> bool {
     })
 }
 
+/// Whether the planned WQE of QP `qp_handle` goes to its host QP: always for an RC QP the
+/// host carries; for a UD QP's datagram when the host device reaches its destination and
+/// every buffer is registered on the host (otherwise the datagram takes the other paths).
+pub(super) fn takes(device: &PvrdmaDevice, net: &dyn Network, qp_handle: u32, plan: &Plan) -> bool {
+    match device.objects.qps.get(qp_handle).map(|qp| qp.host) {
+        Some(HostLink::Carrying { .. }) => true,
+        Some(HostLink::Datagrams) => {
+            net.host()
+                .is_some_and(|host| host.qps.carries_to(&plan.source.gid, &plan.destination.gid))
+                && keys_on_host(device, &plan.wqe.sges)
+        }
+        _ => false,
+    }
+}
+
 /// Hands the planned WQE at the head of QP `qp_handle`'s send queue (`ahead` WQEs in
 /// flight before it) to the host QP. Returns whether to go on with the next WQE.
 #[expect(
@@ -61,24 +78,33 @@ pub(super) fn send(
         wr_opcode::SEND_WITH_IMM | wr_opcode::RDMA_WRITE_WITH_IMM
     )
     .then_some(header.ex);
-    let op = match header.opcode {
-        wr_opcode::SEND | wr_opcode::SEND_WITH_IMM => HostOp::Send { imm },
-        wr_opcode::RDMA_WRITE | wr_opcode::RDMA_WRITE_WITH_IMM => HostOp::Write {
+    let op = match (header.opcode, plan.service) {
+        (wr_opcode::SEND | wr_opcode::SEND_WITH_IMM, Service::Datagram { qkey }) => {
+            HostOp::Datagram {
+                sgid: plan.source.gid,
+                dgid: plan.destination.gid,
+                remote_qpn: plan.destination.qpn,
+                qkey,
+                imm,
+            }
+        }
+        (wr_opcode::SEND | wr_opcode::SEND_WITH_IMM, _) => HostOp::Send { imm },
+        (wr_opcode::RDMA_WRITE | wr_opcode::RDMA_WRITE_WITH_IMM, _) => HostOp::Write {
             remote_addr: header.remote_addr(),
             rkey: header.rdma_rkey(),
             imm,
         },
-        wr_opcode::RDMA_READ => HostOp::Read {
+        (wr_opcode::RDMA_READ, _) => HostOp::Read {
             remote_addr: header.remote_addr(),
             rkey: header.rdma_rkey(),
         },
-        wr_opcode::ATOMIC_CMP_AND_SWP => HostOp::CompareSwap {
+        (wr_opcode::ATOMIC_CMP_AND_SWP, _) => HostOp::CompareSwap {
             remote_addr: header.remote_addr(),
             rkey: header.atomic_rkey(),
             compare: header.atomic_compare_add(),
             swap: header.atomic_swap(),
         },
-        wr_opcode::ATOMIC_FETCH_AND_ADD => HostOp::FetchAdd {
+        (wr_opcode::ATOMIC_FETCH_AND_ADD, _) => HostOp::FetchAdd {
             remote_addr: header.remote_addr(),
             rkey: header.atomic_rkey(),
             add: header.atomic_compare_add(),
@@ -236,12 +262,74 @@ pub(crate) fn complete(
             super::complete_remote(device, mem, irq, net, &completion);
         }
         HostEvent::Received(receipt) => received(device, mem, irq, qpn, &receipt),
+        HostEvent::Datagram(ref datagram) => {
+            delivered(device, mem, irq, qpn, datagram);
+        }
         HostEvent::Failed => failed(device, mem, irq, qpn),
     }
 }
 
-/// The host QP failed on its own (a fatal error, its port down, the device gone): the
-/// guest QP goes to the error state with a QP_FATAL event, and what it holds flushes.
+/// A datagram a host UD QP received: delivered to the guest's receive queue as a datagram
+/// from any other path is (its payload staged in the device's own buffer). The host
+/// checked the Q_Key against the one the QP had at RTS.
+fn delivered(
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    irq: &mut dyn Interrupts,
+    qpn: u32,
+    datagram: &HostDatagram,
+) {
+    let Some(qp) = device
+        .objects
+        .qp_handle(qpn)
+        .and_then(|handle| device.objects.qps.get(handle))
+    else {
+        return;
+    };
+    let qkey = qp.attr.qkey;
+    let Some(staging) = device.take_staging() else {
+        return;
+    };
+    let len = datagram.payload.len() as u64;
+    let mut payload = Sgl::new();
+    if len > 0 {
+        let written = staging
+            .write_slice(&datagram.payload, vm_memory::GuestAddress(0))
+            .is_ok();
+        if !written || payload.push(0, len).is_none() {
+            device.put_staging(staging);
+            return;
+        }
+    }
+    let request = Request {
+        source: Source {
+            gid: datagram.sgid,
+            qpn: datagram.src_qp,
+        },
+        destination: Destination {
+            gid: datagram.dgid,
+            qpn,
+        },
+        service: Service::Datagram { qkey },
+        memory: &staging,
+        operation: Operation::Send {
+            payload: &payload,
+            imm: datagram.imm,
+            invalidate: None,
+            solicited: false,
+        },
+        ticket: 0,
+        epoch: 0,
+        retry: RetryPolicy::default(),
+    };
+    // A datagram the guest cannot take (no receive posted, too small) is dropped, as UD is.
+    let _ = super::respond(device, mem, irq, &request);
+    device.put_staging(staging);
+}
+
+/// The host QP failed on its own (a fatal error, its port down, the device gone): an RC
+/// guest QP goes to the error state with a QP_FATAL event, and what it holds flushes; a UD
+/// QP sends by the other paths from then on.
 fn failed(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut dyn Interrupts, qpn: u32) {
     let Some(handle) = device.objects.qp_handle(qpn) else {
         return;
@@ -249,6 +337,11 @@ fn failed(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut dyn Interrupts, q
     let Some(qp) = device.objects.qps.get_mut(handle) else {
         return;
     };
+    // A UD QP loses only the host's way out: its datagrams take the other paths.
+    if qp.host == HostLink::Datagrams {
+        qp.host = HostLink::Standby;
+        return;
+    }
     if !matches!(qp.host, HostLink::Carrying { .. })
         || matches!(qp.attr.qp_state, qp_state::RESET | qp_state::ERR)
     {

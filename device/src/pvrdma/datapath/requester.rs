@@ -13,7 +13,7 @@ use super::{SendWqe, WqeError, peek_send};
 use crate::abi::{self, Cqe, qp_state, qp_type, send_flags, wc_status, wr_opcode};
 use crate::pvrdma::completion::{self, send_completion_opcode};
 use crate::pvrdma::memory::GuestRam;
-use crate::pvrdma::objects::{HostLink, InFlight, KERNEL_CONTEXT};
+use crate::pvrdma::objects::{InFlight, KERNEL_CONTEXT};
 use crate::pvrdma::profile::Stage;
 use crate::pvrdma::{Interrupts, PvrdmaDevice};
 
@@ -102,9 +102,9 @@ pub fn resume_stalled(
 /// to answer the request itself (loopback).
 pub(super) struct Plan {
     pub(super) wqe: SendWqe,
-    destination: Destination,
+    pub(super) destination: Destination,
     pub(super) source: Source,
-    service: Service,
+    pub(super) service: Service,
     local: Sgl,
     signaled: bool,
 }
@@ -191,13 +191,9 @@ fn step(
             return false;
         }
     };
-    // A QP the host's RDMA device carries posts the WQE to its host QP as it is.
-    if device
-        .objects
-        .qps
-        .get(qp_handle)
-        .is_some_and(|qp| matches!(qp.host, HostLink::Carrying { .. }))
-    {
+    // A QP the host's RDMA device carries posts the WQE to its host QP as it is; so does a
+    // UD QP's datagram to a destination the host device reaches.
+    if super::host::takes(device, net, qp_handle, &plan) {
         return super::host::send(
             device,
             mem,
