@@ -3,7 +3,8 @@
 //! one guest on it, and meets the other side's process over a TCP control connection to
 //! trade QP numbers and keys and to take turns. `guest-tests/tests/rdma_hosts.rs` runs it
 //! in two lab VMs joined by the lab's Ethernet, Soft-RoCE on each: RC SEND with immediate,
-//! WRITE, READ and fetch-and-add cross between the hosts through their devices.
+//! WRITE, READ and fetch-and-add cross between the hosts through their devices, and a UD
+//! datagram.
 //!
 //! Configured by the environment; without it the test says NOT RUN and passes:
 //! `PVRDMA_CROSS_ROLE` (`a`: the requester, listens for the control connection; `b`: the
@@ -108,18 +109,25 @@ fn one_side_of_a_guest_pair_on_two_hosts() {
     server.wait_for_server_line("is up");
     let mut me = two_servers::side_with(&server, ip.octets(), PINGPONG_SIZES);
     server.wait_for_server_line(": 1 of its GIDs are on its RDMA device");
+    let ud = ud_qp(&mut me);
+    server.wait_for_server_line(&format!(
+        "rdma path: UD QP {:#x} sends through the host's RDMA device",
+        ud.qpn
+    ));
 
     let mut control = Control::open(&role, &control_at);
     control.say(&format!(
-        "hello {} {} {}",
+        "hello {} {} {} {}",
         me.qp.qpn,
         hex(&me.gid),
-        me.mr.rkey
+        me.mr.rkey,
+        ud.qpn
     ));
     let peer = control.expect("hello");
     let peer_qpn: u32 = peer[0].parse().expect("QPN");
     let peer_gid = unhex(&peer[1]);
     let peer_rkey: u32 = peer[2].parse().expect("rkey");
+    let peer_ud: u32 = peer[3].parse().expect("UD QPN");
     two_servers::connect(&mut me, peer_qpn, peer_gid);
     server.wait_for_server_line(&format!(
         "rdma path: QP {:#x} is carried by the host's RDMA device",
@@ -128,8 +136,14 @@ fn one_side_of_a_guest_pair_on_two_hosts() {
     let sent_before = port_counter(&device, "sent_pkts");
     if role == "a" {
         requester(&mut me, &mut control, peer_rkey);
+        control.expect("listening");
+        send_datagram(&mut me, &ud, peer_ud, peer_gid);
+        control.say("datagram");
+        control.expect("done");
     } else {
         responder(&mut me, &mut control);
+        receive_datagram(&mut me, &ud, peer_gid, &mut control);
+        control.say("done");
     }
     let stats = vfio_user_pvrdma::profiler::control::request(
         server.control(),
@@ -227,7 +241,7 @@ fn requester(a: &mut Side, control: &mut Control, rkey: u32) {
         "the atomic's original value"
     );
     control.say("added");
-    control.expect("done");
+    control.expect("checked");
 }
 
 /// B: posts the receive, then checks each of A's operations in its own memory.
@@ -274,7 +288,64 @@ fn responder(b: &mut Side, control: &mut Control) {
         old.wrapping_add(2).to_le_bytes(),
         "the fetch-and-add's sum"
     );
-    control.say("done");
+    control.say("checked");
+}
+
+/// The Q_Key both sides' UD QPs use.
+const QKEY: u32 = 0x2222;
+
+fn ud_qp(side: &mut Side) -> driver::Qp {
+    let spec = driver::verbs::QpSpec::user(
+        abi::qp_type::UD,
+        side.qp.uc,
+        side.qp.pd,
+        side.cq.handle,
+        PINGPONG_SIZES,
+    );
+    let qp = side.d.create_qp_with(spec).expect("CREATE_QP UD");
+    side.d.ud_activate(&qp, QKEY).expect("UD to RTS");
+    qp
+}
+
+/// A: one datagram to B's UD QP.
+fn send_datagram(a: &mut Side, ud: &driver::Qp, peer_qpn: u32, peer_gid: [u8; 16]) {
+    memory::write_bytes(a.d.ram(), buffer(a, BUF_VA), b"a datagram between hosts");
+    let mut wqe = driver::queues::send_wqe(
+        31,
+        wr_opcode::SEND,
+        send_flags::SIGNALED,
+        &[sge(BUF_VA, 24, a.mr.lkey)],
+    );
+    let av = abi::AddressVector {
+        port_pd: a.qp.pd | 1 << 24,
+        dgid: peer_gid,
+        hop_limit: 64,
+        ..abi::AddressVector::default()
+    };
+    // The UD union: remote QPN, remote Q_Key, then the address vector.
+    wqe[32..36].copy_from_slice(&peer_qpn.to_le_bytes());
+    wqe[36..40].copy_from_slice(&QKEY.to_le_bytes());
+    wqe[40..80].copy_from_slice(zerocopy::IntoBytes::as_bytes(&av));
+    a.d.post_send_raw(ud, &wqe).unwrap();
+    a.d.ring_qp(ud, abi::uar::QP_SEND);
+    let cqes = wait_cqes(&mut a.d, &a.cq, 1);
+    assert_eq!((cqes[0].wr_id, cqes[0].status), (31, wc_status::SUCCESS));
+}
+
+/// B: the datagram lands in its UD QP's receive with the GRH naming A.
+fn receive_datagram(b: &mut Side, ud: &driver::Qp, peer_gid: [u8; 16], control: &mut Control) {
+    let at = BUF_VA + 2 * PAGE_SIZE;
+    b.d.post_recv(ud, 32, &[sge(at, 256, b.mr.lkey)]).unwrap();
+    control.say("listening");
+    control.expect("datagram");
+    let cqes = wait_cqes(&mut b.d, &b.cq, 1);
+    assert_eq!(
+        (cqes[0].wr_id, cqes[0].status, cqes[0].byte_len),
+        (32, wc_status::SUCCESS, 40 + 24)
+    );
+    let landed = memory::snapshot(b.d.ram(), buffer(b, at), 64);
+    assert_eq!(&landed[8..24], &peer_gid, "the GRH names the sender");
+    assert_eq!(&landed[40..64], b"a datagram between hosts");
 }
 
 fn hex(gid: &[u8; 16]) -> String {

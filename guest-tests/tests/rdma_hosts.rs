@@ -3,8 +3,8 @@
 //! transport (with a cluster key: they are not on loopback). In each VM the project's
 //! host-side test driver plays one guest (`device/tests/cross_host.rs`, one process per
 //! host, meeting over a control connection): RC SEND with immediate, WRITE, READ and
-//! fetch-and-add cross between the hosts through their RDMA devices, and `stats` on each
-//! server shows the rdma path (docs/rdma-transport.md).
+//! fetch-and-add and a UD datagram cross between the hosts through their RDMA devices, and
+//! `stats` on each server shows the rdma path (docs/rdma-transport.md).
 
 mod support;
 
@@ -87,7 +87,7 @@ fn two_host_vms_carry_rc_verbs_between_their_rdma_devices() {
     });
     for (role, out) in [("A", out_a), ("B", out_b)] {
         checks.check(
-            &format!("side {role}: every RC verb crossed the hosts through rxe0"),
+            &format!("side {role}: every RC verb and a datagram crossed the hosts through rxe0"),
             out.map_err(|e| e.to_string()).and_then(|out| {
                 eprintln!("side {role}:\n{}", out.stdout);
                 expect_contains(&out.stdout, "CROSS-HOST OK role")
