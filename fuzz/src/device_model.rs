@@ -7,7 +7,7 @@
 //! The device is alone on an isolated network, so a work request to one of its own GIDs is
 //! answered by its own responder (loopback): the requester and the responder both run.
 
-use pvrdma_backend::Isolated;
+use pvrdma_backend::{Isolated, Network};
 use vfio_user_pvrdma::abi::{self, Dsr, RequestHeader, RingPages, regs, uar};
 use vfio_user_pvrdma::pvrdma::{DeviceConfig, GuestRam, Interrupts, PvrdmaDevice};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -28,7 +28,7 @@ const RESPONSE_AT: u64 = RAM_BASE + 0x3000;
 const MAX_STEPS: usize = 4096;
 
 /// Counts interrupts (their order is the device's business).
-struct Raised(u64);
+pub struct Raised(pub u64);
 
 impl Interrupts for Raised {
     fn raise(&mut self, _vector: u16) {
@@ -37,6 +37,18 @@ impl Interrupts for Raised {
 }
 
 pub fn run(data: &[u8]) {
+    run_with(data, &mut Isolated, &mut |op, device, mem, irq, net, input| {
+        step(op % 8, device, mem, irq, net, input)
+    });
+}
+
+/// One step of a harness: the step's first byte, the device, its memory and interrupts,
+/// its network, and the rest of the input.
+pub type Step<'a> = dyn FnMut(u8, &mut PvrdmaDevice, &GuestRam, &mut Raised, &mut dyn Network, &mut Input<'_>)
+    + 'a;
+
+/// Runs the steps `data` spells with `net` as the device's network; `step` reads each one.
+pub fn run_with(data: &[u8], net: &mut dyn Network, step: &mut Step<'_>) {
     let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(RAM_BASE), RAM as usize)]) else {
         return;
     };
@@ -47,11 +59,12 @@ pub fn run(data: &[u8]) {
         if input.is_empty() {
             break;
         }
-        step(&mut device, &mem, &mut irq, &mut input);
+        let op = input.u8();
+        step(op, &mut device, &mem, &mut irq, net, &mut input);
     }
     // Whatever the guest did, the device still answers and resets.
     let _ = device.read_register(regs::ERR);
-    device.reset();
+    device.reset_on(net);
 }
 
 /// A guest address the fuzzer chooses: usually inside RAM and page-aligned, since that is
@@ -69,8 +82,16 @@ fn page(input: &mut Input<'_>) -> u64 {
     RAM_BASE + u64::from(input.u16()) % PAGES * abi::PAGE_SIZE
 }
 
-fn step(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut Raised, input: &mut Input<'_>) {
-    match input.u8() % 8 {
+/// Step `op` (0..8) of the guest: memory, activation, commands, registers, doorbells.
+pub fn step(
+    op: u8,
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    irq: &mut Raised,
+    net: &mut dyn Network,
+    input: &mut Input<'_>,
+) {
+    match op {
         // The guest writes its memory: rings, WQEs, page directories, command bodies.
         0 => {
             let at = address(input);
@@ -106,9 +127,9 @@ fn step(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut Raised, input: &mut
                 ..Dsr::default()
             };
             let _ = mem.write_slice(dsr.as_bytes(), GuestAddress(DSR_AT));
-            write(device, mem, irq, regs::DSR_LOW, DSR_AT as u32);
-            write(device, mem, irq, regs::DSR_HIGH, 0);
-            write(device, mem, irq, regs::CTL, regs::CTL_ACTIVATE);
+            write(device, mem, irq, net, regs::DSR_LOW, DSR_AT as u32);
+            write(device, mem, irq, net, regs::DSR_HIGH, 0);
+            write(device, mem, irq, net, regs::CTL, regs::CTL_ACTIVATE);
         }
         // A command: a code (one past the last is invalid), the slot's body, REQUEST, ERR.
         3 => {
@@ -123,14 +144,14 @@ fn step(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut Raised, input: &mut
                 body,
                 GuestAddress(COMMAND_AT + size_of::<RequestHeader>() as u64),
             );
-            write(device, mem, irq, regs::REQUEST, 0);
+            write(device, mem, irq, net, regs::REQUEST, 0);
             let _ = device.read_register(regs::ERR);
         }
         // Any register write or read (offsets 0..=0x2c: every register and a few past).
         4 => {
             let offset = u64::from(input.u8() % 12) * 4;
             let value = input.u32();
-            write(device, mem, irq, offset, value);
+            write(device, mem, irq, net, offset, value);
         }
         5 => {
             let _ = device.read_register(u64::from(input.u8() % 12) * 4);
@@ -145,13 +166,20 @@ fn step(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut Raised, input: &mut
                 _ => uar::SRQ_OFFSET,
             };
             let value = input.u32();
-            device.write_doorbell(mem, irq, &mut Isolated, page + word, value);
+            device.write_doorbell(mem, irq, net, page + word, value);
         }
         // Work waiting for a receiver is tried again.
-        _ => device.resume_stalled(mem, irq, &mut Isolated),
+        _ => device.resume_stalled(mem, irq, net),
     }
 }
 
-fn write(device: &mut PvrdmaDevice, mem: &GuestRam, irq: &mut Raised, offset: u64, value: u32) {
-    device.write_register(mem, irq, &Isolated, offset, value);
+fn write(
+    device: &mut PvrdmaDevice,
+    mem: &GuestRam,
+    irq: &mut Raised,
+    net: &mut dyn Network,
+    offset: u64,
+    value: u32,
+) {
+    device.write_register(mem, irq, net, offset, value);
 }

@@ -4,6 +4,7 @@
 //! libFuzzer's inputs to these functions, and `tests/corpus.rs` replays every checked-in
 //! input through them, so a crash found once stays a regression test.
 
+pub mod device_host;
 pub mod device_model;
 pub mod input;
 pub mod seeds;

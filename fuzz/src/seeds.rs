@@ -13,6 +13,11 @@ pub fn all() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             "bring-up-and-every-command",
             device_bring_up(),
         ),
+        (
+            "device_host",
+            "bring-up-and-every-command",
+            device_bring_up(),
+        ),
         ("vfio_user_stream", "qemu-attach", vfio_attach()),
         ("tcp_frames", "answers-and-requests", tcp_session()),
     ]

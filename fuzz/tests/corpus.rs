@@ -6,8 +6,9 @@ use std::path::Path;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 3] = [
+const TARGETS: [(&str, Target); 4] = [
     ("device_model", vfio_user_pvrdma_fuzz::device_model::run),
+    ("device_host", vfio_user_pvrdma_fuzz::device_host::run),
     (
         "vfio_user_stream",
         vfio_user_pvrdma_fuzz::vfio_user_stream::run,
