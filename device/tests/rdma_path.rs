@@ -686,3 +686,42 @@ fn the_rdma_bench_measures_every_figure() {
     eprintln!("{table}");
     assert!(table.contains("ib_send_lat 2 × "), "{table}");
 }
+
+/// A host QP costs the host device queues as deep as the guest asks, and a host UD QP pins
+/// its receive buffers: one guest gets at most 256 host QPs, 32 of them UD. Past that its
+/// QPs take the other paths, and the log says why.
+#[test]
+fn a_guest_cannot_take_more_than_its_share_of_host_qps() {
+    let Some(name) = loop_device("a_guest_cannot_take_more_than_its_share_of_host_qps") else {
+        return;
+    };
+    let server = SocketServer::start_with(1, two_servers::LOG, &["--rdma-device", &name]);
+    let mut side = two_servers::side(&server, LOOP_A);
+    let spec = |qp_type| {
+        driver::verbs::QpSpec::user(
+            qp_type,
+            side.qp.uc,
+            side.qp.pd,
+            side.cq.handle,
+            driver::QpSizes {
+                max_recv_wr: 4,
+                ..driver::verbs::PINGPONG_SIZES
+            },
+        )
+    };
+    let ud = spec(abi::qp_type::UD);
+    for _ in 0..33 {
+        side.d
+            .create_qp_with(ud)
+            .expect("CREATE_QP UD, on the host or not");
+    }
+    server.wait_for_line(0, "the device has 32 host UD QPs already");
+    // The side's own RC QP and the 32 UD QPs are host QPs: 223 more RC QPs fill the share.
+    let rc = spec(abi::qp_type::RC);
+    for _ in 0..224 {
+        side.d
+            .create_qp_with(rc)
+            .expect("CREATE_QP RC, on the host or not");
+    }
+    server.wait_for_line(0, "the device has 256 host QPs already");
+}

@@ -174,7 +174,7 @@ fn a_guest_hosts_soft_roce_the_server_and_the_test_driver() {
                 std::time::Duration::from_secs(300),
             )
             .map_err(|e| e.to_string())
-            .and_then(passed("test result: ok. 12 passed")),
+            .and_then(passed("test result: ok. 13 passed")),
     );
     // Alone: it takes the loopback interface down for a moment.
     checks.check(

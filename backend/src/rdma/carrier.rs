@@ -36,6 +36,12 @@ const POLL_BATCH: usize = 32;
 pub const MAX_RUNS_PER_OWNER: usize = 8192;
 /// Mappings every registration together may take.
 pub const MAX_RUNS: usize = 32_768;
+/// Host QPs one device may have: each costs the host device queues as deep as the guest
+/// asked (rxe allocates them in the kernel), so a guest's 1024 QPs of 4096 WRs must not
+/// all become host QPs. Past the cap, new QPs take the other paths.
+pub const MAX_QPS_PER_OWNER: usize = 256;
+/// Host UD QPs one device may have: each pins its receive buffers (about 130 KiB).
+pub const MAX_UD_QPS_PER_OWNER: usize = 32;
 
 /// Decides whether the host device reaches a destination GID: `Err` says why not.
 pub type Route = Box<dyn Fn(&Gid) -> Result<(), String> + Send + Sync>;
@@ -119,6 +125,23 @@ impl Carrier {
             .get_mut(&qpn)
             .ok_or_else(|| failed(format!("no host QP {qpn:#x}")))?;
         work(&mut entry.qp)
+    }
+
+    /// Whether `owner` may have one more host QP (a UD one if `ud`).
+    fn check_room(&self, owner: usize, ud: bool) -> Result<(), HostPathError> {
+        let qps = lock(&self.qps);
+        let own = || qps.values().filter(|e| e.owner == owner);
+        if own().count() >= MAX_QPS_PER_OWNER {
+            return Err(failed(format!(
+                "the device has {MAX_QPS_PER_OWNER} host QPs already"
+            )));
+        }
+        if ud && own().filter(|e| e.datagrams.is_some()).count() >= MAX_UD_QPS_PER_OWNER {
+            return Err(failed(format!(
+                "the device has {MAX_UD_QPS_PER_OWNER} host UD QPs already"
+            )));
+        }
+        Ok(())
     }
 
     /// Where `sgid` is in the port's GID table (a RoCE v2 entry if there are both).
@@ -401,6 +424,7 @@ impl HostQps for Carrier {
     }
 
     fn create_qp(&self, owner: usize, pd: u32, caps: HostQpCaps) -> Result<u32, HostPathError> {
+        self.check_room(owner, false)?;
         let pd = self.pd(owner, pd)?;
         let depth = caps.send_wr.saturating_add(caps.recv_wr).saturating_add(1);
         let cq = self.device.create_cq(depth).map_err(failed)?;
@@ -432,6 +456,7 @@ impl HostQps for Carrier {
     }
 
     fn create_ud_qp(&self, owner: usize, pd: u32, caps: HostQpCaps) -> Result<u32, HostPathError> {
+        self.check_room(owner, true)?;
         let pd = self.pd(owner, pd)?;
         let buffers = datagrams::BUFFERS as u32;
         let depth = caps.send_wr.saturating_add(buffers).saturating_add(1);
