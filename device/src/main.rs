@@ -31,7 +31,7 @@ use vfio_user_pvrdma::runtime::remote::FabricHost;
 use vfio_user_pvrdma::runtime::{control as control_server, poller, rnr_timer};
 use vfio_user_pvrdma::sandbox;
 use vfio_user_pvrdma::vfio::PciFunction;
-use vfio_user_pvrdma::vfio::listener::{self, ListenError};
+use vfio_user_pvrdma::vfio::listener::{self, ListenError, Listener};
 use vfio_user_pvrdma::vfio::uar::DoorbellMode;
 
 /// vfio-user server emulating a VMware paravirtual RDMA NIC (PVRDMA, PCI 15ad:0820).
@@ -57,9 +57,18 @@ struct Cli {
     /// UNIX socket to listen on for a vfio-user client (QEMU's vfio-user-pci).
     /// Each socket is an independent PVRDMA function. Repeat the option to
     /// serve several functions. The path must not exist yet (see --force);
-    /// the file is created at startup and removed at exit.
-    #[arg(long = "socket", value_name = "PATH", required = true)]
+    /// the file is created at startup and removed at exit. `--socket` is an
+    /// alias.
+    #[arg(long = "socket-path", visible_alias = "socket", value_name = "PATH")]
     sockets: Vec<PathBuf>,
+
+    /// Serve on file descriptor N, a listening UNIX socket the server was
+    /// started with (QEMU's vfio-user backend conventions); repeat for several
+    /// functions. Whoever made the socket owns its file: the server never
+    /// unlinks it. Started from a systemd socket unit, the server takes the
+    /// sockets systemd passes (LISTEN_FDS) without this option.
+    #[arg(long = "fd", value_name = "N")]
+    fds: Vec<i32>,
 
     /// Remove a stale socket file left at a --socket PATH by an earlier run
     /// before listening. Regular files, and sockets a live server still
@@ -215,10 +224,15 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Fatal startup errors, printed on stderr before exiting non-zero.
 #[derive(Debug, Error)]
 enum StartupError {
-    #[error("--socket {path} is given more than once", path = .0.display())]
+    #[error("--socket-path {path} is given more than once", path = .0.display())]
     DuplicateSocket(PathBuf),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error(
+        "no socket to serve: pass --socket-path PATH or --fd N, or start the server from a \
+         systemd socket unit"
+    )]
+    NoSocket,
     #[error("cannot block SIGINT/SIGTERM")]
     Signals(#[source] nix::Error),
     #[error("cannot start the thread for {path}", path = .path.display())]
@@ -229,7 +243,7 @@ enum StartupError {
     },
     #[error("waiting for SIGINT/SIGTERM failed")]
     SignalWait(#[source] nix::Error),
-    #[error("--control {path} is also a --socket", path = .0.display())]
+    #[error("--control {path} is also a --socket-path", path = .0.display())]
     ControlIsSocket(PathBuf),
     #[error("cannot read the cluster key {path}", path = .path.display())]
     ClusterKey {
@@ -263,7 +277,12 @@ fn main() -> ExitCode {
         Err(e) => {
             // Printed directly so the reason is visible whatever RUST_LOG says.
             eprintln!("vfio-user-pvrdma: error: {}", error_chain(&e));
-            ExitCode::FAILURE
+            // Nothing to serve is a usage error, as clap reports its own.
+            if matches!(e, StartupError::NoSocket) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -377,6 +396,25 @@ fn start_transport(
     Ok((Some(transport), pump))
 }
 
+/// The listening sockets systemd passed for socket activation (`LISTEN_FDS` descriptors
+/// from 3 on, when `LISTEN_PID` names this process).
+fn activated_fds() -> Vec<i32> {
+    const FIRST: i32 = 3;
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|pid| pid.trim().parse::<u32>().ok())
+        == Some(std::process::id());
+    if !ours {
+        return Vec::new();
+    }
+    let count = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.trim().parse::<i32>().ok())
+        .unwrap_or(0)
+        .clamp(0, 1024);
+    (FIRST..FIRST + count).collect()
+}
+
 /// Starts every server and returns the termination signal once it arrives.
 fn run(cli: &Cli) -> Result<Signal, StartupError> {
     let mut seen = HashSet::new();
@@ -391,15 +429,23 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
     signals.add(Signal::SIGTERM);
     signals.thread_block().map_err(StartupError::Signals)?;
 
-    raise_fd_limit(cli.sockets.len());
+    let inherited: Vec<i32> = cli.fds.iter().copied().chain(activated_fds()).collect();
+    raise_fd_limit(cli.sockets.len() + inherited.len());
 
     // Bind every socket before serving any, so a bad path fails the whole
-    // start; servers already bound remove their files when dropped.
-    let servers = cli
+    // start; servers already bound remove their files when dropped. Sockets the
+    // server was started with come after its own, and are never unlinked.
+    let mut servers = cli
         .sockets
         .iter()
         .map(|path| Ok((path.clone(), listener::listen(path, cli.force)?)))
         .collect::<Result<Vec<_>, StartupError>>()?;
+    for fd in inherited {
+        servers.push((PathBuf::from(format!("fd {fd}")), Listener::inherited(fd)?));
+    }
+    if servers.is_empty() {
+        return Err(StartupError::NoSocket);
+    }
     let control = match &cli.control {
         Some(path) if cli.sockets.contains(path) => {
             return Err(StartupError::ControlIsSocket(path.clone()));
@@ -435,7 +481,13 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
     let spin = Duration::from_micros(cli.spin_us);
     let mut serving = Vec::new();
     for (index, (path, server)) in servers.into_iter().enumerate() {
-        info!("listening on {}", path.display());
+        match server.path() {
+            Some(file) => info!("listening on {}", file.display()),
+            None => info!(
+                "serving on {} (a socket the server was started with)",
+                path.display()
+            ),
+        }
         let mode = match cli.doorbells {
             Doorbells::Trapped => DoorbellMode::Trapped,
             Doorbells::ExitFree => DoorbellMode::ExitFree,
@@ -450,7 +502,9 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
             remove_sockets(&serving);
             return Err(StartupError::Thread { path, source });
         }
-        serving.push(path);
+        if cli.sockets.contains(&path) {
+            serving.push(path);
+        }
     }
     // Kept alive until the signal: dropping it stops the transport's thread.
     let (_transport, links) = start_transport(cli, cluster_key, &fabric)?;

@@ -301,7 +301,13 @@ fn cli_requires_a_socket_and_documents_it() {
         .expect("run --help");
     assert!(help.status.success());
     let text = String::from_utf8_lossy(&help.stdout);
-    for needle in ["--socket <PATH>", "must not exist", "--force", "stale"] {
+    for needle in [
+        "--socket-path <PATH>",
+        "must not exist",
+        "--force",
+        "stale",
+        "--fd <N>",
+    ] {
         assert!(text.contains(needle), "--help lacks {needle:?}:\n{text}");
     }
 }
@@ -346,4 +352,62 @@ fn the_server_serves_from_inside_its_sandbox_unless_told_not_to() {
     server.wait_for_line("--sandbox off");
     wait_for_path(&socket);
     assert_eq!(proc_status(&server, "Seccomp"), "0");
+}
+
+/// QEMU's vfio-user backend conventions: the server serves on a listening socket it was
+/// started with, as `--fd N` or through systemd's socket activation; it does not unlink
+/// the socket's file at exit (whoever made the socket owns it), and a client connects.
+#[test]
+fn the_server_serves_on_sockets_it_was_started_with_and_leaves_their_files() {
+    for activated in [false, true] {
+        let dir = TempDir::new("inherited");
+        let path = dir.path().join("passed.sock");
+        let listener = UnixListener::bind(&path).expect("bind the socket to pass");
+        let args: &[&str] = if activated { &[] } else { &["--fd", "3"] };
+        let mut server = ServerProcess::start_with_socket_fd(listener, activated, args);
+        server.wait_for_line("serving on fd 3 (a socket the server was started with)");
+        let client = connect(&path);
+        server.wait_for_line("client connected");
+        drop(client);
+        assert_eq!(server.stop_with(Signal::SIGTERM).code(), Some(0));
+        assert!(
+            path.exists(),
+            "an inherited socket's file is left to its owner (activated: {activated})"
+        );
+    }
+}
+
+/// The common mistakes at start are named: a socket in a missing directory, a descriptor
+/// that is not a listening socket, nothing to serve at all.
+#[test]
+fn start_up_mistakes_are_named() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vfio-user-pvrdma"))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run the server");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, err) = run(&["--socket-path", "/no-such-pvrdma-dir/fn0.sock"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot listen on /no-such-pvrdma-dir/fn0.sock: the directory /no-such-pvrdma-dir does not exist"),
+        "{err}"
+    );
+    let (code, err) = run(&["--fd", "0"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("file descriptor 0 is not a listening UNIX stream socket (not a socket"),
+        "{err}"
+    );
+    let (code, err) = run(&[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("no socket to serve: pass --socket-path PATH or --fd N"),
+        "{err}"
+    );
 }

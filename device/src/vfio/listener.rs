@@ -5,6 +5,7 @@
 //! later, so [`serve`] runs forever, cleaning up between clients.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -52,6 +53,22 @@ pub enum ListenError {
         #[source]
         source: io::Error,
     },
+    /// The socket's directory does not exist.
+    #[error("cannot listen on {path}: the directory {dir} does not exist", path = .path.display(), dir = .dir.display())]
+    NoDirectory {
+        /// The socket path.
+        path: PathBuf,
+        /// Its directory.
+        dir: PathBuf,
+    },
+    /// An inherited descriptor (`--fd`, socket activation) is not a listening socket.
+    #[error("file descriptor {fd} is not a listening UNIX stream socket ({why})")]
+    NotAListener {
+        /// The descriptor.
+        fd: RawFd,
+        /// What it is instead.
+        why: String,
+    },
     /// Binding the socket failed.
     #[error("cannot listen on {path}", path = .path.display())]
     Bind {
@@ -63,11 +80,14 @@ pub enum ListenError {
     },
 }
 
-/// A listening socket that removes its file when dropped.
+/// A listening socket. One the server bound removes its file when dropped; one it
+/// inherited (`--fd`, systemd socket activation) belongs to whoever made it and is never
+/// unlinked.
 #[derive(Debug)]
 pub struct Listener {
     socket: UnixListener,
-    path: PathBuf,
+    /// The file the server created, if it bound the socket itself.
+    path: Option<PathBuf>,
 }
 
 impl Listener {
@@ -75,12 +95,51 @@ impl Listener {
     pub fn accept(&self) -> io::Result<UnixStream> {
         self.socket.accept().map(|(stream, _)| stream)
     }
+
+    /// Takes over `fd`, a listening UNIX stream socket the server was started with, after
+    /// checking that it is one. It is closed on exec from then on.
+    pub fn inherited(fd: RawFd) -> Result<Listener, ListenError> {
+        use nix::sys::socket::{SockType, getsockopt, sockopt};
+        let refuse = |why: String| ListenError::NotAListener { fd, why };
+        let owned = protocol::adopt_inherited(fd).map_err(|e| refuse(e.to_string()))?;
+        let kind = getsockopt(&owned, sockopt::SockType)
+            .map_err(|e| refuse(format!("not a socket: {e}")))?;
+        if kind != SockType::Stream {
+            return Err(refuse(format!("a {kind:?} socket")));
+        }
+        let listening =
+            getsockopt(&owned, sockopt::AcceptConn).map_err(|e| refuse(e.to_string()))?;
+        if !listening {
+            return Err(refuse("a socket nobody listens on".into()));
+        }
+        let local: Result<nix::sys::socket::UnixAddr, _> =
+            nix::sys::socket::getsockname(owned.as_raw_fd());
+        if local.is_err() {
+            return Err(refuse("not a UNIX socket".into()));
+        }
+        nix::fcntl::fcntl(
+            &owned,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(|e| refuse(e.to_string()))?;
+        Ok(Listener {
+            socket: UnixListener::from(owned),
+            path: None,
+        })
+    }
+
+    /// The socket file the server created, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
         // Best effort; a missing file is already what we want.
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -92,6 +151,14 @@ impl Drop for Listener {
 pub fn listen(path: &Path, force: bool) -> Result<Listener, ListenError> {
     if force {
         remove_stale_socket(path)?;
+    }
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        return Err(ListenError::NoDirectory {
+            path: path.to_path_buf(),
+            dir: dir.to_path_buf(),
+        });
     }
     // Checked first so an existing file gets the clearer error; bind()
     // itself never replaces anything.
@@ -111,7 +178,7 @@ pub fn listen(path: &Path, force: bool) -> Result<Listener, ListenError> {
     })?;
     Ok(Listener {
         socket,
-        path: path.to_path_buf(),
+        path: Some(path.to_path_buf()),
     })
 }
 

@@ -2,6 +2,7 @@
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -80,10 +81,42 @@ impl ServerProcess {
         Self::spawn(&mut command)
     }
 
+    /// [`ServerProcess::start`] with `listener` as its descriptor 3, the way a service
+    /// manager passes a socket: with `activated`, as systemd's socket activation does
+    /// (`LISTEN_PID`, `LISTEN_FDS=1`), otherwise for the server to be told `--fd 3`.
+    #[allow(dead_code)] // Not every suite that shares this module uses it.
+    pub fn start_with_socket_fd<I, S>(listener: UnixListener, activated: bool, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        // The shell moves the socket from its stdin to descriptor 3 and execs the server,
+        // which keeps the shell's process ID, the one LISTEN_PID must name.
+        let script = if activated {
+            "export LISTEN_PID=$$ LISTEN_FDS=1; exec \"$0\" \"$@\" 3<&0 0</dev/null"
+        } else {
+            "exec \"$0\" \"$@\" 3<&0 0</dev/null"
+        };
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(script)
+            .arg(env!("CARGO_BIN_EXE_vfio-user-pvrdma"))
+            .args(args);
+        Self::spawn_with_stdin(
+            &mut command,
+            Stdio::from(std::os::fd::OwnedFd::from(listener)),
+        )
+    }
+
     fn spawn(command: &mut Command) -> Self {
+        Self::spawn_with_stdin(command, Stdio::null())
+    }
+
+    fn spawn_with_stdin(command: &mut Command, stdin: Stdio) -> Self {
         let mut child = command
             .env("RUST_LOG", "vfio_user_pvrdma=debug,info")
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -24,6 +24,7 @@ mod handlers;
 mod server;
 #[allow(unsafe_code)] // Owning received descriptors; see the module docs.
 mod socket;
+pub use socket::adopt_inherited;
 mod version;
 pub mod wire;
 

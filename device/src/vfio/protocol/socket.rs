@@ -1,9 +1,11 @@
 //! File-descriptor passing on the client socket (`SCM_RIGHTS`).
 //!
-//! This is the only module of the crate allowed to use `unsafe`: a received
-//! descriptor arrives as a bare integer, and turning it into an `OwnedFd` is
-//! an ownership claim the compiler cannot check. Everything else here, and
-//! every other socket access, goes through safe `nix`/`std` calls.
+//! This is one of the two modules of the crate allowed to use `unsafe`: a
+//! received descriptor arrives as a bare integer, and turning it into an
+//! `OwnedFd` is an ownership claim the compiler cannot check. The same holds
+//! for a listening socket the server inherits at start ([`adopt_inherited`]).
+//! Everything else here, and every other socket access, goes through safe
+//! `nix`/`std` calls.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -130,6 +132,26 @@ pub(super) fn send_all(
         }
     }
     Ok(())
+}
+
+/// Takes ownership of descriptor `fd`, which the server was started with to serve on
+/// (`--fd N`, systemd socket activation), after checking that it is open.
+///
+/// Call it once per descriptor, at start, before anything else in the process could
+/// have claimed or closed it.
+pub fn adopt_inherited(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    nix::fcntl::fcntl(
+        // SAFETY: only borrowed for the one call; an invalid number gets EBADF.
+        unsafe { BorrowedFd::borrow_raw(fd) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )
+    .map_err(io::Error::from)?;
+    // SAFETY: the descriptor is open (checked above) and was handed to this process at
+    // exec for it to serve on; the caller claims it once, before anything else could.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 #[cfg(test)]
