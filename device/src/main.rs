@@ -46,7 +46,7 @@ use vfio_user_pvrdma::vfio::uar::DoorbellMode;
 #[derive(Debug, Parser)]
 #[command(
     name = "vfio-user-pvrdma",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("PVRDMA_GIT_REVISION"), ")"),
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -210,8 +210,9 @@ struct StatsArgs {
     /// With --svg: the device, by the index of its --socket (from 0).
     #[arg(long, value_name = "N", requires = "svg")]
     device: Option<usize>,
-    /// With --svg: the QP number (the `qp_num` the guest's tools print).
-    #[arg(long, value_name = "H", requires = "svg")]
+    /// With --svg: the QP number (the `qp_num` the guest's tools print), in decimal or
+    /// in hex with 0x (as `ibv_rc_pingpong` and perftest print it).
+    #[arg(long, value_name = "N", requires = "svg", value_parser = parse_qpn)]
     qp: Option<u32>,
     /// With --svg: write the picture to FILE instead of stdout.
     #[arg(long, value_name = "FILE", requires = "svg")]
@@ -394,6 +395,15 @@ fn start_transport(
     fabric.set_remote(Box::new(transport.network()));
     fabric.set_peer_view(transport.peer_view());
     Ok((Some(transport), pump))
+}
+
+/// A QP number in decimal, or in hex after `0x`.
+fn parse_qpn(text: &str) -> Result<u32, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|e| format!("{text:?} is not a QP number (decimal, or hex with 0x): {e}"))
 }
 
 /// The listening sockets systemd passed for socket activation (`LISTEN_FDS` descriptors

@@ -120,6 +120,28 @@ fn stats_subcommand_reads_a_running_server() {
     assert!(svg.starts_with("<svg"), "{svg}");
     assert!(non_empty > 0);
     assert_eq!(svg.matches("<rect").count(), non_empty, "{svg}");
+    // The QP number as the guest's tools print it, in hex: the same picture.
+    let hex = cli(
+        &control,
+        &[
+            "stats",
+            "--svg",
+            "--device",
+            "0",
+            "--qp",
+            &format!("{qa:#x}"),
+        ],
+    );
+    assert!(
+        hex.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hex.stderr)
+    );
+    assert_eq!(
+        stdout(&hex),
+        svg,
+        "--qp {qa:#x} names the same QP as --qp {qa}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 
     // A QP that does not exist: an error, and a failing exit status.

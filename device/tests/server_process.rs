@@ -301,6 +301,17 @@ fn cli_requires_a_socket_and_documents_it() {
         .expect("run --help");
     assert!(help.status.success());
     let text = String::from_utf8_lossy(&help.stdout);
+    let version = std::process::Command::new(env!("CARGO_BIN_EXE_vfio-user-pvrdma"))
+        .arg("--version")
+        .output()
+        .expect("run --version");
+    let version = String::from_utf8_lossy(&version.stdout);
+    assert!(
+        version.starts_with(&format!("vfio-user-pvrdma {} (", env!("CARGO_PKG_VERSION")))
+            && version.trim_end().ends_with(')')
+            && !version.contains("()"),
+        "--version names the version and the git revision: {version}"
+    );
     for needle in [
         "--socket-path <PATH>",
         "must not exist",
