@@ -118,6 +118,20 @@ fn fds_that_cannot_back_guest_ram_are_refused_and_the_client_stays() {
     }
     lab.server.wait_for_line("not a regular file or memfd");
 
+    // Read-write memory without a descriptor (QEMU's RAM without share=on) maps, as the
+    // protocol allows, but the log says the device cannot reach it and how to fix that.
+    let reply = attacker
+        .dma_map(0, RAM_BASE + 16 * MIB, MIB, None)
+        .expect("a reply");
+    assert_eq!(reply.errno, None, "a window without a descriptor");
+    let warning = lab
+        .server
+        .wait_for_line("is guest memory QEMU did not share (no file descriptor)");
+    assert!(
+        warning.contains("share=on -machine memory-backend=ram"),
+        "the warning names the fix: {warning}"
+    );
+
     // The attacker's own connection still works, and so does a proper window.
     attacker.timed_config_read();
     let ram = memfd(MIB);

@@ -328,6 +328,17 @@ impl DeviceBackend for PciFunction {
         // Unknown bits are kept so the table can refuse them.
         let flags = DmaMapFlags::from_bits_retain(flags);
         match self.dma.map(flags, offset, address, size, fd) {
+            // Guest RAM QEMU did not share: the device can never reach it, and the driver's
+            // first DMA there fails. Say why, with the fix, where an operator reads first.
+            Ok(window) if window.readable && window.writable && window.file.is_none() => {
+                warn!(
+                    "DMA window {address:#x}+{size:#x} is guest memory QEMU did not share \
+                     (no file descriptor): the device cannot reach it. Give the guest its RAM \
+                     in a shared memory backend: -object memory-backend-memfd,id=ram,\
+                     size=...,share=on -machine memory-backend=ram"
+                );
+                Ok(())
+            }
             Ok(window) => {
                 debug!(
                     "DMA map {address:#x}+{size:#x} offset {offset:#x} {}{}{}",

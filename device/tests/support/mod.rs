@@ -144,8 +144,8 @@ impl ServerProcess {
         Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits i32"))
     }
 
-    /// Waits for a log line containing `needle` after the previous match.
-    pub fn wait_for_line(&mut self, needle: &str) {
+    /// Waits for a log line containing `needle` after the previous match; returns that line.
+    pub fn wait_for_line(&mut self, needle: &str) -> String {
         let deadline = Instant::now() + TIMEOUT;
         loop {
             if let Some(pos) = self.log[self.cursor..]
@@ -153,7 +153,7 @@ impl ServerProcess {
                 .position(|line| line.contains(needle))
             {
                 self.cursor += pos + 1;
-                return;
+                return self.log[self.cursor - 1].clone();
             }
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
