@@ -64,12 +64,7 @@ impl HostQps for FuzzHost {
         Ok(0x4000 + self.qpns.fetch_add(1, Ordering::Relaxed) % 0x1000)
     }
 
-    fn create_ud_qp(
-        &self,
-        owner: usize,
-        pd: u32,
-        caps: HostQpCaps,
-    ) -> Result<u32, HostPathError> {
+    fn create_ud_qp(&self, owner: usize, pd: u32, caps: HostQpCaps) -> Result<u32, HostPathError> {
         self.create_qp(owner, pd, caps)
     }
 
@@ -130,10 +125,7 @@ impl HostQps for FuzzHost {
     fn deregister(&self, _owner: usize, _key: u32) {}
 
     fn forget_owner(&self, _owner: usize) {
-        self.taken
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.taken.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 

@@ -37,15 +37,17 @@ impl Interrupts for Raised {
 }
 
 pub fn run(data: &[u8]) {
-    run_with(data, &mut Isolated, &mut |op, device, mem, irq, net, input| {
-        step(op % 8, device, mem, irq, net, input)
-    });
+    run_with(
+        data,
+        &mut Isolated,
+        &mut |op, device, mem, irq, net, input| step(op % 8, device, mem, irq, net, input),
+    );
 }
 
 /// One step of a harness: the step's first byte, the device, its memory and interrupts,
 /// its network, and the rest of the input.
-pub type Step<'a> = dyn FnMut(u8, &mut PvrdmaDevice, &GuestRam, &mut Raised, &mut dyn Network, &mut Input<'_>)
-    + 'a;
+pub type Step<'a> =
+    dyn FnMut(u8, &mut PvrdmaDevice, &GuestRam, &mut Raised, &mut dyn Network, &mut Input<'_>) + 'a;
 
 /// Runs the steps `data` spells with `net` as the device's network; `step` reads each one.
 pub fn run_with(data: &[u8], net: &mut dyn Network, step: &mut Step<'_>) {
