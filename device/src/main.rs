@@ -22,7 +22,10 @@ use pvrdma_backend::tcp::runtime::{Config as TransportConfig, Pump, Transport};
 use thiserror::Error;
 use vfio_user_pvrdma::log_limit::RateLimited;
 use vfio_user_pvrdma::profiler::control;
-use vfio_user_pvrdma::pvrdma::{DeviceConfig, caps};
+use vfio_user_pvrdma::runtime::devices::{
+    DeviceError, DeviceSpec, Devices, ServeSettings, SocketPolicy, apply_policy, format_guid,
+    parse_guid,
+};
 use vfio_user_pvrdma::runtime::fabric::Fabric;
 use vfio_user_pvrdma::runtime::rdma::{
     RdmaPath, serve_completions as rdma_completions, watch as rdma_watch,
@@ -30,7 +33,6 @@ use vfio_user_pvrdma::runtime::rdma::{
 use vfio_user_pvrdma::runtime::remote::FabricHost;
 use vfio_user_pvrdma::runtime::{control as control_server, poller, rnr_timer};
 use vfio_user_pvrdma::sandbox;
-use vfio_user_pvrdma::vfio::PciFunction;
 use vfio_user_pvrdma::vfio::listener::{self, ListenError, Listener};
 use vfio_user_pvrdma::vfio::uar::DoorbellMode;
 
@@ -54,13 +56,32 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
 
-    /// UNIX socket to listen on for a vfio-user client (QEMU's vfio-user-pci).
-    /// Each socket is an independent PVRDMA function. Repeat the option to
-    /// serve several functions. The path must not exist yet (see --force);
-    /// the file is created at startup and removed at exit. `--socket` is an
-    /// alias.
-    #[arg(long = "socket-path", visible_alias = "socket", value_name = "PATH")]
-    sockets: Vec<PathBuf>,
+    /// A UNIX socket to serve a PVRDMA function on (QEMU's vfio-user-pci connects to it);
+    /// repeat for several.
+    ///
+    /// Each socket is an independent PVRDMA function; all of them form one fabric. The
+    /// path must not exist yet (see --force); the file is made at start and removed at
+    /// exit. `,guid=G` sets the device's node GUID (16 hex digits, as ibv_devinfo prints
+    /// it: 5254:00ff:fe5e:0101); without it the GUID is derived from the path, so it does
+    /// not depend on the order of the options. `--socket` is an alias.
+    #[arg(
+        long = "socket-path",
+        visible_alias = "socket",
+        value_name = "PATH[,guid=G]"
+    )]
+    sockets: Vec<DeviceSpec>,
+
+    /// Permission bits of the socket files the server makes, in octal (default: as the
+    /// umask leaves them).
+    ///
+    /// Connecting needs write permission: 0660 with --socket-group lets a group (QEMU's,
+    /// libvirt's) connect. The control socket is always 0600.
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    socket_mode: Option<u32>,
+
+    /// The group of the socket files the server makes (a name or a number).
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    socket_group: Option<u32>,
 
     /// Serve on file descriptor N, a listening UNIX socket the server was
     /// started with (QEMU's vfio-user backend conventions); repeat for several
@@ -185,6 +206,9 @@ enum Command {
         /// on or off; without it, prints the current state.
         state: Option<Switch>,
     },
+    /// Add, remove or list the devices of a running server (through its --control socket).
+    #[command(subcommand)]
+    Device(DeviceCommand),
     /// List the host's RDMA devices as the rdma path sees them (libibverbs, loaded at run
     /// time): ports, link layers and GID tables. Exits non-zero when libibverbs cannot be
     /// loaded or lists nothing.
@@ -193,6 +217,44 @@ enum Command {
         /// each device, to prove the device and the server's calls work.
         #[arg(long)]
         loopback: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// Serve a new device on a new socket, in the same fabric as the others: its guest
+    /// reaches theirs by memcpy.
+    Add {
+        /// The server's --control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// The new socket (it must not exist; with the sandbox on, it must be in a
+        /// directory of the sockets the server was started with).
+        #[arg(long = "socket", visible_alias = "socket-path", value_name = "PATH")]
+        socket: PathBuf,
+        /// The device's node GUID (16 hex digits, e.g. 5254:00ff:fe5e:0101); derived
+        /// from the socket path without it.
+        #[arg(long, value_name = "G", value_parser = parse_guid)]
+        guid: Option<u64>,
+    },
+    /// Stop a device and remove its socket. Refused while a client (QEMU) is attached,
+    /// unless --force, which takes the device from the running guest.
+    Remove {
+        /// The server's --control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// The device's socket.
+        #[arg(long = "socket", visible_alias = "socket-path", value_name = "PATH")]
+        socket: PathBuf,
+        /// Remove it even with a client attached.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the devices: slot, node GUID, attached or idle, socket.
+    List {
+        /// The server's --control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
     },
 }
 
@@ -227,6 +289,8 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 enum StartupError {
     #[error("--socket-path {path} is given more than once", path = .0.display())]
     DuplicateSocket(PathBuf),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error(transparent)]
     Listen(#[from] ListenError),
     #[error(
@@ -271,7 +335,6 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(signal) => {
             info!("received {signal}, exiting");
-            remove_sockets(&cli.sockets);
             remove_sockets(cli.control.as_slice());
             ExitCode::SUCCESS
         }
@@ -345,7 +408,13 @@ fn enter_sandbox<T>(
         return open_rdma();
     }
     let needs = sandbox::Needs {
-        sockets: cli.sockets.iter().chain(&cli.control).cloned().collect(),
+        sockets: cli
+            .sockets
+            .iter()
+            .map(|spec| &spec.path)
+            .chain(&cli.control)
+            .cloned()
+            .collect(),
         listen_port: cli.listen.map(|addr| addr.port()),
         peer_ports: cli.peers.iter().map(|addr| addr.port()).collect(),
         rdma: cli.rdma_device != vfio_user_pvrdma::runtime::rdma::Choice::Off,
@@ -397,6 +466,65 @@ fn start_transport(
     Ok((Some(transport), pump))
 }
 
+/// Stops every device when dropped: each client is disconnected and each socket file the
+/// server made is removed.
+struct StopOnDrop(Arc<Devices>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop_all();
+    }
+}
+
+/// Who may connect to the server's sockets, and, with the sandbox on, where `device add`
+/// may make new ones: the directories of the sockets given at start and of the control
+/// socket (Landlock allows making sockets there and nowhere else).
+fn socket_policy(cli: &Cli) -> SocketPolicy {
+    let directories = (cli.sandbox == Switch::On).then(|| {
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        let paths = cli
+            .sockets
+            .iter()
+            .map(|spec| &spec.path)
+            .chain(&cli.control);
+        for dir in paths.filter_map(|path| path.parent()) {
+            if !dirs.iter().any(|known| known == dir) {
+                dirs.push(dir.to_path_buf());
+            }
+        }
+        dirs
+    });
+    SocketPolicy {
+        force: cli.force,
+        mode: cli.socket_mode,
+        group: cli.socket_group,
+        directories,
+    }
+}
+
+/// --socket-mode: octal permission bits.
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!(
+            "{text:?} is not a mode: octal permission bits such as 0660"
+        )),
+    }
+}
+
+/// --socket-group: a group name or number.
+fn parse_group(text: &str) -> Result<u32, String> {
+    if let Ok(gid) = text.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(text) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err(format!("there is no group {text:?}")),
+        Err(e) => Err(format!("cannot look up the group {text:?}: {e}")),
+    }
+}
+
 /// A QP number in decimal, or in hex after `0x`.
 fn parse_qpn(text: &str) -> Result<u32, String> {
     let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
@@ -428,8 +556,8 @@ fn activated_fds() -> Vec<i32> {
 /// Starts every server and returns the termination signal once it arrives.
 fn run(cli: &Cli) -> Result<Signal, StartupError> {
     let mut seen = HashSet::new();
-    if let Some(dup) = cli.sockets.iter().find(|path| !seen.insert(*path)) {
-        return Err(StartupError::DuplicateSocket(dup.clone()));
+    if let Some(dup) = cli.sockets.iter().find(|spec| !seen.insert(&spec.path)) {
+        return Err(StartupError::DuplicateSocket(dup.path.clone()));
     }
 
     // Block before any thread exists: threads inherit the mask, so only
@@ -445,22 +573,37 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
     // Bind every socket before serving any, so a bad path fails the whole
     // start; servers already bound remove their files when dropped. Sockets the
     // server was started with come after its own, and are never unlinked.
-    let mut servers = cli
-        .sockets
-        .iter()
-        .map(|path| Ok((path.clone(), listener::listen(path, cli.force)?)))
-        .collect::<Result<Vec<_>, StartupError>>()?;
+    let policy = socket_policy(cli);
+    let mut servers = Vec::new();
+    for spec in &cli.sockets {
+        let listener = listener::listen(&spec.path, cli.force)?;
+        apply_policy(&policy, &spec.path)?;
+        servers.push((spec.path.clone(), listener, spec.guid));
+    }
     for fd in inherited {
-        servers.push((PathBuf::from(format!("fd {fd}")), Listener::inherited(fd)?));
+        let listener = Listener::inherited(fd)?;
+        let name = listener
+            .bound_path()
+            .unwrap_or_else(|| PathBuf::from(format!("fd {fd}")));
+        servers.push((name, listener, None));
     }
     if servers.is_empty() {
         return Err(StartupError::NoSocket);
     }
     let control = match &cli.control {
-        Some(path) if cli.sockets.contains(path) => {
+        Some(path) if cli.sockets.iter().any(|spec| spec.path == *path) => {
             return Err(StartupError::ControlIsSocket(path.clone()));
         }
-        Some(path) => Some((path.clone(), listener::listen(path, cli.force)?)),
+        Some(path) => {
+            let listener = listener::listen(path, cli.force)?;
+            // Whoever reaches it can add and remove devices: the server's user only.
+            let owner_only = SocketPolicy {
+                mode: Some(0o600),
+                ..SocketPolicy::default()
+            };
+            apply_policy(&owner_only, path)?;
+            Some((path.clone(), listener))
+        }
         None => None,
     };
 
@@ -488,9 +631,24 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
                 source,
             })?;
     }
-    let spin = Duration::from_micros(cli.spin_us);
-    let mut serving = Vec::new();
-    for (index, (path, server)) in servers.into_iter().enumerate() {
+    let settings = ServeSettings {
+        doorbells: match cli.doorbells {
+            Doorbells::Trapped => DoorbellMode::Trapped,
+            Doorbells::ExitFree => DoorbellMode::ExitFree,
+        },
+        spin: Duration::from_micros(cli.spin_us),
+        profiling: cli.profile == Switch::On,
+        profile_every: cli.profile_every,
+    };
+    let devices = Arc::new(Devices::new(
+        fabric.clone(),
+        settings,
+        policy,
+        Box::new(random_seed),
+    ));
+    // Stops every device, removing its socket, on any return from here on.
+    let _stop_devices = StopOnDrop(Arc::clone(&devices));
+    for (path, server, guid) in servers {
         match server.path() {
             Some(file) => info!("listening on {}", file.display()),
             None => info!(
@@ -498,23 +656,7 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
                 path.display()
             ),
         }
-        let mode = match cli.doorbells {
-            Doorbells::Trapped => DoorbellMode::Trapped,
-            Doorbells::ExitFree => DoorbellMode::ExitFree,
-        };
-        let mut backend = PciFunction::with_doorbells(&fabric, device_config(index), mode);
-        let spawned = thread::Builder::new()
-            .name(path.display().to_string())
-            .spawn(move || listener::serve(&server, &mut backend, spin));
-        // A failed spawn drops its server (removing that socket); the threads
-        // already running never will, so remove their sockets here.
-        if let Err(source) = spawned {
-            remove_sockets(&serving);
-            return Err(StartupError::Thread { path, source });
-        }
-        if cli.sockets.contains(&path) {
-            serving.push(path);
-        }
+        devices.serve(path, server, guid)?;
     }
     // Kept alive until the signal: dropping it stops the transport's thread.
     let (_transport, links) = start_transport(cli, cluster_key, &fabric)?;
@@ -530,12 +672,14 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
     );
 
     if let Some((path, server)) = control {
-        let target = fabric.clone();
+        let target = control_server::Served {
+            fabric: fabric.clone(),
+            devices: Arc::clone(&devices),
+        };
         let spawned = thread::Builder::new()
             .name(format!("control {}", path.display()))
             .spawn(move || control_server::serve(&server, &target));
         if let Err(source) = spawned {
-            remove_sockets(&serving);
             return Err(StartupError::Thread { path, source });
         }
         info!("control socket listening on {}", path.display());
@@ -547,7 +691,6 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
             .name("rdma gids".into())
             .spawn(move || rdma_watch(rdma, target));
         if let Err(source) = spawned {
-            remove_sockets(&serving);
             return Err(StartupError::Thread {
                 path: PathBuf::from("rdma gids"),
                 source,
@@ -560,7 +703,6 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
         .name("rnr timer".into())
         .spawn(move || rnr_timer::run(&target));
     if let Err(source) = spawned {
-        remove_sockets(&serving);
         return Err(StartupError::Thread {
             path: PathBuf::from("rnr timer"),
             source,
@@ -577,7 +719,6 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
             .name("doorbell poller".into())
             .spawn(move || poller::run(&target, cpu, links));
         if let Err(source) = spawned {
-            remove_sockets(&serving);
             return Err(StartupError::Thread {
                 path: PathBuf::from("doorbell poller"),
                 source,
@@ -594,6 +735,33 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
 fn client(command: &Command) -> ExitCode {
     let (path, request, output) = match command {
         Command::RdmaDevices { loopback } => return rdma_devices(*loopback),
+        Command::Device(DeviceCommand::Add {
+            control,
+            socket,
+            guid,
+        }) => {
+            let guid = guid.map_or(String::new(), |g| format!("guid={} ", format_guid(g)));
+            (
+                control,
+                format!("device add {guid}{}", socket.display()),
+                None,
+            )
+        }
+        Command::Device(DeviceCommand::Remove {
+            control,
+            socket,
+            force,
+        }) => {
+            let force = if *force { "force " } else { "" };
+            (
+                control,
+                format!("device remove {force}{}", socket.display()),
+                None,
+            )
+        }
+        Command::Device(DeviceCommand::List { control }) => {
+            (control, "device list".to_string(), None)
+        }
         Command::Stats(args) => {
             let request = match (args.json, args.svg, args.device, args.qp) {
                 (_, true, Some(device), Some(qp)) => format!("svg {device} {qp}"),
@@ -684,16 +852,6 @@ fn rdma_devices(loopback: bool) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
-    }
-}
-
-/// Device `index`'s configuration: the default limits, and a node GUID of its own.
-fn device_config(index: usize) -> DeviceConfig {
-    let low = u8::try_from(index + 1).unwrap_or(u8::MAX);
-    DeviceConfig {
-        node_guid: caps::eui64([0x52, 0x54, 0x00, 0x5e, 0x01, low]),
-        key_seed: random_seed(),
-        ..DeviceConfig::default()
     }
 }
 

@@ -109,7 +109,12 @@ fn restrict_files_and_ports(needs: &Needs) -> Result<Option<bool>, SandboxError>
         .handle_access(AccessNet::from_all(abi))?
         .create()?
         .add_rules(path_beneath_rules(["/dev/urandom"], AccessFs::ReadFile))?
-        .add_rules(path_beneath_rules(folders, AccessFs::RemoveFile))?;
+        // The socket folders: the server removes its socket files there at exit, and makes
+        // and removes those of devices added at run time.
+        .add_rules(path_beneath_rules(
+            folders,
+            AccessFs::RemoveFile | AccessFs::MakeSock,
+        ))?;
     if needs.rdma {
         let read = AccessFs::ReadFile | AccessFs::ReadDir;
         ruleset = ruleset
@@ -171,6 +176,9 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_readv,
     libc::SYS_statx,
     libc::SYS_unlinkat,
+    // The mode and group of sockets `device add` makes (--socket-mode, --socket-group).
+    libc::SYS_fchmodat,
+    libc::SYS_fchownat,
     libc::SYS_write,
     libc::SYS_writev,
     // Guest RAM and the UAR pages: memfds and their mappings; the SIGBUS guard.
@@ -219,6 +227,8 @@ const ALLOWED: &[libc::c_long] = &[
 #[cfg(target_arch = "x86_64")]
 const ALLOWED_ARCH: &[libc::c_long] = &[
     libc::SYS_access,
+    libc::SYS_chmod,
+    libc::SYS_chown,
     libc::SYS_poll,
     libc::SYS_readlink,
     libc::SYS_unlink,

@@ -242,6 +242,8 @@ fn a_client_that_stalls_mid_message_is_dropped_and_the_next_one_served() {
     // Meanwhile the other device answers, and the next client of the stalled socket (the
     // next QEMU) is served once the staller is dropped, within the message timeout.
     answers_promptly(&mut bystander);
+    lab.server
+        .wait_for_line("stalled in the middle of a message");
     let mut next = RawClient::connect(&lab.sockets[0]);
     next.timed_config_read();
     let waited = started.elapsed();
@@ -253,8 +255,46 @@ fn a_client_that_stalls_mid_message_is_dropped_and_the_next_one_served() {
         staller.closed_by_server(),
         "the staller's connection is closed"
     );
+}
+
+#[test]
+fn a_second_client_on_a_busy_socket_is_told_and_closed_and_the_first_goes_on() {
+    let mut lab = two_devices("busy-socket");
+    let mut first = RawClient::connect(&lab.sockets[0]);
+    // A second QEMU on the same socket: its VERSION is answered EBUSY and its connection
+    // closed, at once, instead of leaving it in the backlog with no word.
+    let started = std::time::Instant::now();
+    let (mut second, reply) = RawClient::knock(&lab.sockets[0]);
+    assert_eq!(
+        reply.errno,
+        Some(libc::EBUSY as u32),
+        "the second client's VERSION"
+    );
+    assert!(second.closed_by_server(), "the second client is closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "turned away after {:?}",
+        started.elapsed()
+    );
     lab.server
-        .wait_for_line("stalled in the middle of a message");
+        .wait_for_line("another client connected while one is attached: answered EBUSY");
+    // The first client was not disturbed, and once it leaves the socket takes a new one.
+    answers_promptly(&mut first);
+    drop(first);
+    lab.server.wait_for_line("client disconnected");
+    let mut next = RawClient::connect(&lab.sockets[0]);
+    answers_promptly(&mut next);
+    // Many knocks at once are each answered, and the attached client still answers.
+    let knocks: Vec<_> = (0..20)
+        .map(|_| {
+            let path = lab.sockets[0].clone();
+            std::thread::spawn(move || RawClient::knock(&path).1.errno)
+        })
+        .collect();
+    for knock in knocks {
+        assert_eq!(knock.join().expect("knock"), Some(libc::EBUSY as u32));
+    }
+    answers_promptly(&mut next);
 }
 
 #[test]

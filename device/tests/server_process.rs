@@ -313,7 +313,7 @@ fn cli_requires_a_socket_and_documents_it() {
         "--version names the version and the git revision: {version}"
     );
     for needle in [
-        "--socket-path <PATH>",
+        "--socket-path <PATH[,guid=G]>",
         "must not exist",
         "--force",
         "stale",
@@ -376,7 +376,11 @@ fn the_server_serves_on_sockets_it_was_started_with_and_leaves_their_files() {
         let listener = UnixListener::bind(&path).expect("bind the socket to pass");
         let args: &[&str] = if activated { &[] } else { &["--fd", "3"] };
         let mut server = ServerProcess::start_with_socket_fd(listener, activated, args);
-        server.wait_for_line("serving on fd 3 (a socket the server was started with)");
+        // Named by the path it is bound to, so its GUID is the same whoever passes it.
+        server.wait_for_line(&format!(
+            "serving on {} (a socket the server was started with)",
+            path.display()
+        ));
         let client = connect(&path);
         server.wait_for_line("client connected");
         drop(client);

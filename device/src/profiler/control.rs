@@ -4,6 +4,11 @@
 //! * `stats` — the text table; `stats json` — the same as JSON
 //! * `svg <device> <qp>` — the SVG histogram of one QP
 //! * `profile` — whether stage timing is on; `profile on` / `profile off` — switch it
+//! * `device list` — the devices served, a line each: slot, node GUID, attached or idle,
+//!   socket
+//! * `device add [guid=G] PATH` — serve a new device on a new socket at PATH
+//! * `device remove [force] PATH` — stop the device on PATH (refused while a client is
+//!   attached, unless forced)
 //! * `help` — this list
 //!
 //! Anything else is answered with one line starting `error: `. A client that sends nothing
@@ -31,12 +36,85 @@ const MAX_DRAIN: u64 = 64 << 10;
 pub trait Target {
     fn snapshot(&self) -> Snapshot;
     fn set_profiling(&self, on: bool);
+    /// Runs a `device` request; the answer's text, or why it failed.
+    fn device(&self, _request: DeviceRequest<'_>) -> Result<String, String> {
+        Err("this server does not add or remove devices".into())
+    }
 }
 
-const HELP: &str = "requests: stats | stats json | svg <device> <qp> | profile [on|off] | help\n";
+/// A `device` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceRequest<'a> {
+    List,
+    Add {
+        path: &'a str,
+        guid: Option<&'a str>,
+    },
+    Remove {
+        path: &'a str,
+        force: bool,
+    },
+}
+
+const HELP: &str = "requests: stats | stats json | svg <device> <qp> | profile [on|off] | \
+                    device list | device add [guid=G] PATH | device remove [force] PATH | help\n";
+
+/// The `device` request in `request`, if it is one (paths may hold spaces: they run to
+/// the end of the line).
+fn device_request(request: &str) -> Option<Result<DeviceRequest<'_>, String>> {
+    let rest = request.strip_prefix("device")?;
+    let rest = rest.trim_start();
+    let usage = || {
+        Err(format!(
+            "usage: {}",
+            HELP.trim_start_matches("requests: ").trim()
+        ))
+    };
+    Some(if rest == "list" {
+        Ok(DeviceRequest::List)
+    } else if let Some(args) = rest.strip_prefix("add ") {
+        let args = args.trim_start();
+        match args.strip_prefix("guid=").and_then(|a| a.split_once(' ')) {
+            Some((guid, path)) if !path.trim().is_empty() => Ok(DeviceRequest::Add {
+                path: path.trim(),
+                guid: Some(guid),
+            }),
+            Some(_) => usage(),
+            None if args.starts_with("guid=") || args.is_empty() => usage(),
+            None => Ok(DeviceRequest::Add {
+                path: args,
+                guid: None,
+            }),
+        }
+    } else if let Some(args) = rest.strip_prefix("remove ") {
+        let args = args.trim_start();
+        let (force, path) = match args.strip_prefix("force ") {
+            Some(path) => (true, path.trim_start()),
+            None => (false, args),
+        };
+        if path.is_empty() {
+            usage()
+        } else {
+            Ok(DeviceRequest::Remove { path, force })
+        }
+    } else {
+        usage()
+    })
+}
 
 /// The answer to one request line (without its newline).
 pub fn answer(target: &dyn Target, request: &str) -> String {
+    if let Some(parsed) = device_request(request) {
+        return match parsed.and_then(|request| target.device(request)) {
+            Ok(mut text) => {
+                if !text.is_empty() && !text.ends_with('\n') {
+                    text.push('\n');
+                }
+                text
+            }
+            Err(e) => format!("error: {}\n", e.replace('\n', " ")),
+        };
+    }
     let words: Vec<&str> = request.split_whitespace().collect();
     match words.as_slice() {
         ["stats"] => target.snapshot().table(),

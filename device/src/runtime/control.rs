@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use log::{debug, warn};
 
+use super::devices::{DeviceError, DeviceSpec, Devices, parse_guid};
 use super::fabric::Fabric;
 use crate::profiler::Snapshot;
-use crate::profiler::control::{Target, handle};
+use crate::profiler::control::{DeviceRequest, Target, handle};
 use crate::vfio::listener::Listener;
 
 /// Pause after a failed `accept()`, so a persistent failure does not spin.
@@ -21,6 +22,41 @@ impl Target for Fabric {
 
     fn set_profiling(&self, on: bool) {
         Fabric::set_profiling(self, on);
+    }
+}
+
+/// The fabric and the devices it serves, as the control socket of a server sees them.
+pub struct Served {
+    pub fabric: Fabric,
+    pub devices: std::sync::Arc<Devices>,
+}
+
+impl Target for Served {
+    fn snapshot(&self) -> Snapshot {
+        self.fabric.profile()
+    }
+
+    fn set_profiling(&self, on: bool) {
+        self.fabric.set_profiling(on);
+    }
+
+    fn device(&self, request: DeviceRequest<'_>) -> Result<String, String> {
+        let chain = |e: DeviceError| crate::vfio::listener::error_chain(&e);
+        match request {
+            DeviceRequest::List => Ok(self.devices.list()),
+            DeviceRequest::Add { path, guid } => {
+                let guid = guid.map(parse_guid).transpose()?;
+                let spec = DeviceSpec {
+                    path: path.into(),
+                    guid,
+                };
+                self.devices.add(&spec).map_err(chain)
+            }
+            DeviceRequest::Remove { path, force } => self
+                .devices
+                .remove(std::path::Path::new(path), force)
+                .map_err(chain),
+        }
     }
 }
 

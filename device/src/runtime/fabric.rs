@@ -169,6 +169,8 @@ pub struct Fabric {
     /// The guests' GIDs the host RDMA device holds (`runtime::rdma` watches them); the TCP
     /// transport tells peers.
     rdma_gids: Arc<std::sync::Mutex<Vec<[u8; 16]>>>,
+    /// Slots of removed devices, free for the next device added.
+    retired: Arc<std::sync::Mutex<Vec<usize>>>,
 }
 
 impl std::fmt::Debug for Fabric {
@@ -182,9 +184,37 @@ impl Fabric {
         Fabric::default()
     }
 
-    /// Adds a device; returns its slot index.
+    /// Adds a device; returns its slot index. A slot a removed device left is used again.
     pub fn add_device(&self, config: DeviceConfig) -> usize {
+        let reused = self.retired.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        if let Some(index) = reused {
+            self.shared
+                .with_endpoint(index, |slot, _| *slot = Slot::new(config));
+            return index;
+        }
         self.shared.add(Slot::new(config))
+    }
+
+    /// Gives up slot `index`, whose device was removed (its client already cleaned up):
+    /// the slot is blanked, left out of the profiler's figures, and reused by the next
+    /// [`Fabric::add_device`]. Slots keep their indices, which the fabric's queues use.
+    pub fn retire(&self, index: usize) {
+        self.shared.with_endpoint(index, |slot, net| {
+            slot.device.reset_on(net);
+            *slot = Slot::new(DeviceConfig::default());
+        });
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        if !retired.contains(&index) {
+            retired.push(index);
+        }
+    }
+
+    /// Whether slot `index` belongs to a removed device.
+    fn is_retired(&self, index: usize) -> bool {
+        self.retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&index)
     }
 
     /// Makes slot `index`'s doorbells exit-free: the poller reads them from `uar`.
@@ -319,6 +349,7 @@ impl Fabric {
         let mut profiling = false;
         let taken: Vec<Taken> = fabric
             .indices()
+            .filter(|&index| !self.is_retired(index))
             .filter_map(|index| {
                 fabric.with_endpoint(index, |slot, _| {
                     profiling |= slot.device.profiling();

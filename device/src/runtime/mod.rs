@@ -8,9 +8,12 @@
 //! * [`rdma`] — the rdma path's host device, opened at start and watched
 //!   (docs/rdma-transport.md).
 //! * [`remote`] — the fabric as the TCP transport's host (docs/tcp-transport.md).
-//! * [`control`] — the control socket's server (the profiler's `stats` and `profile`).
+//! * [`devices`] — the devices served, each on its socket: added at start or at run time.
+//! * [`control`] — the control socket's server (the profiler's `stats` and `profile`, and
+//!   `device add`/`remove`/`list`).
 
 pub mod control;
+pub mod devices;
 pub mod fabric;
 pub mod poller;
 pub mod rdma;

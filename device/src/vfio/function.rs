@@ -93,6 +93,11 @@ impl PciFunction {
         }
     }
 
+    /// The fabric slot of this function's device.
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
     /// The configuration space.
     pub fn config(&self) -> &ConfigSpace {
         &self.config

@@ -1,26 +1,16 @@
-//! Listening sockets and the accept-serve-accept loop.
-//!
-//! [`protocol::serve_client`] serves one client until it goes away. QEMU
-//! 11.1.3 never reconnects, but a new QEMU may attach to the same socket
-//! later, so [`serve`] runs forever, cleaning up between clients.
+//! Listening sockets: made at a path (never over a file that is not a stale socket), or
+//! inherited from whoever started the server. Serving them is `vfio::serving`'s job.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::thread;
-use std::time::Duration;
 
-use log::{error, info, warn};
+use log::info;
 use thiserror::Error;
 
-use super::function::PciFunction;
 use super::protocol;
-
-/// Pause after a failed `accept()` (e.g. out of file descriptors) so a
-/// persistent failure does not spin a core.
-const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// Why a socket could not be set up. Messages name the path because they are
 /// printed as-is at startup.
@@ -90,7 +80,25 @@ pub struct Listener {
     path: Option<PathBuf>,
 }
 
+impl std::os::fd::AsFd for Listener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
 impl Listener {
+    /// Accepts without waiting from now on (the caller polls; accepted connections block).
+    pub fn set_nonblocking(&self) -> io::Result<()> {
+        self.socket.set_nonblocking(true)
+    }
+
+    /// The path the socket is bound to, whoever made it (none for an unnamed or abstract
+    /// socket).
+    pub fn bound_path(&self) -> Option<PathBuf> {
+        let address = self.socket.local_addr().ok()?;
+        address.as_pathname().map(Path::to_path_buf)
+    }
+
     /// Waits for the next client.
     pub fn accept(&self) -> io::Result<UnixStream> {
         self.socket.accept().map(|(stream, _)| stream)
@@ -214,32 +222,8 @@ fn remove_stale_socket(path: &Path) -> Result<(), ListenError> {
     }
 }
 
-/// Serves clients on `listener` one after the other, forever, spinning for up to `spin`
-/// after each reply for the client's next message before sleeping.
-pub fn serve(listener: &Listener, backend: &mut PciFunction, spin: Duration) -> ! {
-    loop {
-        let stream = match listener.accept() {
-            Ok(stream) => stream,
-            Err(e) => {
-                // No client was attached, so there is nothing to clean up.
-                error!("accepting a client failed: {e}");
-                thread::sleep(ACCEPT_RETRY_DELAY);
-                continue;
-            }
-        };
-        info!("client connected");
-        if let Err(e) = protocol::serve_client_spinning(&stream, backend, spin) {
-            warn!("client connection failed: {}", error_chain(&e));
-        }
-        // Closes our end before cleaning up, so the client sees the end now.
-        drop(stream);
-        info!("client disconnected");
-        backend.client_gone();
-    }
-}
-
-/// An error and its sources as one line: "a: b: c".
-fn error_chain(error: &dyn std::error::Error) -> String {
+/// The error and its causes on one line.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -7,7 +7,8 @@
 //! * [`memory_fault`] — a window whose file shrinks fails its device, not the process.
 //! * [`irqs`] — decoding of `SET_IRQS` and the MSI-X eventfd table.
 //! * [`function`] — the PCI function: the `DeviceBackend` that routes requests to it.
-//! * [`listener`] — socket creation and the accept-serve-accept loop.
+//! * [`listener`] — socket creation, or sockets inherited at start.
+//! * [`serving`] — one client at a time per socket (others told EBUSY), until stopped.
 //! * [`uar`] — exit-free doorbells: BAR2 shared with the client (the thread that polls it
 //!   is the runtime's).
 //!
@@ -23,6 +24,7 @@ pub mod listener;
 pub mod memory_fault;
 pub mod protocol;
 pub mod regions;
+pub mod serving;
 pub mod uar;
 
 pub use function::PciFunction;

@@ -236,7 +236,18 @@ impl SocketServer {
     /// [`SocketServer::start_logging`] with more command-line arguments for the server
     /// (`--doorbells exit-free`, …).
     pub fn start_with(count: usize, rust_log: &str, args: &[&str]) -> Arc<SocketServer> {
-        assert!(count >= 1);
+        SocketServer::start_partly(count, count, rust_log, args)
+    }
+
+    /// [`SocketServer::start_with`] with `count` socket paths of which only the first
+    /// `started` are given on the command line: the others are for `device add`.
+    pub fn start_partly(
+        count: usize,
+        started: usize,
+        rust_log: &str,
+        args: &[&str],
+    ) -> Arc<SocketServer> {
+        assert!(count >= started && started >= 1);
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -252,7 +263,7 @@ impl SocketServer {
             .collect();
         let control = dir.join("control.sock");
         let mut command = Command::new(server_binary());
-        for socket in &sockets {
+        for socket in &sockets[..started] {
             command.arg("--socket").arg(socket);
         }
         command.arg("--control").arg(&control).args(args);
@@ -295,7 +306,7 @@ impl SocketServer {
             control,
             watchdog: Watchdog::start(pid),
         });
-        for (i, socket) in server.sockets.iter().enumerate() {
+        for (i, socket) in server.sockets[..started].iter().enumerate() {
             server.wait_for_line(i, &format!("listening on {}", socket.display()));
             assert!(socket.exists(), "{} was not created", socket.display());
         }

@@ -36,6 +36,14 @@ pub struct RawClient {
 impl RawClient {
     /// Connects and negotiates VERSION 0.1 with no capabilities beyond the defaults.
     pub fn connect(path: &Path) -> RawClient {
+        let (client, reply) = RawClient::knock(path);
+        assert_eq!(reply.errno, None, "VERSION refused");
+        client
+    }
+
+    /// Connects and sends VERSION as [`RawClient::connect`] does; returns the reply
+    /// whatever it says.
+    pub fn knock(path: &Path) -> (RawClient, Reply) {
         let stream = UnixStream::connect(path)
             .unwrap_or_else(|e| panic!("connect to {}: {e}", path.display()));
         stream
@@ -45,8 +53,7 @@ impl RawClient {
         let mut version = vec![0, 0, 1, 0];
         version.extend_from_slice(b"{\"capabilities\":{\"max_msg_fds\":1}}\0");
         let reply = client.call(VERSION, &version, &[]).expect("VERSION reply");
-        assert_eq!(reply.errno, None, "VERSION refused");
-        client
+        (client, reply)
     }
 
     /// Writes raw bytes (a piece of a message, say) without waiting for anything.

@@ -81,7 +81,12 @@ pub fn side(server: &Arc<SocketServer>, ip: [u8; 4]) -> Side {
 
 /// A side whose RC QP has `sizes`.
 pub fn side_with(server: &Arc<SocketServer>, ip: [u8; 4], sizes: QpSizes) -> Side {
-    let mut d = Driver::on_socket(server, 0);
+    side_on(server, 0, ip, sizes)
+}
+
+/// A side on the server's socket `socket`.
+pub fn side_on(server: &Arc<SocketServer>, socket: usize, ip: [u8; 4], sizes: QpSizes) -> Side {
+    let mut d = Driver::on_socket(server, socket);
     d.probe();
     let gid = ipv4_gid(ip);
     d.create_bind(0, gid, GID_TYPE_ROCE_V1)
@@ -193,12 +198,17 @@ pub fn buffer(side: &Side, va: u64) -> u64 {
 
 /// SEND with immediate, a 10 KiB WRITE, a READ and a fetch-and-add from A to B.
 pub fn every_rc_verb_crosses(mut a: Side, mut b: Side) {
+    rc_verbs_cross(&mut a, &mut b);
+}
+
+/// [`every_rc_verb_crosses`], leaving both sides to the caller.
+pub fn rc_verbs_cross(a: &mut Side, b: &mut Side) {
     // SEND with immediate: lands in B's receive buffer.
     let message = b"across two servers";
     let len = message.len() as u32;
     b.d.post_recv(&b.qp, 77, &[sge(BUF_VA, 256, b.mr.lkey)])
         .unwrap();
-    crate::driver::memory::write_bytes(a.d.ram(), buffer(&a, BUF_VA), message);
+    crate::driver::memory::write_bytes(a.d.ram(), buffer(a, BUF_VA), message);
     let mut wqe = crate::driver::queues::send_wqe(
         11,
         wr_opcode::SEND_WITH_IMM,
@@ -223,7 +233,7 @@ pub fn every_rc_verb_crosses(mut a: Side, mut b: Side) {
         (77, wc_status::SUCCESS, len, 0x1234_5678)
     );
     assert_eq!(
-        crate::driver::memory::snapshot(b.d.ram(), buffer(&b, BUF_VA), message.len()),
+        crate::driver::memory::snapshot(b.d.ram(), buffer(b, BUF_VA), message.len()),
         message
     );
 
@@ -231,7 +241,7 @@ pub fn every_rc_verb_crosses(mut a: Side, mut b: Side) {
     let data: Vec<u8> = (0..10_240u32).map(|i| (i * 13 % 251) as u8).collect();
     for (i, chunk) in data.chunks(PAGE_SIZE as usize).enumerate() {
         let va = BUF_VA + i as u64 * PAGE_SIZE;
-        crate::driver::memory::write_bytes(a.d.ram(), buffer(&a, va), chunk);
+        crate::driver::memory::write_bytes(a.d.ram(), buffer(a, va), chunk);
     }
     let write = crate::driver::queues::rdma_wqe(
         21,
@@ -250,7 +260,7 @@ pub fn every_rc_verb_crosses(mut a: Side, mut b: Side) {
         let take = (data.len() as u64 - i * PAGE_SIZE).min(PAGE_SIZE) as usize;
         landed.extend(crate::driver::memory::snapshot(
             b.d.ram(),
-            buffer(&b, BUF_VA + i * PAGE_SIZE),
+            buffer(b, BUF_VA + i * PAGE_SIZE),
             take,
         ));
     }
@@ -277,12 +287,12 @@ pub fn every_rc_verb_crosses(mut a: Side, mut b: Side) {
         (22, wc_status::SUCCESS, 100)
     );
     assert_eq!(
-        crate::driver::memory::snapshot(a.d.ram(), buffer(&a, BUF_VA + 3 * PAGE_SIZE), 100),
+        crate::driver::memory::snapshot(a.d.ram(), buffer(a, BUF_VA + 3 * PAGE_SIZE), 100),
         &data[50..150]
     );
 
     // Fetch-and-add on B's first word: A gets the old value, B's memory the sum.
-    crate::driver::memory::write_bytes(b.d.ram(), buffer(&b, BUF_VA), &40u64.to_le_bytes());
+    crate::driver::memory::write_bytes(b.d.ram(), buffer(b, BUF_VA), &40u64.to_le_bytes());
     let faa = crate::driver::queues::atomic_wqe(
         23,
         wr_opcode::ATOMIC_FETCH_AND_ADD,
@@ -298,11 +308,11 @@ pub fn every_rc_verb_crosses(mut a: Side, mut b: Side) {
     let cqes = wait_cqes(&mut a.d, &a.cq, 1);
     assert_eq!((cqes[0].wr_id, cqes[0].status), (23, wc_status::SUCCESS));
     assert_eq!(
-        crate::driver::memory::snapshot(a.d.ram(), buffer(&a, BUF_VA + 3 * PAGE_SIZE), 8),
+        crate::driver::memory::snapshot(a.d.ram(), buffer(a, BUF_VA + 3 * PAGE_SIZE), 8),
         40u64.to_le_bytes()
     );
     assert_eq!(
-        crate::driver::memory::snapshot(b.d.ram(), buffer(&b, BUF_VA), 8),
+        crate::driver::memory::snapshot(b.d.ram(), buffer(b, BUF_VA), 8),
         42u64.to_le_bytes()
     );
 }

@@ -61,12 +61,23 @@ fn force_replaces_a_stale_socket_but_not_a_live_one() {
 }
 
 #[test]
-fn bind_failure_names_the_path() {
+fn a_missing_directory_is_named() {
     let path = Path::new("/nonexistent-dir-for-vfio-user-pvrdma/sock");
     let err = listen(path, false).expect_err("no such directory");
-    assert!(matches!(err, ListenError::Bind { .. }));
-    assert!(
-        err.to_string()
-            .contains("/nonexistent-dir-for-vfio-user-pvrdma/sock")
+    assert!(matches!(err, ListenError::NoDirectory { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "cannot listen on /nonexistent-dir-for-vfio-user-pvrdma/sock: the directory \
+         /nonexistent-dir-for-vfio-user-pvrdma does not exist"
     );
+}
+
+#[test]
+fn bind_failure_names_the_path() {
+    // Longer than a UNIX socket address holds (108 bytes), in a directory that exists.
+    let dir = TempDir::new("long");
+    let path = dir.0.join("s".repeat(120));
+    let err = listen(&path, false).expect_err("too long");
+    assert!(matches!(err, ListenError::Bind { .. }), "{err:?}");
+    assert!(err.to_string().contains(&path.display().to_string()));
 }

@@ -28,7 +28,7 @@ pub use socket::adopt_inherited;
 mod version;
 pub mod wire;
 
-pub use server::{ConnectionError, serve_client, serve_client_spinning};
+pub use server::{ConnectionError, serve_client, serve_client_spinning, turn_away};
 
 /// Most descriptors we accept with one message (our `max_msg_fds`), the
 /// most QEMU will use (vfio-user.md §1.3). Extra ones are closed and the

@@ -307,3 +307,32 @@ fn send(
 ) -> Result<(), ConnectionError> {
     socket::send_all(stream, bytes, fd).map_err(ConnectionError::Io)
 }
+
+/// How long a turned-away client may take to send its first message.
+const TURN_AWAY_WAIT: Duration = Duration::from_millis(500);
+
+/// Tells a client that arrived while another one is attached that the device is busy:
+/// its first message (QEMU's VERSION) is answered with `errno` and the connection closed,
+/// so QEMU fails with "version reply: Device or resource busy" instead of waiting in the
+/// backlog. Bounded: a client that says nothing within [`TURN_AWAY_WAIT`], or more than a
+/// VERSION's worth, is simply closed.
+pub fn turn_away(stream: &UnixStream, errno: Errno) -> Result<(), ConnectionError> {
+    stream.set_read_timeout(Some(TURN_AWAY_WAIT))?;
+    stream.set_write_timeout(Some(TURN_AWAY_WAIT))?;
+    let mut raw = [0u8; wire::HEADER_SIZE];
+    read_exact(stream, &mut raw)?;
+    let header = Header::parse(&raw);
+    let payload = header
+        .size
+        .checked_sub(wire::HEADER_SIZE as u32)
+        .and_then(|len| usize::try_from(len).ok())
+        .filter(|&len| len <= super::MAX_VERSION_DATA + wire::VERSION_SIZE)
+        .ok_or(ConnectionError::BadMessageSize(header.size))?;
+    // Read the whole message first: closing with unread input resets the connection, and
+    // the client could lose the answer.
+    discard(stream, payload)?;
+    if header.message_type() != flags::TYPE_COMMAND || header.no_reply() {
+        return Ok(());
+    }
+    send(stream, &error_header(&header, errno).encode(), None)
+}
