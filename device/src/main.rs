@@ -31,7 +31,7 @@ use vfio_user_pvrdma::runtime::rdma::{
     RdmaPath, serve_completions as rdma_completions, watch as rdma_watch,
 };
 use vfio_user_pvrdma::runtime::remote::FabricHost;
-use vfio_user_pvrdma::runtime::{control as control_server, poller, rnr_timer};
+use vfio_user_pvrdma::runtime::{control as control_server, metrics, poller, rnr_timer};
 use vfio_user_pvrdma::sandbox;
 use vfio_user_pvrdma::vfio::listener::{self, ListenError, Listener};
 use vfio_user_pvrdma::vfio::uar::DoorbellMode;
@@ -102,6 +102,17 @@ struct Cli {
     /// exist (see --force) and is removed at exit.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+
+    /// Serve the profiler's counters and histograms for Prometheus at
+    /// http://ADDR:PORT/metrics (off by default).
+    ///
+    /// Per device (labelled by socket path) and per QP: doorbells, work requests,
+    /// completions and errors, bytes, RNR stalls, the path each QP takes and, while stage
+    /// timing is on, each stage's latency histogram. Anyone who reaches the port can read
+    /// them: keep it on loopback or a management network. Port 0 picks a free port (the
+    /// log says which).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
 
     /// Time work requests' stages (doorbell, WQE picked up, data placed, CQE
     /// written, interrupt raised) from the start: `--profile` or `--profile on`.
@@ -318,6 +329,12 @@ enum StartupError {
     },
     #[error("the cluster key {path} is empty", path = .0.display())]
     EmptyClusterKey(PathBuf),
+    #[error("cannot listen for metrics on {address}")]
+    Metrics {
+        address: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot start the TCP transport")]
     Transport(#[source] io::Error),
     #[error("{0}")]
@@ -607,6 +624,13 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
         None => None,
     };
 
+    let metrics = cli
+        .metrics
+        .map(|address| {
+            std::net::TcpListener::bind(address)
+                .map_err(|source| StartupError::Metrics { address, source })
+        })
+        .transpose()?;
     let cluster_key = read_cluster_key(cli)?;
     // Every socket file is bound and every file read: from here on the server needs no
     // more than serving does (and the rdma path's device, opened inside). No thread exists
@@ -683,6 +707,23 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
             return Err(StartupError::Thread { path, source });
         }
         info!("control socket listening on {}", path.display());
+    }
+
+    if let Some(listener) = metrics {
+        let address = listener
+            .local_addr()
+            .map_or_else(|_| "?".to_string(), |a| a.to_string());
+        let (target, devices) = (fabric.clone(), Arc::clone(&devices));
+        let spawned = thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || metrics::serve(&listener, &target, &devices));
+        if let Err(source) = spawned {
+            return Err(StartupError::Thread {
+                path: PathBuf::from("metrics"),
+                source,
+            });
+        }
+        info!("metrics at http://{address}/metrics");
     }
 
     if let Some(rdma) = rdma {

@@ -4,6 +4,7 @@
 //! them from a running server ([`control`]). docs/profiler.md.
 
 pub mod control;
+pub mod prometheus;
 pub mod svg;
 
 use std::fmt::Write as _;

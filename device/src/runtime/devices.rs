@@ -355,6 +355,19 @@ impl Devices {
         text
     }
 
+    /// Each device's labels for the metrics.
+    pub fn labels(&self) -> Vec<crate::profiler::prometheus::DeviceLabel> {
+        self.served()
+            .iter()
+            .map(|device| crate::profiler::prometheus::DeviceLabel {
+                index: device.slot,
+                socket: device.name.display().to_string(),
+                guid: format_guid(device.guid),
+                attached: device.serving.client_attached(),
+            })
+            .collect()
+    }
+
     /// How many devices are served.
     pub fn len(&self) -> usize {
         self.served().len()

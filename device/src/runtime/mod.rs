@@ -9,12 +9,14 @@
 //!   (docs/rdma-transport.md).
 //! * [`remote`] — the fabric as the TCP transport's host (docs/tcp-transport.md).
 //! * [`devices`] — the devices served, each on its socket: added at start or at run time.
+//! * [`metrics`] — the `--metrics` HTTP endpoint (Prometheus text format).
 //! * [`control`] — the control socket's server (the profiler's `stats` and `profile`, and
 //!   `device add`/`remove`/`list`).
 
 pub mod control;
 pub mod devices;
 pub mod fabric;
+pub mod metrics;
 pub mod poller;
 pub mod rdma;
 pub mod remote;
