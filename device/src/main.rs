@@ -38,13 +38,17 @@ use vfio_user_pvrdma::vfio::uar::DoorbellMode;
 
 /// vfio-user server emulating a VMware paravirtual RDMA NIC (PVRDMA, PCI 15ad:0820).
 ///
-/// Attach it to QEMU with
-/// -device '{"driver":"vfio-user-pci","socket":{"path":"PATH","type":"unix"}}'.
-/// Logging is controlled by RUST_LOG (default: info). SIGINT or SIGTERM
-/// removes the socket files and exits with status 0.
+/// Each socket is one PVRDMA function; QEMU attaches it with
+/// -device '{"driver":"vfio-user-pci","socket":{"path":"PATH","type":"unix"}}' at function 1
+/// of a slot whose function 0 is a vmxnet3 (the guest driver insists), and the guest's RAM
+/// must be shared: -object memory-backend-memfd,id=ram,size=...,share=on -machine
+/// memory-backend=ram. The functions of one process reach each other by memcpy; other
+/// servers' over TCP (--listen, --peer) or the host's RDMA device (--rdma-device).
 ///
-/// `vfio-user-pvrdma stats --control PATH` prints the queue-pair profiler's
-/// figures of a running server (docs/profiler.md).
+/// Logging goes to stderr, filtered by RUST_LOG (default: info). SIGINT or SIGTERM
+/// disconnects the clients, removes the socket files the server made and exits with
+/// status 0. `vfio-user-pvrdma stats --control PATH` prints a running server's per-QP
+/// figures; `vfio-user-pvrdma device add|remove|list` changes its devices.
 #[derive(Debug, Parser)]
 #[command(
     name = "vfio-user-pvrdma",
@@ -83,23 +87,25 @@ struct Cli {
     #[arg(long, value_name = "GROUP", value_parser = parse_group)]
     socket_group: Option<u32>,
 
-    /// Serve on file descriptor N, a listening UNIX socket the server was
-    /// started with (QEMU's vfio-user backend conventions); repeat for several
-    /// functions. Whoever made the socket owns its file: the server never
-    /// unlinks it. Started from a systemd socket unit, the server takes the
-    /// sockets systemd passes (LISTEN_FDS) without this option.
+    /// Serve on file descriptor N, a listening UNIX socket it was started with; repeat.
+    ///
+    /// Whoever made the socket owns its file: the server never unlinks it. Started from a
+    /// systemd socket unit, the server takes the sockets systemd passes (LISTEN_FDS)
+    /// without this option. A device's GUID is derived from the path the socket is bound
+    /// to.
     #[arg(long = "fd", value_name = "N")]
     fds: Vec<i32>,
 
-    /// Remove a stale socket file left at a --socket PATH by an earlier run
-    /// before listening. Regular files, and sockets a live server still
-    /// accepts on, are never removed.
+    /// Remove a stale socket file an earlier run left at a socket path.
+    ///
+    /// Regular files, and sockets a live server still accepts on, are never removed.
     #[arg(long)]
     force: bool,
 
-    /// Also listen on this UNIX socket for profiler requests (the `stats` and
-    /// `profile` subcommands talk to it). Same rules as --socket: it must not
-    /// exist (see --force) and is removed at exit.
+    /// A control socket for the `stats`, `profile` and `device` subcommands.
+    ///
+    /// Same rules as --socket-path: it must not exist (see --force) and is removed at exit.
+    /// It is made 0600: whoever reaches it can add and remove devices.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
 
@@ -114,12 +120,13 @@ struct Cli {
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<std::net::SocketAddr>,
 
-    /// Time work requests' stages (doorbell, WQE picked up, data placed, CQE
-    /// written, interrupt raised) from the start: `--profile` or `--profile on`.
-    /// Off by default, so an unprofiled server reads no clock; on, it times one
-    /// doorbell's work in --profile-every and costs under 1 % of the 64 B message
-    /// rate (docs/profiler.md). Per-QP counters are always kept; the control
-    /// socket switches timing at run time.
+    /// Time work requests' stages from the start (`--profile` is `--profile on`).
+    ///
+    /// The stages: doorbell → WQE picked up → data placed → CQE written → interrupt
+    /// raised. Off by default, so an unprofiled server reads no clock; on, it times one
+    /// doorbell's work in --profile-every and costs under 1 % of the 64 B message rate.
+    /// Per-QP counters are always kept; `vfio-user-pvrdma profile on|off` switches timing
+    /// at run time.
     #[arg(
         long,
         value_name = "on|off",
@@ -129,65 +136,76 @@ struct Cli {
     )]
     profile: Switch,
 
-    /// With stage timing on, time one pass over a send queue (one doorbell's work) in N;
-    /// 1 times every work request. Sampling keeps the cost under 1 % of the message rate
-    /// (docs/profiler.md); counters always count everything.
+    /// With stage timing on, time one doorbell's work in N (1: every work request).
+    ///
+    /// Sampling keeps the cost under 1 % of the message rate; counters always count
+    /// everything.
     #[arg(long, value_name = "N", default_value_t = vfio_user_pvrdma::pvrdma::DEFAULT_SAMPLE_EVERY, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     profile_every: u32,
 
-    /// How guests ring doorbells. `trapped`: every doorbell is an MMIO write QEMU forwards
-    /// as a vfio-user message (the default: exact and simple). `exit-free`: the UAR pages
-    /// are mapped into the guest and a poller thread watches them and the rings, so a
-    /// doorbell costs the guest no VM exit (docs/doorbells.md).
+    /// How guests ring doorbells: trapped (QEMU forwards each) or exit-free (polled).
+    ///
+    /// `trapped`: every doorbell is an MMIO write QEMU forwards as a vfio-user message (the
+    /// default: exact and simple). `exit-free`: the UAR pages are mapped into the guest and
+    /// a poller thread watches them and the rings, so a doorbell costs the guest no VM
+    /// exit, and the poller a core while traffic flows.
     #[arg(long, value_enum, value_name = "MODE", default_value = "trapped")]
     doorbells: Doorbells,
 
-    /// After answering a register or config-space access, spin up to this many
-    /// microseconds for the client's next message before sleeping (0: never spin).
-    /// The driver accesses registers in bursts (a command is a REQUEST write read back
-    /// at once through ERR), and a sleeping thread woken from another core costs
-    /// 10-40 µs on a virtual machine. Doorbells never spin; a quiet client costs nothing
-    /// (docs/vfio-user-server.md).
+    /// Spin up to US microseconds for a client's next register access (0: never).
+    ///
+    /// The driver accesses registers in bursts (a command is a REQUEST write read back at
+    /// once through ERR), and a sleeping thread woken from another core costs 10-40 µs on
+    /// a virtual machine. Doorbells never spin; a quiet client costs nothing.
     #[arg(long, value_name = "US", default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     spin_us: u64,
 
-    /// With --doorbells exit-free: run the poller thread on this CPU only (as SPDK pins
-    /// its reactors). A busy poller and a guest's vCPU sharing a core take turns in
-    /// scheduler time slices; give the poller a core of its own when you have one.
+    /// With --doorbells exit-free: pin the poller thread to this CPU.
+    ///
+    /// A busy poller and a guest's vCPU sharing a core take turns in scheduler time
+    /// slices; give the poller a core of its own when you have one (as SPDK pins its
+    /// reactors).
     #[arg(long, value_name = "CPU")]
     poller_cpu: Option<usize>,
 
-    /// Carry RDMA traffic to guests of other servers over TCP: listen for peer servers on
-    /// ADDR:PORT. Which path a destination takes is chosen per GID: a device of this
-    /// process (memcpy), a GID a peer server announced (TCP), or unreachable
-    /// (docs/tcp-transport.md).
+    /// Listen for peer servers on ADDR:PORT, to carry traffic to their guests over TCP.
+    ///
+    /// The path is chosen per destination GID: a device of this process (memcpy), a GID
+    /// the host RDMA device and the peer's both hold (rdma), a GID a peer server announced
+    /// (TCP), or unreachable.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<std::net::SocketAddr>,
 
-    /// A peer server's --listen address; repeat for each. One TCP link per pair of servers
-    /// carries every QP between them.
+    /// A peer server's --listen address; repeat for each.
+    ///
+    /// One TCP link per pair of servers carries every QP between them, and the GIDs each
+    /// side's guests hold.
     #[arg(long = "peer", value_name = "ADDR:PORT")]
     peers: Vec<std::net::SocketAddr>,
 
-    /// A file holding the secret every server of the cluster shares: a peer must prove it
-    /// holds it before any of its frames is accepted. Without one, only peers on loopback
-    /// are accepted.
+    /// A file with the secret the servers of a cluster share.
+    ///
+    /// A peer must prove it holds the secret before any of its frames is accepted. Without
+    /// one, only peers on loopback are accepted.
     #[arg(long, value_name = "FILE")]
     cluster_key: Option<PathBuf>,
 
-    /// The host RDMA device of the rdma path (libibverbs, loaded at run time): a device
-    /// name, `auto` (the first with an active port, if any; without libibverbs or a device
-    /// the path is simply off) or `off`. A guest RC QP whose GID the device holds and whose
-    /// peer server announced its destination on its own device is carried by the device;
-    /// others take memcpy or TCP. With a device open the sandbox is the system call filter
-    /// alone (docs/rdma-transport.md).
+    /// The host RDMA device that carries guest QPs between hosts: NAME, auto or off.
+    ///
+    /// libibverbs is loaded at run time. `auto` takes the first device with an active port;
+    /// without libibverbs or a device the path is simply off, said once at start. A guest
+    /// RC or UD QP whose GID the device holds, and whose peer server announced its
+    /// destination on its own device, is carried by the device; others take memcpy or TCP.
+    /// `vfio-user-pvrdma rdma-devices` shows what the server sees.
     #[arg(long, value_name = "NAME|auto|off", default_value = "auto")]
     rdma_device: vfio_user_pvrdma::runtime::rdma::Choice,
 
-    /// Once its sockets are bound, the server gives up what serving does not need: no new
-    /// privileges, a seccomp allowlist of system calls (others fail with EPERM), and, where
-    /// the kernel has Landlock, no file access but its own socket files and TCP ports
-    /// (docs/threat-model.md). `off` is for debugging (strace, gdb).
+    /// Give up, once the sockets are bound, what serving does not need (on|off).
+    ///
+    /// No new privileges, a seccomp allowlist of system calls (others fail with EPERM),
+    /// and, where the kernel has Landlock, no file access but the socket directories (and
+    /// what the rdma path reads) and no TCP ports but its own. `off` is for debugging
+    /// (strace, gdb).
     #[arg(long, value_enum, value_name = "on|off", default_value = "on")]
     sandbox: Switch,
 }
@@ -206,8 +224,7 @@ enum Switch {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Print the queue-pair profiler's figures of a running server (a table,
-    /// JSON, or an SVG histogram of one QP).
+    /// Print a running server's per-QP figures (a table, JSON, or an SVG histogram).
     Stats(StatsArgs),
     /// Switch a running server's stage timing on or off (or show it).
     Profile {
@@ -220,9 +237,10 @@ enum Command {
     /// Add, remove or list the devices of a running server (through its --control socket).
     #[command(subcommand)]
     Device(DeviceCommand),
-    /// List the host's RDMA devices as the rdma path sees them (libibverbs, loaded at run
-    /// time): ports, link layers and GID tables. Exits non-zero when libibverbs cannot be
-    /// loaded or lists nothing.
+    /// List the host's RDMA devices as the rdma path sees them.
+    ///
+    /// libibverbs is loaded at run time; each device's ports, link layers and GID tables
+    /// are printed. Exits non-zero when libibverbs cannot be loaded or lists nothing.
     RdmaDevices {
         /// Also send one message between two RC queue pairs on the first active port of
         /// each device, to prove the device and the server's calls work.

@@ -321,6 +321,26 @@ fn cli_requires_a_socket_and_documents_it() {
     ] {
         assert!(text.contains(needle), "--help lacks {needle:?}:\n{text}");
     }
+    // -h is the summary: one line per option, without the paragraphs --help adds, and
+    // neither points to files an installed binary cannot reach.
+    let short = std::process::Command::new(env!("CARGO_BIN_EXE_vfio-user-pvrdma"))
+        .arg("-h")
+        .output()
+        .expect("run -h");
+    let short = String::from_utf8_lossy(&short.stdout);
+    assert!(short.contains("--socket-path <PATH[,guid=G]>"), "{short}");
+    assert!(
+        !short.contains("derived from the path"),
+        "-h is short:\n{short}"
+    );
+    assert!(
+        text.contains("derived from the path"),
+        "--help is long:\n{text}"
+    );
+    assert!(short.lines().count() * 2 < text.lines().count());
+    for help in [&*short, &*text] {
+        assert!(!help.contains("docs/"), "help cites a docs/ file:\n{help}");
+    }
 }
 
 /// `NAME:\tVALUE` of the server's /proc status.
