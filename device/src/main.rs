@@ -15,7 +15,7 @@ use std::thread;
 
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use log::{info, warn};
 use nix::sys::signal::{SigSet, Signal};
 use pvrdma_backend::tcp::runtime::{Config as TransportConfig, Pump, Transport};
@@ -237,6 +237,16 @@ enum Command {
     /// Add, remove or list the devices of a running server (through its --control socket).
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Print a completion script for a shell (bash, zsh, fish, elvish, powershell).
+    ///
+    /// For bash: `vfio-user-pvrdma completions bash > /etc/bash_completion.d/vfio-user-pvrdma`,
+    /// or `source <(vfio-user-pvrdma completions bash)`. The Debian package installs them.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `vfio-user-pvrdma man | man -l -`.
+    Man,
     /// List the host's RDMA devices as the rdma path sees them.
     ///
     /// libibverbs is loaded at run time; each device's ports, link layers and GID tables
@@ -500,6 +510,78 @@ fn start_transport(
     fabric.set_peer_view(transport.peer_view());
     Ok((Some(transport), pump))
 }
+
+/// The manual page, from the same definitions as `--help`, with the sections a manual
+/// has beyond them.
+fn manual() -> ExitCode {
+    let command = Cli::command();
+    let man = clap_mangen::Man::new(command);
+    let mut page = Vec::new();
+    let rendered = man
+        .render_title(&mut page)
+        .and_then(|()| man.render_name_section(&mut page))
+        .and_then(|()| man.render_synopsis_section(&mut page))
+        .and_then(|()| man.render_description_section(&mut page))
+        .and_then(|()| man.render_options_section(&mut page))
+        .and_then(|()| man.render_subcommands_section(&mut page));
+    if let Err(e) = rendered {
+        eprintln!("vfio-user-pvrdma: error: cannot render the manual: {e}");
+        return ExitCode::FAILURE;
+    }
+    page.extend_from_slice(MANUAL_EXTRA.as_bytes());
+    if let Err(e) = man.render_version_section(&mut page) {
+        eprintln!("vfio-user-pvrdma: error: cannot render the manual: {e}");
+        return ExitCode::FAILURE;
+    }
+    match io::stdout().write_all(&page) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vfio-user-pvrdma: error: cannot write the manual: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The manual's sections beyond the options: an example, the service, files, signals.
+const MANUAL_EXTRA: &str = r#".SH EXAMPLES
+Serve two functions whose guests talk by memcpy:
+.PP
+.nf
+vfio-user-pvrdma \-\-socket\-path /run/pvrdma/vm1.sock \-\-socket\-path /run/pvrdma/vm2.sock \-\-control /run/pvrdma/control.sock
+.fi
+.PP
+and give each QEMU its socket, at function 1 of the slot of a vmxnet3, with shared RAM:
+.PP
+.nf
+\-object memory\-backend\-memfd,id=ram,size=2G,share=on \-machine q35,memory\-backend=ram
+\-netdev user,id=n0 \-device vmxnet3,netdev=n0,addr=0x10.0,multifunction=on
+\-device '{"driver":"vfio\-user\-pci","socket":{"path":"/run/pvrdma/vm1.sock","type":"unix"},"addr":"0x10.1"}'
+.fi
+.PP
+Add a third guest's device while the others run:
+.PP
+.nf
+vfio-user-pvrdma device add \-\-control /run/pvrdma/control.sock \-\-socket /run/pvrdma/vm3.sock
+.fi
+.SH SERVICE
+The package's vfio\-user\-pvrdma.socket listens on the sockets of /run/vfio\-user\-pvrdma/
+(mode 0660, group kvm) and starts vfio\-user\-pvrdma.service on the first connection; the service
+runs as a dynamic user, with the control socket at /run/vfio\-user\-pvrdma/dynamic/control.sock
+(add sockets with ListenStream= in a drop\-in: systemctl edit vfio\-user\-pvrdma.socket).
+.SH FILES
+.TP
+/usr/share/vfio\-user/50\-vfio\-user\-pvrdma.json
+The backend descriptor management tools read.
+.SH SIGNALS
+SIGINT and SIGTERM disconnect every client, remove the socket files the server made and exit 0.
+.SH ENVIRONMENT
+.TP
+RUST_LOG
+The log filter (default: info), e.g. RUST_LOG=debug or RUST_LOG=info,vfio_user_pvrdma::vfio=debug.
+.TP
+LISTEN_FDS, LISTEN_PID
+Socket activation: the listening sockets systemd passes.
+"#;
 
 /// Stops every device when dropped: each client is disconnected and each socket file the
 /// server made is removed.
@@ -794,6 +876,19 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
 fn client(command: &Command) -> ExitCode {
     let (path, request, output) = match command {
         Command::RdmaDevices { loopback } => return rdma_devices(*loopback),
+        Command::Completions { shell } => {
+            let mut command = Cli::command();
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut command, "vfio-user-pvrdma", &mut script);
+            return match io::stdout().write_all(&script) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vfio-user-pvrdma: error: cannot write the completions: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Man => return manual(),
         Command::Device(DeviceCommand::Add {
             control,
             socket,
