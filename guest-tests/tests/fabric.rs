@@ -5,72 +5,8 @@ mod support;
 
 use std::time::Duration;
 
-use guest_tests::lab::{Guest, Lab, LabConfig};
-use support::{AGENT, Checks, expect_contains};
-
-/// Loads the driver and waits until the IPv4 GID exists; returns that GID's index.
-fn prepare(guest: &mut Guest) -> Result<String, String> {
-    let script = r#"
-modprobe vmw_pvrdma || exit 1
-for i in $(seq 100); do
-  for f in /sys/class/infiniband/vmw_pvrdma0/ports/1/gids/*; do
-    case "$(cat "$f" 2>/dev/null)" in *ffff:*) basename "$f"; exit 0 ;; esac
-  done
-  sleep 0.1
-done
-echo "no IPv4 GID" >&2; exit 1
-"#;
-    guest
-        .check(script)
-        .map(|s| s.trim().to_string())
-        .map_err(|e| e.to_string())
-}
-
-/// Waits (up to 30 s under TCG) until guest 0 has a TCP listener on 18515, or 2 s for rping.
-fn wait_listening(lab: &mut Lab, server: &str) -> Result<(), String> {
-    if server.starts_with("rping") {
-        std::thread::sleep(Duration::from_secs(2));
-        return Ok(());
-    }
-    lab.guest(0)
-        .check("for i in $(seq 300); do ss -Hltn 'sport = :18515' | grep -q LISTEN && exit 0; sleep 0.1; done; echo 'server never listened' >&2; exit 1")
-        .map(drop)
-        .map_err(|e| e.to_string())
-}
-
-/// Runs `server` in the background on `a`, then `client` on `b`, and returns both outputs.
-fn pair(
-    lab: &mut Lab,
-    server: &str,
-    client: &str,
-    timeout: Duration,
-) -> Result<(String, String), String> {
-    let server_ip = lab.guest(0).ip().to_string();
-    lab.guest(0)
-        .check(&format!(
-            "rm -f /tmp/server.out; ({server}) >/tmp/server.out 2>&1 & echo $! >/tmp/server.pid"
-        ))
-        .map_err(|e| e.to_string())?;
-    // The tools try their TCP connect once: wait until the server listens (the verbs tools and
-    // perftest exchange parameters on TCP port 18515; rping has no TCP socket to wait for).
-    wait_listening(lab, server)?;
-    let client_out = lab
-        .guest(1)
-        .run_with_timeout(&client.replace("SERVER", &server_ip), timeout)
-        .map_err(|e| e.to_string())?;
-    let server_out = lab
-        .guest(0)
-        .run_with_timeout("while kill -0 $(cat /tmp/server.pid) 2>/dev/null; do sleep 0.2; done; cat /tmp/server.out", timeout)
-        .map_err(|e| e.to_string())?;
-    let client_text = format!("{}{}", client_out.stdout, client_out.stderr);
-    if client_out.status != 0 {
-        return Err(format!(
-            "client exited {}:\n{client_text}\n--- server ---\n{}",
-            client_out.status, server_out.stdout
-        ));
-    }
-    Ok((server_out.stdout, client_text))
-}
+use guest_tests::lab::{Lab, LabConfig};
+use support::{AGENT, Checks, expect_contains, pair, prepare};
 
 #[test]
 #[ignore = "boots QEMU guests; run by scripts/test after scripts/lab"]

@@ -61,6 +61,12 @@ pub struct LabConfig {
     /// host file's permission bits (e.g. the server binary, for tests that run it inside a
     /// guest as a host of its own).
     pub extra_files: Vec<(PathBuf, String)>,
+    /// The device sockets of a server the lab does not start (one started by systemd, say):
+    /// guest `i` connects to `external_sockets[i]`. Empty: the lab starts its own servers.
+    pub external_sockets: Vec<PathBuf>,
+    /// How many guests `start` boots (all when `None`); the others wait for
+    /// [`Lab::launch_next`] (a guest whose device is added at run time, say).
+    pub launched: Option<usize>,
 }
 
 impl LabConfig {
@@ -75,6 +81,8 @@ impl LabConfig {
             server_args: Vec::new(),
             servers: 1,
             extra_files: Vec::new(),
+            external_sockets: Vec::new(),
+            launched: None,
         }
     }
 }
@@ -134,7 +142,16 @@ impl Lab {
             .collect();
         let segment = lab.run_dir.join("segment.sock");
         lab.hub = Some(Hub::start(&segment, ports.clone())?);
-        lab.start_servers(&config, &server_binary, &names)?;
+        if config.external_sockets.is_empty() {
+            lab.start_servers(&config, &server_binary, &names)?;
+        } else if config.external_sockets.len() != config.guests {
+            return Err(LabError::Setup(format!(
+                "{} external sockets for {} guests",
+                config.external_sockets.len(),
+                config.guests
+            )));
+        }
+        let launched = config.launched.unwrap_or(config.guests).min(config.guests);
 
         let mut listeners = Vec::new();
         for (i, name) in names.iter().enumerate() {
@@ -142,12 +159,20 @@ impl Lab {
                 name: name.clone(),
                 ip: format!("10.99.0.{}/24", i + 1),
                 mac: format!("52:54:00:5e:00:{:02x}", i + 1),
-                pvrdma_socket: lab.run_dir.join(format!("{name}.pvrdma.sock")),
+                pvrdma_socket: config
+                    .external_sockets
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| lab.run_dir.join(format!("{name}.pvrdma.sock"))),
                 segment: segment.clone(),
                 port: ports[i].clone(),
                 memory_mib: config.memory_mib,
                 allow_reboot: config.allow_reboot,
             };
+            if i >= launched {
+                lab.specs.push(spec);
+                continue;
+            }
             let (guest, listener) = Guest::launch(&env.launcher, &lab.run_dir, &initrd, &spec)?;
             lab.guests.push(guest);
             lab.specs.push(spec);
@@ -257,6 +282,21 @@ impl Lab {
         let (guest, listener) = Guest::launch(&self.launcher, &self.run_dir, &self.initrd, &spec)?;
         self.guests[index] = guest;
         self.guests[index].wait_ready(&listener, self.boot_timeout)
+    }
+
+    /// Boots the next guest `start` left for later ([`LabConfig::launched`]) and waits
+    /// until it is ready; returns its index.
+    pub fn launch_next(&mut self) -> Result<usize> {
+        let index = self.guests.len();
+        let spec = self
+            .specs
+            .get(index)
+            .cloned()
+            .ok_or_else(|| LabError::Setup(format!("no guest {index} left to launch")))?;
+        let (guest, listener) = Guest::launch(&self.launcher, &self.run_dir, &self.initrd, &spec)?;
+        self.guests.push(guest);
+        self.guests[index].wait_ready(&listener, self.boot_timeout)?;
+        Ok(index)
     }
 
     /// Wall time from `start` until every agent was ready.
