@@ -9,164 +9,19 @@
 
 mod support;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use guest_tests::lab::{Lab, LabConfig};
+use support::host::{Container, device, in_root, root_with_package, server_pid, wait_for};
 use support::{AGENT, Checks, expect_contains, pair, prepare};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the workspace above guest-tests")
-        .to_path_buf()
-}
-
-/// Runs one of the project's scripts; its last line of output (the path it prints).
-fn script(path: &str) -> PathBuf {
-    let out = Command::new(workspace().join(path))
-        .current_dir(workspace())
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("running {path}: {e}"));
-    assert!(out.status.success(), "{path} failed");
-    let text = String::from_utf8_lossy(&out.stdout);
-    PathBuf::from(text.lines().last().unwrap_or_default().trim())
-}
-
-/// Runs `command` in the root with chroot; its stdout, or why it failed.
-fn in_root(root: &Path, command: &str) -> Result<String, String> {
-    let out = Command::new("chroot")
-        .arg(root)
-        .args(["sh", "-c", command])
-        .env("MANWIDTH", "100")
-        .output()
-        .map_err(|e| format!("chroot: {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if out.status.success() {
-        Ok(stdout)
-    } else {
-        Err(format!(
-            "{command:?} exited {}: {stdout}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-/// systemd as PID 1 of a container over a root; killed (with everything it started) on drop.
-struct Container {
-    script: Child,
-    console: PathBuf,
-}
-
-impl Container {
-    fn boot(root: &Path, run: &Path, console: &Path) -> Container {
-        // `script` gives systemd a terminal for its console; its stdin stays open until drop.
-        let command = format!(
-            "{} {} {}",
-            workspace().join("guest-tests/image/boot-systemd").display(),
-            root.display(),
-            run.display()
-        );
-        let script = Command::new("script")
-            .args(["-q", "-f", "-c", &command])
-            .arg(console)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start script(1) for the container's console");
-        Container {
-            script,
-            console: console.to_path_buf(),
-        }
-    }
-
-    fn console(&self) -> String {
-        std::fs::read_to_string(&self.console).unwrap_or_default()
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        // The terminal's hang-up ends unshare, whose --kill-child ends the container.
-        let _ = self.script.stdin.take().map(|mut stdin| stdin.flush());
-        let _ = self.script.kill();
-        let _ = self.script.wait();
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if done() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err(format!("{what}: not within {timeout:?}"))
-}
-
-/// The server process systemd started, by its command line.
-fn server_pid() -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            cmdline
-                .starts_with(b"/usr/bin/vfio-user-pvrdma\0--control")
-                .then_some(pid)
-        })
-}
-
-/// `vfio-user-pvrdma device ...` of this build, against the container's control socket.
-fn device(control: &Path, args: &[&str]) -> Result<String, String> {
-    let binary = guest_tests::lab::server_binary().map_err(|e| e.to_string())?;
-    let out = Command::new(binary)
-        .arg("device")
-        .arg(args[0])
-        .arg("--control")
-        .arg(control)
-        .args(&args[1..])
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
 
 #[test]
 #[ignore = "builds the Debian package and boots systemd and QEMU guests; run by scripts/test"]
 fn the_package_runs_under_systemd_and_a_device_added_at_run_time_joins_the_fabric() {
-    let deb = script("scripts/package");
-    let cached_root = script("guest-tests/image/service-root");
-    let work = std::env::temp_dir().join(format!("pvrdma-service-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(work.join("run")).expect("the run folder");
-    let root = work.join("root");
-    let copied = Command::new("cp")
-        .arg("-a")
-        .arg(&cached_root)
-        .arg(&root)
-        .status()
-        .expect("cp");
-    assert!(copied.success(), "copying the service root");
-    std::fs::copy(&deb, root.join("tmp/package.deb")).expect("the package into the root");
-    let mut checks = Checks::default();
-
     // Installed as a host installs it.
-    let installed = in_root(
-        &root,
-        "dpkg -i /tmp/package.deb && systemctl enable vfio-user-pvrdma.socket",
-    );
-    assert!(installed.is_ok(), "installing the package: {installed:?}");
+    let work = std::env::temp_dir().join(format!("pvrdma-service-{}", std::process::id()));
+    let root = root_with_package(&work);
+    let mut checks = Checks::default();
     checks.check(
         "the manual page renders",
         in_root(&root, "man -P cat vfio-user-pvrdma").and_then(|page| {

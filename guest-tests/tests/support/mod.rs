@@ -4,6 +4,8 @@
     reason = "each test file uses its own part of these helpers"
 )]
 
+pub mod host;
+
 /// Runs every check even when one fails, then reports all failures at once: a boot is too
 /// expensive to learn about one failure per run.
 #[derive(Default)]
