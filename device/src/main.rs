@@ -1,8 +1,10 @@
 //! `vfio-user-pvrdma`: serves one emulated PVRDMA function per socket.
 //!
-//! Threads: one per socket runs the vfio-user loop for its function; the main
-//! thread only waits for SIGINT/SIGTERM, which every other thread has blocked,
-//! so the signal is always taken here and shutdown never races a handler.
+//! Threads: two per socket (`vfio::serving`: one accepts, one runs the vfio-user loop for
+//! its function), one per optional service (control socket, metrics, TCP transport or
+//! doorbell poller, rdma completions); the main thread only waits for SIGINT/SIGTERM, which
+//! every other thread has blocked, so the signal is always taken here and shutdown never
+//! races a handler.
 
 #![forbid(unsafe_code)]
 
@@ -308,7 +310,7 @@ struct StatsArgs {
     /// Print (or write to --output) an SVG histogram per stage of one QP.
     #[arg(long, requires_all = ["device", "qp"])]
     svg: bool,
-    /// With --svg: the device, by the index of its --socket (from 0).
+    /// With --svg: the device, by its slot (the first column of `device list` and `stats`).
     #[arg(long, value_name = "N", requires = "svg")]
     device: Option<usize>,
     /// With --svg: the QP number (the `qp_num` the guest's tools print), in decimal or

@@ -2,8 +2,7 @@
 //!
 //! Each window is a guest-physical range `[address, address + size)` backed,
 //! when the client sent one, by a file descriptor at `offset`. This layer only
-//! keeps the windows and their files; mapping them into our address space is
-//! the job of the guest-memory layer that arrives with the data path.
+//! keeps the windows and their files; `guest_ram` maps them into our address space.
 
 use std::collections::BTreeMap;
 use std::fs::File;
