@@ -28,7 +28,7 @@
 //! * [`log_limit`] — log lines limited per line of code, since guests and clients can make
 //!   the server log.
 //!
-//! The "§N" section numbers in comments refer to the device ABI, docs/device-abi.md.
+//! The "device-abi §N" section numbers in comments refer to the device ABI, docs/device-abi.md.
 
 // `deny`, not `forbid`: exactly two modules may opt out: `vfio::protocol::socket`, to take
 // ownership of file descriptors received over the socket, and `vfio::memory_fault`, whose

@@ -1,6 +1,6 @@
 //! One regression test per class of the CVEs found in QEMU's own PVRDMA device (removed from
 //! QEMU after them): each drives this device the way a buggy or hostile guest would have
-//! driven QEMU's, and checks the documented outcome (docs/device.md, §10.3): the exact ERR
+//! driven QEMU's, and checks the documented outcome (docs/device.md, device-abi §10.3): the exact ERR
 //! of the command, the completion status, the QP state or async event, the device still
 //! working afterwards, object counts back at their baseline. `device_failures.rs` and
 //! `device_commands.rs` check the individual rules; these tests name the CVE each rule

@@ -1,4 +1,4 @@
-//! The data path (§6.4–§6.8, §7.3, §9): send and receive WQEs turned into operations between
+//! The data path (device-abi §6.4–§6.8, §7.3, §9): send and receive WQEs turned into operations between
 //! two QPs, their completions and notifications, every error status the device produces,
 //! receiver-not-ready waits, the memory protection between guests, and random hostile WQEs.
 //!

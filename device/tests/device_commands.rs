@@ -1,4 +1,4 @@
-//! The device driven the way the Linux driver and rdma-core drive it (§2.2, §11): bring-up,
+//! The device driven the way the Linux driver and rdma-core drive it (device-abi §2.2, device-abi §11): bring-up,
 //! the kernel's registration, every command's success path, flushes, CQ notifications and
 //! async events.
 
@@ -130,7 +130,7 @@ fn bring_up_follows_the_driver_probe_order() {
     assert!(caps.max_cqe >= 1024 && caps.max_qp_wr >= 512 && caps.max_sge >= 2);
     assert!(caps.gid_tbl_len > 0);
     assert_eq!(caps.max_pkeys, 1);
-    // §12's recommendations.
+    // device-abi §12's recommendations.
     assert_eq!(caps.page_size_cap, PAGE_SIZE);
     assert_eq!(caps.vendor_id, 0x15ad);
     assert!(caps.max_mr_size >= PAGE_SIZE && caps.max_mr_size <= 1 << 30);
@@ -148,7 +148,7 @@ fn bring_up_follows_the_driver_probe_order() {
     assert!(d.device().is_active());
     assert!(d.take_irqs().is_empty());
 
-    // Link up (§2.4).
+    // Link up (device-abi §2.4).
     assert_eq!(d.unquiesce(), 0);
 }
 

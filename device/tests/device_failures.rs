@@ -1,4 +1,4 @@
-//! What a buggy or hostile guest can do to the device (§10.3): every command's failure
+//! What a buggy or hostile guest can do to the device (device-abi §10.3): every command's failure
 //! paths, malformed DSRs and page directories, corrupt ring indices, foreign doorbells,
 //! resets, and a deterministic hostile sweep. Every failure must set ERR, change nothing,
 //! and leave the device working.
@@ -1776,7 +1776,7 @@ fn cq_notifications_never_overrun_the_notification_ring() {
     let pd = ok(d.create_pd(0), &d);
     let ring = d.session().cq_notify.clone();
     // Three rounds of 1200 notifications: the driver's indices for 3072 elements repeat
-    // every 2048 and use 1024 slots (§6.1), so the rounds cross the wrap.
+    // every 2048 and use 1024 slots (device-abi §6.1), so the rounds cross the wrap.
     for round in 0..3 {
         let crowd = crowd(&mut d, pd, 600, false);
         for &cq in &crowd.cqs {
@@ -1817,7 +1817,7 @@ fn async_events_never_overrun_the_event_ring() {
     let pd = ok(d.create_pd(0), &d);
     let ring = d.session().async_ring.clone();
     // Each QP flushes a send and a receive into its one-entry CQ: 600 CQ overflows a round.
-    // 1536 elements: indices repeat every 1024 and use 512 slots (§6.1).
+    // 1536 elements: indices repeat every 1024 and use 512 slots (device-abi §6.1).
     for round in 0..3 {
         let crowd = crowd(&mut d, pd, 600, true);
         for &qp in &crowd.qps {

@@ -1101,8 +1101,8 @@ fn a_hung_call_is_cut_short_by_the_watchdog() {
     let started = std::time::Instant::now();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // A read of a region that does not exist gets a header-only error reply, and the
-        // crate's client then waits forever for the rest of a read reply (vfio-user.md
-        // §2.3).
+        // crate's client then waits forever for the rest of a read reply (docs/vfio-user-server.md,
+        // the crate's bugs).
         bus.call("read of region 9", 9, 0, |c| {
             c.region_read(9, 0, &mut [0; 4])
         })

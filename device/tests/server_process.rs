@@ -1,7 +1,7 @@
 //! End-to-end tests: the real binary, driven by the `vfio_user` crate's client.
 //!
-//! The crate's `Client` ignores error replies and then desyncs (vfio-user.md
-//! §2.3), so these tests only send valid requests and observe the server's
+//! The crate's `Client` ignores error replies and then desyncs (docs/vfio-user-server.md,
+//! the crate's bugs), so these tests only send valid requests and observe the server's
 //! side effects through replies and its debug log.
 
 mod support;

@@ -1,4 +1,4 @@
-//! The command channel (§5): request and response layouts, command numbers.
+//! The command channel (device-abi §5): request and response layouts, command numbers.
 //!
 //! The driver copies a request of up to [`REQUEST_SLOT_BYTES`] into the command slot; the bytes
 //! past the command's own struct may be stale, so each command reads only its own struct.
@@ -12,7 +12,7 @@ pub const RESPONSE_SLOT_BYTES: usize = 176;
 /// `resp.hdr.ack = request.cmd | RESPONSE_ACK`.
 pub const RESPONSE_ACK: u32 = 0x8000_0000;
 
-/// Command numbers (§5.2).
+/// Command numbers (device-abi §5.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Command {

@@ -1,4 +1,4 @@
-//! The Device Shared Region (§3) and the capabilities the device writes into it.
+//! The Device Shared Region (device-abi §3) and the capabilities the device writes into it.
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -33,7 +33,7 @@ pub struct Dsr {
 /// Offset of `caps` inside the DSR: the only part the device writes.
 pub const DSR_CAPS_OFFSET: u64 = 72;
 
-/// `struct pvrdma_device_caps` (208 bytes, §3.2).
+/// `struct pvrdma_device_caps` (208 bytes, device-abi §3.2).
 #[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct DeviceCaps {

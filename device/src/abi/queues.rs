@@ -1,9 +1,9 @@
-//! Ring elements (§6): ring state, work queue entries, scatter-gather entries, completions,
-//! address vectors, async events and CQ notifications, with their enumerations (§9).
+//! Ring elements (device-abi §6): ring state, work queue entries, scatter-gather entries, completions,
+//! address vectors, async events and CQ notifications, with their enumerations (device-abi §9).
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-/// Producer/consumer indices of one ring (§6.1).
+/// Producer/consumer indices of one ring (device-abi §6.1).
 #[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct RingState {
@@ -191,10 +191,10 @@ pub struct Cqne {
     pub info: u32,
 }
 
-/// Element sizes of the two device rings (§6.7, §6.8).
+/// Element sizes of the two device rings (device-abi §6.7, device-abi §6.8).
 pub const EQE_SIZE: u64 = 8;
 pub const CQNE_SIZE: u64 = 4;
-/// Header sizes that set the WQE strides (§6.3).
+/// Header sizes that set the WQE strides (device-abi §6.3).
 pub const SEND_WQE_HEADER_SIZE: u64 = 80;
 pub const RECV_WQE_HEADER_SIZE: u64 = 16;
 pub const SGE_SIZE: u64 = 16;
@@ -213,7 +213,7 @@ const _: () = {
     assert!(std::mem::offset_of!(AddressVector, dmac) == 28);
 };
 
-/// QP types (§9.1).
+/// QP types (device-abi §9.1).
 pub mod qp_type {
     pub const SMI: u8 = 0;
     pub const GSI: u8 = 1;
@@ -222,7 +222,7 @@ pub mod qp_type {
     pub const UD: u8 = 4;
 }
 
-/// QP states (§9.1).
+/// QP states (device-abi §9.1).
 pub mod qp_state {
     pub const RESET: u32 = 0;
     pub const INIT: u32 = 1;
@@ -233,7 +233,7 @@ pub mod qp_state {
     pub const ERR: u32 = 6;
 }
 
-/// Modify-QP attribute mask bits (§9.3).
+/// Modify-QP attribute mask bits (device-abi §9.3).
 pub mod qp_attr_mask {
     pub const STATE: u32 = 1 << 0;
     pub const CUR_STATE: u32 = 1 << 1;
@@ -260,7 +260,7 @@ pub mod qp_attr_mask {
     pub const ALL: u32 = (1 << 21) - 1;
 }
 
-/// Work request opcodes in send WQEs (§9.4).
+/// Work request opcodes in send WQEs (device-abi §9.4).
 pub mod wr_opcode {
     pub const RDMA_WRITE: u32 = 0;
     pub const RDMA_WRITE_WITH_IMM: u32 = 1;
@@ -274,7 +274,7 @@ pub mod wr_opcode {
     pub const FAST_REG_MR: u32 = 11;
 }
 
-/// Completion opcodes (§9.4).
+/// Completion opcodes (device-abi §9.4).
 pub mod wc_opcode {
     pub const SEND: u32 = 0;
     pub const RDMA_WRITE: u32 = 1;
@@ -287,7 +287,7 @@ pub mod wc_opcode {
     pub const RECV_RDMA_WITH_IMM: u32 = 129;
 }
 
-/// Completion statuses (§9.4, the IB numbering).
+/// Completion statuses (device-abi §9.4, the IB numbering).
 pub mod wc_status {
     pub const SUCCESS: u32 = 0;
     pub const LOC_LEN_ERR: u32 = 1;
@@ -304,14 +304,14 @@ pub mod wc_status {
     pub const GENERAL_ERR: u32 = 21;
 }
 
-/// CQE `wc_flags` bits (§6.6); only GRH and WITH_IMM mean the same to user space.
+/// CQE `wc_flags` bits (device-abi §6.6); only GRH and WITH_IMM mean the same to user space.
 pub mod wc_flags {
     pub const GRH: u32 = 1 << 0;
     pub const WITH_IMM: u32 = 1 << 1;
     pub const WITH_INVALIDATE: u32 = 1 << 2;
 }
 
-/// `send_flags` bits (§9.4).
+/// `send_flags` bits (device-abi §9.4).
 pub mod send_flags {
     pub const FENCE: u32 = 1 << 0;
     pub const SIGNALED: u32 = 1 << 1;
@@ -319,7 +319,7 @@ pub mod send_flags {
     pub const INLINE: u32 = 1 << 3;
 }
 
-/// IB access flags (§5.4 CREATE_MR).
+/// IB access flags (device-abi §5.4 CREATE_MR).
 pub mod access {
     pub const LOCAL_WRITE: u32 = 1;
     pub const REMOTE_WRITE: u32 = 2;
@@ -330,7 +330,7 @@ pub mod access {
     pub const ON_DEMAND: u32 = 64;
 }
 
-/// Async event types (§6.7).
+/// Async event types (device-abi §6.7).
 pub mod event {
     pub const CQ_ERR: u32 = 0;
     pub const QP_FATAL: u32 = 1;

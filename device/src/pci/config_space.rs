@@ -189,7 +189,7 @@ const fn put_u32(image: &mut [u8; SIZE], offset: usize, value: u32) {
 }
 
 /// Type bits of a present BAR; all BARs are 32-bit non-prefetchable memory
-/// because the driver addresses resources by BAR index (spec §1.2).
+/// because the driver addresses resources by BAR index (device-abi §1.2).
 const fn bar_type_bits(size: u64) -> u32 {
     if size == 0 { 0 } else { regs::BAR_MEMORY_32 }
 }

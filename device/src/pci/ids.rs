@@ -1,4 +1,4 @@
-//! Identity and resource layout of the PVRDMA function (spec §1).
+//! Identity and resource layout of the PVRDMA function (device-abi §1).
 //!
 //! Every device-specific number lives here so that the configuration space,
 //! the vfio-user region table and the (future) register and UAR models agree
@@ -28,9 +28,9 @@ pub const NUM_BARS: usize = 6;
 
 /// BAR holding only the MSI-X table and PBA (the client emulates the table).
 pub const MSIX_BAR: usize = 0;
-/// BAR holding the 32-bit device registers (spec §2).
+/// BAR holding the 32-bit device registers (device-abi §2).
 pub const REG_BAR: usize = 1;
-/// BAR holding the UAR (doorbell) pages, one per user context (spec §7).
+/// BAR holding the UAR (doorbell) pages, one per user context (device-abi §7).
 pub const UAR_BAR: usize = 2;
 
 /// Size of the MSI-X BAR, as QEMU's PVRDMA had it.
@@ -40,7 +40,7 @@ pub const MSIX_BAR_SIZE: u64 = 16 * 1024;
 pub const REG_BAR_SIZE: u64 = 8 * 1024;
 /// Offset of BAR1's mmap-able page. Its only job: QEMU turns posted writes off for a
 /// device with any mmap-able region, and the driver needs its DSRHIGH write to complete
-/// before it reads the capabilities the write produced (vfio-user.md §6.1). The driver
+/// before it reads the capabilities the write produced (docs/vfio-user-server.md, posted writes). The driver
 /// never touches this page.
 pub const REG_BAR_MMAP_OFFSET: u64 = 4 * 1024;
 /// Size of one UAR page.
@@ -54,7 +54,7 @@ pub const UAR_BAR_SIZE: u64 = UAR_PAGES * UAR_PAGE_SIZE;
 /// Size of each BAR, indexed by BAR number; 0 means the BAR is not implemented.
 pub const BAR_SIZES: [u64; NUM_BARS] = [MSIX_BAR_SIZE, REG_BAR_SIZE, UAR_BAR_SIZE, 0, 0, 0];
 
-/// MSI-X vectors exposed. The driver wires exactly three handlers (spec §1.3);
+/// MSI-X vectors exposed. The driver wires exactly three handlers (device-abi §1.3);
 /// with fewer it silently loses async events or CQ notifications.
 pub const MSIX_VECTORS: u16 = 3;
 /// Vector raised when a command response is ready.

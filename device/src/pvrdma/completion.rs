@@ -1,5 +1,5 @@
 //! Writing completions: CQEs into a CQ ring, the CQ notification an armed CQ asks for, the
-//! CQ_ERR event when a CQ overflows, and the flush of a QP's outstanding work (§6.6, §9.2).
+//! CQ_ERR event when a CQ overflows, and the flush of a QP's outstanding work (device-abi §6.6, device-abi §9.2).
 
 use log::warn;
 use zerocopy::{FromBytes, IntoBytes};
@@ -18,7 +18,7 @@ pub(super) struct Written {
 }
 
 /// Appends `cqe` to `cq` and notifies the guest if the CQ is armed for it. A full or corrupt
-/// CQ is never overwritten: it is marked broken and the guest gets CQ_ERR (§6.6). With
+/// CQ is never overwritten: it is marked broken and the guest gets CQ_ERR (device-abi §6.6). With
 /// `timed` and profiling on, returns when the CQE was written and the interrupt raised.
 pub(super) fn complete(
     device: &mut PvrdmaDevice,
@@ -79,7 +79,7 @@ pub(super) fn send_completion_opcode(opcode: u32) -> u32 {
 }
 
 /// Completes every WQE outstanding on `qp_handle`'s queues with WR_FLUSH_ERR, as a QP in the
-/// error state must (§9.2). Bounded by the queue sizes.
+/// error state must (device-abi §9.2). Bounded by the queue sizes.
 pub(super) fn flush_qp(
     device: &mut PvrdmaDevice,
     mem: &GuestRam,

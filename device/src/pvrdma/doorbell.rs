@@ -1,4 +1,4 @@
-//! UAR doorbells (§7): decode the page and word, check that the object belongs to the
+//! UAR doorbells (device-abi §7): decode the page and word, check that the object belongs to the
 //! context that owns the page, and act.
 
 use log::debug;
@@ -34,7 +34,7 @@ pub(super) fn ring(
                 debug!("QP doorbell {value:#x} for a QP not owned by UAR page {page}");
                 return;
             };
-            // Work posted to a QP in the error state completes at once, flushed (§9.1).
+            // Work posted to a QP in the error state completes at once, flushed (device-abi §9.1).
             let in_error = qp.attr.qp_state == qp_state::ERR;
             let send = value & uar::QP_SEND != 0;
             let rang = if send { device.profiler.sample() } else { None };

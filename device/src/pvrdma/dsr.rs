@@ -1,4 +1,4 @@
-//! Loading the Device Shared Region on the DSRHIGH write (§3, §10.3 rules 2–5).
+//! Loading the Device Shared Region on the DSRHIGH write (device-abi §3, device-abi §10.3 rules 2–5).
 
 use super::memory::{self, GuestFault, GuestRam};
 use super::pdir::{self, PdirError};

@@ -1,4 +1,4 @@
-//! Page directories (§4): the two-level tables through which the guest describes every
+//! Page directories (device-abi §4): the two-level tables through which the guest describes every
 //! multi-page buffer. Resolving one validates every entry the count says is meaningful.
 
 use super::memory::{self, GuestRam};

@@ -1,9 +1,9 @@
-//! Rings in guest memory (§6.1) with the driver's exact index arithmetic.
+//! Rings in guest memory (device-abi §6.1) with the driver's exact index arithmetic.
 //!
 //! An index runs through `[0, period)`; its slot is `idx & (max - 1)` and the next index is
 //! `(idx + 1) & (2 * max - 1)`. For a power-of-two `max` this is a normal ring with a
 //! generation bit. The driver's device rings have 1536 and 3072 elements, for which these
-//! formulas repeat after 1024 and 2048 increments and use only half the slots (§6.1): the
+//! formulas repeat after 1024 and 2048 increments and use only half the slots (device-abi §6.1): the
 //! device must walk the same slots, so it uses the same formulas and never lets more than
 //! `period / 2` entries be outstanding.
 

@@ -1,4 +1,4 @@
-//! The table of DMA windows the client has mapped (vfio-user.md §1.4).
+//! The table of DMA windows the client has mapped (QEMU's vfio-user specification, VFIO_USER_DMA_MAP).
 //!
 //! Each window is a guest-physical range `[address, address + size)` backed,
 //! when the client sent one, by a file descriptor at `offset`. This layer only
@@ -271,7 +271,7 @@ impl DmaWindows {
     /// Handles a `DMA_UNMAP` request.
     ///
     /// `raw_flags` are the wire bits: the crate's `DmaUnmapFlags` names are
-    /// wrong (vfio-user.md §2.4 bug D), so bit 1 (value 2) is "unmap all",
+    /// wrong (docs/vfio-user-server.md, the crate's bugs bug D), so bit 1 (value 2) is "unmap all",
     /// as in `<linux/vfio.h>` and QEMU.
     pub fn unmap(&mut self, raw_flags: u32, address: u64, size: u64) -> Result<Unmapped, DmaError> {
         // Dirty bitmaps (migration) and vaddr updates are not supported; QEMU

@@ -350,7 +350,7 @@ impl DeviceBackend for PciFunction {
                     if window.readable { "r" } else { "-" },
                     if window.writable { "w" } else { "-" },
                     // Without an fd the device cannot reach the window: the
-                    // server does not send DMA_READ/WRITE (vfio-user.md §1.8).
+                    // server does not send DMA_READ/WRITE (QEMU's vfio-user specification, VFIO_USER_DMA_READ).
                     if window.file.is_some() {
                         ""
                     } else {
@@ -375,7 +375,7 @@ impl DeviceBackend for PciFunction {
 
     fn dma_unmap(&mut self, flags: u32, address: u64, size: u64) -> Result<(), Errno> {
         // Raw wire bits: 2 is VFIO_DMA_UNMAP_FLAG_ALL (the crate's names
-        // for these bits are wrong, vfio-user.md bug D).
+        // for these bits are wrong, docs/vfio-user-server.md, bug D).
         match self.dma.unmap(flags, address, size) {
             Ok(unmapped) => {
                 match unmapped {

@@ -1,4 +1,4 @@
-//! `SET_IRQS` handling and the MSI-X eventfd table (vfio-user.md §1.6).
+//! `SET_IRQS` handling and the MSI-X eventfd table (QEMU's vfio-user specification, VFIO_USER_DEVICE_SET_IRQS).
 //!
 //! QEMU emulates the MSI-X table itself and hands us one eventfd per vector;
 //! writing 1 to it raises the guest interrupt (under KVM, as an irqfd). The

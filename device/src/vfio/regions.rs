@@ -1,4 +1,4 @@
-//! The region and IRQ tables the server advertises (vfio-user.md §1.5, §1.6).
+//! The region and IRQ tables the server advertises (QEMU's vfio-user specification, VFIO_USER_DEVICE_GET_REGION_INFO, device-abi §1.6).
 //!
 //! Region indices follow the vfio PCI convention: BAR0-5 = 0-5, ROM = 6,
 //! CONFIG = 7, VGA = 8. IRQ indices: INTX = 0, MSI = 1, MSIX = 2, ERR = 3,

@@ -1,4 +1,4 @@
-//! Every error status the data path produces (§9.4), and what follows an error: the failing
+//! Every error status the data path produces (device-abi §9.4), and what follows an error: the failing
 //! WQE completes with its status whether signaled or not, the QP goes to ERR (QUERY_QP says
 //! so), the rest of its queues is flushed with WR_FLUSH_ERR, and later work is flushed as
 //! soon as it is posted.
@@ -102,7 +102,7 @@ fn too_many_sges_is_loc_len_err_and_flushes_both_queues<B: Bus>(net: Net<B>) {
     for i in 0..2 {
         p.recv_b(800 + i, &[]);
     }
-    // A's own receive queue holds two receives: the error flushes them too (§9.2).
+    // A's own receive queue holds two receives: the error flushes them too (device-abi §9.2).
     p.net.recv(&p.a, &p.qa, 700, &[own.sge(0, 32)]);
     p.net.recv(&p.a, &p.qa, 701, &[]);
     let five: Vec<_> = (0..5).map(|i| src.sge(i * 16, 16)).collect();
@@ -499,7 +499,7 @@ fn user_qp_opcode_8_is_unsupported<B: Bus>(net: Net<B>) {
     let local = p.net.mr(&p.a, 64, access::LOCAL_WRITE);
     let dst = p.net.mr(&p.b, 64, access::LOCAL_WRITE);
     p.recv_b(1, &[dst.sge(0, 64)]);
-    // rdma-core casts ibv_wr_opcode straight through: 8 is IBV_WR_BIND_MW there (§9.4).
+    // rdma-core casts ibv_wr_opcode straight through: 8 is IBV_WR_BIND_MW there (device-abi §9.4).
     expect_failure(
         &mut p,
         "opcode 8 from a user QP",

@@ -657,7 +657,7 @@ impl<B: Bus> Pair<B> {
     }
 }
 
-/// A UD address vector as the driver copies it into a WQE (§9.5).
+/// A UD address vector as the driver copies it into a WQE (device-abi §9.5).
 pub fn av(pd: u32, gid_index: u8, dgid: [u8; 16]) -> AddressVector {
     AddressVector {
         port_pd: pd | 1 << 24,
@@ -672,7 +672,7 @@ pub fn av(pd: u32, gid_index: u8, dgid: [u8; 16]) -> AddressVector {
     }
 }
 
-/// A send work request as the guest writes it (§6.4). Signaled unless told otherwise.
+/// A send work request as the guest writes it (device-abi §6.4). Signaled unless told otherwise.
 #[derive(Debug, Clone)]
 pub struct Wr {
     pub hdr: SendWqeHeader,
@@ -739,7 +739,7 @@ impl Wr {
     }
 }
 
-// ---- The memory management extensions (§6.4 fast_reg, LOCAL_INV, SEND_WITH_INV) ----
+// ---- The memory management extensions (device-abi §6.4 fast_reg, LOCAL_INV, SEND_WITH_INV) ----
 
 impl Wr {
     /// FAST_REG_MR (kernel QPs only): the fast_reg union, `iova_start` at 32, `pl_pdir_dma`
@@ -802,7 +802,7 @@ impl<B: Bus> Net<B> {
         (0..count).rev().map(|i| first + 2 * i * size).collect()
     }
 
-    /// A page directory on `dev` listing `pages` (a FAST_REG_MR page list, §4): entries are
+    /// A page directory on `dev` listing `pages` (a FAST_REG_MR page list, device-abi §4): entries are
     /// written as given, aligned or not.
     pub fn page_list(&mut self, dev: usize, pages: Vec<u64>) -> PageDir {
         let d = &mut self.d[dev];

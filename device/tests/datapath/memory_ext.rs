@@ -1,5 +1,5 @@
-//! The memory management extensions (`bmme_flags` 7, §5.4 fast-register MRs, §6.4 fast_reg,
-//! §9.4): FAST_REG_MR maps pages into a fast-register MR under a new key, LOCAL_INV and a
+//! The memory management extensions (`bmme_flags` 7, device-abi §5.4 fast-register MRs, device-abi §6.4 fast_reg,
+//! device-abi §9.4): FAST_REG_MR maps pages into a fast-register MR under a new key, LOCAL_INV and a
 //! peer's SEND_WITH_INV take the mapping away again. Kernel QPs only: the scenarios run on RC
 //! QPs of two kernel consumers (context 0), A the requester, B owning the fast-register MRs,
 //! and check the registered pages byte for byte and, over every device's whole RAM, that
@@ -1007,7 +1007,7 @@ fn send_with_inv_needs_a_registered_frmr_of_the_responders_pd<B: Bus>(net: Net<B
 }
 
 fn user_qps_cannot_post_memory_extensions<B: Bus>(net: Net<B>) {
-    // User RC QPs; A's PD even has a fast-register MR (a user PD may, §5.4).
+    // User RC QPs; A's PD even has a fast-register MR (a user PD may, device-abi §5.4).
     let mut p = Pair::rc(net, QpOpts::default());
     let dev = p.a.dev();
     let mr = p.net.frmr(&p.a, 4);

@@ -493,7 +493,7 @@ fn arm_notifies_on_the_next_completion<B: Bus>(net: Net<B>) {
     }
 }
 
-/// The 40-byte GRH of a RoCE v1 datagram (§9.5): `(version, payload length, next header,
+/// The 40-byte GRH of a RoCE v1 datagram (device-abi §9.5): `(version, payload length, next header,
 /// sgid, dgid)`.
 fn parse_grh(grh: &[u8]) -> (u8, u16, u8, [u8; 16], [u8; 16]) {
     (
@@ -649,7 +649,7 @@ fn srq_receives_are_shared_by_two_qps<B: Bus>(mut net: Net<B>) {
 
 fn datagram_to_the_gsi_qp<B: Bus>(mut net: Net<B>) {
     let (ha, hb) = (net.host_a(), net.host_b());
-    // The kernel MAD layer's QP1 on B (§9.6): DMA lkey, 296-byte receives.
+    // The kernel MAD layer's QP1 on B (device-abi §9.6): DMA lkey, 296-byte receives.
     let k = net.kernel_ctx(hb);
     let gsi = net.qp(
         &k,

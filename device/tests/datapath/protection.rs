@@ -1,4 +1,4 @@
-//! Memory protection between guests (§10.3 rule 19): a requester reaches the responder's
+//! Memory protection between guests (device-abi §10.3 rule 19): a requester reaches the responder's
 //! memory only through an rkey of an MR in the responder QP's PD, within the MR, with the
 //! right the operation needs, for as long as the MR lives. One test per rule; each checks,
 //! byte for byte over the whole RAM of every device, that a refused request changed nothing
@@ -356,7 +356,7 @@ fn recreated_mr_does_not_answer_the_old_key<B: Bus>(net: Net<B>) {
 }
 
 fn dma_mr_is_not_reachable_remotely<B: Bus>(mut net: Net<B>) {
-    // B is a kernel consumer: an RC QP in the kernel PD, which has the DMA MR (§9.6).
+    // B is a kernel consumer: an RC QP in the kernel PD, which has the DMA MR (device-abi §9.6).
     let (ha, hb) = (net.host_a(), net.host_b());
     let a = net.ctx(ha);
     let k = net.kernel_ctx(hb);

@@ -1,4 +1,4 @@
-//! The probe sequence of `pvrdma_pci_probe` (§2.2), step by step, and the removal path.
+//! The probe sequence of `pvrdma_pci_probe` (device-abi §2.2), step by step, and the removal path.
 
 use vfio_user_pvrdma::abi::{self, DeviceCaps, Dsr, PAGE_SIZE, RingPages, regs};
 
@@ -233,13 +233,13 @@ impl<B: Bus> Driver<B> {
         self.session()
     }
 
-    /// Link up on the paired vmxnet3: CTL = UNQUIESCE, read ERR (§2.4).
+    /// Link up on the paired vmxnet3: CTL = UNQUIESCE, read ERR (device-abi §2.4).
     pub fn unquiesce(&mut self) -> u32 {
         self.write_reg(regs::CTL, regs::CTL_UNQUIESCE);
         self.read_reg(regs::ERR)
     }
 
-    /// `pvrdma_pci_remove`: mask interrupts, reset the device, forget the session (§2.4).
+    /// `pvrdma_pci_remove`: mask interrupts, reset the device, forget the session (device-abi §2.4).
     pub fn remove(&mut self) {
         self.write_reg(regs::IMR, u32::MAX);
         self.write_reg(regs::CTL, regs::CTL_RESET);

@@ -10,7 +10,7 @@ use vfio_user_pvrdma::pvrdma::{DeviceConfig, GuestRam, Interrupts, PvrdmaDevice}
 
 use super::memory::GuestMemory;
 
-/// BAR indices (§1.2).
+/// BAR indices (device-abi §1.2).
 pub const BAR_MSIX: u32 = 0;
 pub const BAR_REGS: u32 = 1;
 pub const BAR_UAR: u32 = 2;
@@ -78,7 +78,7 @@ impl Bus for InProcessBus {
     fn read32(&mut self, bar: u32, offset: u64) -> u32 {
         match bar {
             BAR_REGS => self.device.read_register(offset),
-            // Doorbells are write-only; the device reads them as 0 (§7.1). The MSI-X table is
+            // Doorbells are write-only; the device reads them as 0 (device-abi §7.1). The MSI-X table is
             // the client's business.
             _ => 0,
         }

@@ -1,4 +1,4 @@
-//! The command channel (§5): one method per command. Each writes its request into the
+//! The command channel (device-abi §5): one method per command. Each writes its request into the
 //! command slot (stale bytes after it, like the kernel's stack union), writes REQUEST = 0,
 //! reads ERR and, on success, reads the response slot and checks `ack` and the echoed
 //! `response` cookie the way the driver checks `ack`.
@@ -360,7 +360,7 @@ impl<B: Bus> Driver<B> {
     }
 }
 
-/// An address vector with a GRH, as ib_core builds it for RoCE (§5.4 MODIFY_QP).
+/// An address vector with a GRH, as ib_core builds it for RoCE (device-abi §5.4 MODIFY_QP).
 pub fn roce_ah(dgid: [u8; 16], sgid_index: u8, dmac: [u8; 6]) -> AhAttr {
     AhAttr {
         grh: abi::GlobalRoute {

@@ -1,5 +1,5 @@
-//! Building what the guest hands the device: page directories (§4), multi-page buffers, and
-//! the page layouts of CQ, QP and SRQ rings (§6.3), with the driver's index arithmetic (§6.1).
+//! Building what the guest hands the device: page directories (device-abi §4), multi-page buffers, and
+//! the page layouts of CQ, QP and SRQ rings (device-abi §6.3), with the driver's index arithmetic (device-abi §6.1).
 
 use vfio_user_pvrdma::abi::{
     CQE_SIZE, PAGE_SIZE, RECV_WQE_HEADER_SIZE, RING_STATE_RX, RING_STATE_TX, SEND_WQE_HEADER_SIZE,
@@ -9,7 +9,7 @@ use vfio_user_pvrdma::pvrdma::GuestRam;
 
 use super::memory::{self, PageAllocator};
 
-/// A two-level page directory naming `pages` (§4).
+/// A two-level page directory naming `pages` (device-abi §4).
 #[derive(Debug, Clone)]
 pub struct PageDir {
     pub dir: u64,
@@ -97,7 +97,7 @@ impl PagedBuffer {
     }
 }
 
-/// The driver's ring index arithmetic, transcribed from `pvrdma_ring.h` (§6.1). `max` need
+/// The driver's ring index arithmetic, transcribed from `pvrdma_ring.h` (device-abi §6.1). `max` need
 /// not be a power of two (the device rings are not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingIdx {
@@ -159,12 +159,12 @@ pub fn pow2(x: u64) -> u64 {
     x.max(1).next_power_of_two()
 }
 
-/// Send WQE stride for `sges` SGEs (§6.3).
+/// Send WQE stride for `sges` SGEs (device-abi §6.3).
 pub fn send_stride(sges: u32) -> u64 {
     pow2(SEND_WQE_HEADER_SIZE + SGE_SIZE * u64::from(sges))
 }
 
-/// Receive WQE stride for `sges` SGEs (§6.3).
+/// Receive WQE stride for `sges` SGEs (device-abi §6.3).
 pub fn recv_stride(sges: u32) -> u64 {
     pow2(RECV_WQE_HEADER_SIZE + SGE_SIZE * u64::from(sges))
 }
@@ -227,7 +227,7 @@ impl CqLayout {
     }
 }
 
-/// How the guest sizes a QP's buffer (§6.3).
+/// How the guest sizes a QP's buffer (device-abi §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QpOwner {
     /// The kernel: SGE counts rounded up to powers of two, rings sized exactly.
@@ -398,7 +398,7 @@ impl UserBuffer {
         self.pdir.count()
     }
 
-    /// Guest address behind user virtual address `va` (the MR translation of §5.4).
+    /// Guest address behind user virtual address `va` (the MR translation of device-abi §5.4).
     pub fn translate(&self, va: u64) -> u64 {
         assert!(va >= self.start && va < self.start + self.length);
         let index = ((va - self.start) + (self.start % PAGE_SIZE)) / PAGE_SIZE;

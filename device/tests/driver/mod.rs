@@ -7,10 +7,10 @@
 //! * [`fabric_bus`] — several in-process devices joined by the memcpy fabric.
 //! * [`memory`] — guest RAM (memfd-backed), the page allocator, typed accessors.
 //! * [`layout`] — page directories, paged buffers, ring layouts, index arithmetic.
-//! * [`bringup`] — the probe sequence (§2.2) and removal.
-//! * [`commands`] — one method per command (§5), returning the parsed response or ERR.
+//! * [`bringup`] — the probe sequence (device-abi §2.2) and removal.
+//! * [`commands`] — one method per command (device-abi §5), returning the parsed response or ERR.
 //! * [`queues`] — posting WQEs, doorbells, reading CQEs, async events, CQ notifications.
-//! * [`verbs`] — composite operations as ib_core / rdma-core perform them (§11).
+//! * [`verbs`] — composite operations as ib_core / rdma-core perform them (device-abi §11).
 
 #![allow(
     dead_code,

@@ -1,4 +1,4 @@
-//! The guest side of the rings (§6) and doorbells (§7): posting send and receive WQEs,
+//! The guest side of the rings (device-abi §6) and doorbells (device-abi §7): posting send and receive WQEs,
 //! ringing doorbells, polling CQs, draining the async event and CQ notification rings.
 
 use vfio_user_pvrdma::abi::{Cqe, Cqne, Eqe, PAGE_SIZE, RecvWqeHeader, SendWqeHeader, Sge, uar};

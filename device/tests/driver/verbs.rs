@@ -1,4 +1,4 @@
-//! Composite operations as ib_core, the kernel driver and rdma-core perform them (§11):
+//! Composite operations as ib_core, the kernel driver and rdma-core perform them (device-abi §11):
 //! allocate the guest memory, build the layouts, issue the command, keep the result.
 
 use vfio_user_pvrdma::abi::{
@@ -13,7 +13,7 @@ use super::commands::{CmdResult, header, roce_ah};
 use super::layout::{CqLayout, QpLayout, QpOwner, QpSizes, SrqLayout, UserBuffer};
 use super::queues::{Cq, KERNEL_UC, Mr, Qp, Srq, Uc};
 
-/// `ibv_rc_pingpong`'s masks (§9.3).
+/// `ibv_rc_pingpong`'s masks (device-abi §9.3).
 pub const RC_INIT_MASK: u32 = 0x39;
 pub const RC_RTR_MASK: u32 = 0x12_9181;
 pub const RC_RTS_MASK: u32 = 0x1_2e01;
@@ -24,7 +24,7 @@ pub const GSI_RTR_MASK: u32 = mask::STATE;
 pub const GSI_RTS_MASK: u32 = mask::STATE | mask::SQ_PSN;
 /// `IB_QP1_QKEY`.
 pub const QP1_QKEY: u32 = 0x8001_0000;
-/// ib_mad's GSI QP: 128 sends of 2 SGEs, 512 receives of 1 SGE (§9.6).
+/// ib_mad's GSI QP: 128 sends of 2 SGEs, 512 receives of 1 SGE (device-abi §9.6).
 pub const GSI_SIZES: QpSizes = QpSizes {
     max_send_wr: 128,
     max_recv_wr: 512,
@@ -32,7 +32,7 @@ pub const GSI_SIZES: QpSizes = QpSizes {
     max_recv_sge: 1,
     srq: false,
 };
-/// The MAD layer's CQ: 640 entries rounded up (§9.6).
+/// The MAD layer's CQ: 640 entries rounded up (device-abi §9.6).
 pub const MAD_CQE: u32 = 1024;
 /// A MAD receive buffer: 40-byte GRH + 256-byte MAD.
 pub const MAD_RECV_BYTES: u32 = 296;
@@ -106,7 +106,7 @@ pub const PINGPONG_SIZES: QpSizes = QpSizes {
     srq: false,
 };
 
-/// The kernel MAD layer's objects after registration (§11.1).
+/// The kernel MAD layer's objects after registration (device-abi §11.1).
 #[derive(Debug, Clone)]
 pub struct KernelMad {
     pub pd: u32,
@@ -452,7 +452,7 @@ impl<B: Bus> Driver<B> {
         self.modify_qp(qp.handle, mask::STATE, &state_attrs(state))
     }
 
-    // ---- the kernel's registration (§11.1) ----
+    // ---- the kernel's registration (device-abi §11.1) ----
 
     /// What `ib_register_device` and the MAD layer do after a successful probe, with the
     /// link-local GID of [`MAC`].

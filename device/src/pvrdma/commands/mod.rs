@@ -1,4 +1,4 @@
-//! The command channel (§5): copy the request out of the command slot once, validate it,
+//! The command channel (device-abi §5): copy the request out of the command slot once, validate it,
 //! act, and write the response slot. Any failure is an errno for the ERR register; the
 //! guest's verb then fails cleanly.
 

@@ -1,5 +1,5 @@
 //! Memory regions (CREATE_MR, DESTROY_MR): user MRs over a page directory, the kernel's DMA
-//! MR, and fast-register MRs (§5.4, §10.3 rule 12).
+//! MR, and fast-register MRs (device-abi §5.4, device-abi §10.3 rule 12).
 
 use super::{Reply, Request, header_only, reply};
 use crate::abi::{

@@ -15,7 +15,7 @@ use crate::pvrdma::{PvrdmaDevice, errno};
 use log::{info, warn};
 use pvrdma_backend::{Connect, HostQpCaps, Network, SendSide};
 
-/// WQE stride for `sges` scatter-gather entries after a header of `header` bytes (§6.3).
+/// WQE stride for `sges` scatter-gather entries after a header of `header` bytes (device-abi §6.3).
 fn stride(header: u64, sges: u32) -> u64 {
     (header + SGE_SIZE * u64::from(sges)).next_power_of_two()
 }
@@ -476,7 +476,7 @@ pub(super) fn modify(
     attr.qp_state = target;
     attr.cur_qp_state = target;
     if target == qp_state::RESET && current != qp_state::RESET {
-        // The guest restarts both rings at index 0; so does the device (§5.4 MODIFY_QP).
+        // The guest restarts both rings at index 0; so does the device (device-abi §5.4 MODIFY_QP).
         qp.sq.restart(mem).map_err(|_| errno::EFAULT)?;
         qp.in_flight.clear();
         qp.waiting_transport = false;

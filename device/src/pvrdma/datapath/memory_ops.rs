@@ -1,4 +1,4 @@
-//! The memory management extensions (§6.4, §9.4): FAST_REG_MR and LOCAL_INV work requests,
+//! The memory management extensions (device-abi §6.4, device-abi §9.4): FAST_REG_MR and LOCAL_INV work requests,
 //! and the remote invalidation SEND_WITH_INV carries. Only kernel QPs post them; the driver
 //! offers them to kernel ULPs because `bmme_flags` has all three bits.
 

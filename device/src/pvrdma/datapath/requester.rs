@@ -214,7 +214,7 @@ fn step(
     .then_some(header.ex);
     let operation = match header.opcode {
         // From user QPs only opcodes 0..=6 mean what they say; anything else fails with
-        // LOC_QP_OP_ERR below (§9.4).
+        // LOC_QP_OP_ERR below (device-abi §9.4).
         wr_opcode::SEND | wr_opcode::SEND_WITH_IMM => Operation::Send {
             payload: &plan.local,
             imm,
@@ -222,7 +222,7 @@ fn step(
             solicited,
         },
         // Remote invalidation, a memory management extension: kernel QPs only (opcode 8
-        // from user space means something else, §9.4).
+        // from user space means something else, device-abi §9.4).
         wr_opcode::SEND_WITH_INV if kernel_qp => Operation::Send {
             payload: &plan.local,
             imm: None,
@@ -756,7 +756,7 @@ fn plan(device: &PvrdmaDevice, qp_handle: u32, wqe: SendWqe) -> Result<Plan, (Se
 }
 
 /// Completes the WQE at the head with an error status and moves the QP to the error state,
-/// which flushes the rest of its work (§9.2).
+/// which flushes the rest of its work (device-abi §9.2).
 pub(super) fn fail(
     device: &mut PvrdmaDevice,
     mem: &GuestRam,

@@ -20,7 +20,7 @@ enum Extra {
     Invalidate(u32),
 }
 
-/// Bytes of the GRH area at the start of a UD receive buffer (§9.5).
+/// Bytes of the GRH area at the start of a UD receive buffer (device-abi §9.5).
 const GRH_BYTES: u64 = 40;
 
 pub fn respond(

@@ -1,5 +1,5 @@
-//! Turning keys and addresses into scatter-gather lists over guest memory (§5.4 CREATE_MR
-//! address translation, §10.3 rules 19–20). Every check a memory key implies is here.
+//! Turning keys and addresses into scatter-gather lists over guest memory (device-abi §5.4 CREATE_MR
+//! address translation, device-abi §10.3 rules 19–20). Every check a memory key implies is here.
 
 use pvrdma_backend::Sgl;
 
@@ -53,7 +53,7 @@ fn append(mr: &Mr, addr: u64, len: u64, sgl: &mut Sgl) -> Result<(), KeyError> {
 }
 
 /// `[addr, addr + len)` of a buffer that starts at `start` (a virtual address or iova) and
-/// whose 4 KiB pages are `pages`, the first holding `start` (§5.4 address translation).
+/// whose 4 KiB pages are `pages`, the first holding `start` (device-abi §5.4 address translation).
 fn append_pages(
     start: u64,
     length: u64,

@@ -172,7 +172,7 @@ fn unsupported<'b>(command: Command, id: u16) -> Result<Reply<'b>, Errno> {
     warn!("unsupported command {command:?} (id {id}) refused");
     match command {
         // QEMU treats EINVAL from DEVICE_FEATURE as "feature not supported"
-        // (vfio-user.md §3), the answer we want for migration probes.
+        // (QEMU's client, hw/vfio-user/), the answer we want for migration probes.
         Command::DeviceFeature => Err(Errno::EINVAL),
         _ => Err(Errno::ENOTSUP),
     }
@@ -209,7 +209,7 @@ fn version<'b>(session: &mut Session, request: &Request<'_>) -> Result<Reply<'b>
     );
     session.negotiated = true;
     session.client_max_msg_fds = offer.max_msg_fds;
-    // Major 0, minor 0: the only version there is (vfio-user.md §1).
+    // Major 0, minor 0: the only version there is (QEMU's vfio-user specification).
     let payload = wire::Encoder::with_capacity(wire::VERSION_SIZE.saturating_add(reply.len()))
         .u16(0)
         .u16(0)

@@ -2,7 +2,7 @@
 //!
 //! It replaces `vfio_user::Server::run`, whose loop desynchronises on
 //! unsupported commands, sends errno 0, panics on a bad VERSION string and
-//! trusts client sizes (vfio-user.md §2.4 bugs A, B, C, E, F; see
+//! trusts client sizes (docs/vfio-user-server.md, the crate's bugs bugs A, B, C, E, F; see
 //! `docs/vfio-user-server.md`). The rule here: every byte from the client is
 //! hostile. Each message is consumed whole and answered with a correct reply
 //! or a real errno; the server never panics, hangs on a bad length, allocates
@@ -31,7 +31,7 @@ pub mod wire;
 pub use server::{ConnectionError, serve_client, serve_client_spinning, turn_away};
 
 /// Most descriptors we accept with one message (our `max_msg_fds`), the
-/// most QEMU will use (vfio-user.md §1.3). Extra ones are closed and the
+/// most QEMU will use (QEMU's vfio-user specification, VFIO_USER_VERSION). Extra ones are closed and the
 /// message is refused with EINVAL.
 pub const MAX_MSG_FDS: usize = 16;
 
@@ -62,7 +62,7 @@ pub const MAX_DMA_MAPS: u32 = 256;
 /// file) and give the backing file in `mmap_fd`. The server then adds the
 /// sparse mmap capability and sends the fd once the client's buffer can hold
 /// the capability (QEMU's second query). Any mappable region also makes QEMU
-/// turn posted writes off for the whole device (vfio-user.md §1.5).
+/// turn posted writes off for the whole device (QEMU's vfio-user specification, VFIO_USER_DEVICE_GET_REGION_INFO).
 #[derive(Debug)]
 pub struct RegionDescriptor {
     /// Index, flags, size and file offset. `argsz` and `cap_offset` are
@@ -128,8 +128,8 @@ pub trait DeviceBackend {
     fn reset(&mut self) -> Result<(), Errno>;
 
     /// Applies `SET_IRQS` to an existing index. `fds` is empty or holds at
-    /// most `count` eventfds (QEMU sends none to de-assign, vfio-user.md
-    /// §1.6); only `DATA_EVENTFD` requests carry any. `DATA_BOOL` is refused
+    /// most `count` eventfds (QEMU sends none to de-assign; QEMU's vfio-user
+    /// specification, VFIO_USER_DEVICE_SET_IRQS); only `DATA_EVENTFD` requests carry any. `DATA_BOOL` is refused
     /// before this is called.
     fn set_irqs(
         &mut self,

@@ -1,5 +1,5 @@
 //! VERSION negotiation: parsing the client's capability JSON and building
-//! our answer (vfio-user.md §1.3).
+//! our answer (QEMU's vfio-user specification, VFIO_USER_VERSION).
 //!
 //! The crate unwrapped `CString::from_vec_with_nul` on this string and
 //! panicked on anything not NUL-terminated (bug F). Here every malformation
@@ -124,7 +124,7 @@ fn check_types(caps: &Map<String, Value>) -> Result<(), VersionDataError> {
 /// Our version data for `offer`: `{"capabilities":{...}}` plus the NUL.
 ///
 /// Short by construction (four numbers at most, about 100 bytes): QEMU
-/// rejects a VERSION reply longer than its own request (vfio-user.md §1.1).
+/// rejects a VERSION reply longer than its own request (QEMU's vfio-user specification, "Header").
 pub(super) fn reply_data(offer: &Offer) -> Vec<u8> {
     let mut caps = Map::new();
     for (name, value) in OUR_NUMBERS {
@@ -143,7 +143,7 @@ pub(super) fn reply_data(offer: &Offer) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    /// QEMU 11.1.3's offer, verbatim from the wire (vfio-user.md §1.3).
+    /// QEMU 11.1.3's offer, verbatim from the wire (QEMU's vfio-user specification, VFIO_USER_VERSION).
     const QEMU_OFFER: &str = r#"{"capabilities": {"pgsizes": 4096, "max_msg_fds": 16, "max_dma_maps": 65535, "max_data_xfer_size": 1048576, "migration": {"max_bitmap_size": 268435456, "pgsize": 4096}, "write_multiple": true}}"#;
 
     fn nul(text: &str) -> Vec<u8> {

@@ -1,4 +1,4 @@
-//! Byte layouts of vfio-user messages (vfio-user.md §1.1–§1.7).
+//! Byte layouts of vfio-user messages (QEMU's vfio-user specification, from "Header" to the DMA messages).
 //!
 //! Everything is host-endian, as the specification says. Parsers take the
 //! bytes the client sent and return `None` when there are too few of them;
@@ -18,7 +18,7 @@ pub const DMA_MAP_SIZE: usize = 32;
 /// `DMA_UNMAP` request and reply payload.
 pub const DMA_UNMAP_SIZE: usize = 24;
 /// `DEVICE_GET_INFO` request and reply payload. QEMU reads exactly this much
-/// (vfio-user.md §1.1), so the reply must not grow.
+/// (QEMU's vfio-user specification, VFIO_USER_DEVICE_GET_INFO), so the reply must not grow.
 pub const DEVICE_INFO_SIZE: usize = 16;
 /// `DEVICE_GET_REGION_INFO` request payload and reply before capabilities.
 pub const REGION_INFO_SIZE: usize = 32;
@@ -49,7 +49,7 @@ pub mod flags {
     pub const ERROR: u32 = 1 << 5;
 }
 
-/// Command numbers (vfio-user.md §1.2), including the ones we refuse.
+/// Command numbers (QEMU's vfio-user specification, the command table), including the ones we refuse.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command {
     /// 1: protocol version and capability negotiation.

@@ -36,7 +36,7 @@ use super::{
 /// Bound on every read from the server and every wait for its thread.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// QEMU 11.1.3's VERSION offer (vfio-user.md §1.3).
+/// QEMU 11.1.3's VERSION offer (QEMU's vfio-user specification, VFIO_USER_VERSION).
 const QEMU_OFFER: &str = r#"{"capabilities": {"pgsizes": 4096, "max_msg_fds": 16, "max_dma_maps": 65535, "max_data_xfer_size": 1048576, "migration": {"max_bitmap_size": 268435456, "pgsize": 4096}, "write_multiple": true}}"#;
 
 /// Command numbers used by the tests.
