@@ -235,3 +235,86 @@ fn child_pids() -> Vec<i32> {
     }
     pids
 }
+
+/// QEMU, not a test client, on a socket another QEMU holds: the second QEMU exits at once
+/// naming the reason ("version reply: Device or resource busy") instead of waiting in the
+/// backlog, the server's log says what it did, and the first QEMU keeps its device.
+#[test]
+#[ignore = "starts QEMU; run by scripts/test after scripts/lab"]
+fn a_second_qemu_on_a_busy_socket_is_told_why_and_the_first_keeps_its_device() {
+    use guest_tests::lab::{LabEnv, ServerProcess, server_binary};
+    use std::process::{Command, Stdio};
+
+    let env = LabEnv::load().unwrap_or_else(|e| panic!("{e}"));
+    let dir = std::env::temp_dir().join(format!("pvrdma-busy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let socket = dir.join("busy.sock");
+    let binary = server_binary().unwrap_or_else(|e| panic!("{e}"));
+    let mut server =
+        ServerProcess::start(&binary, vec![socket.clone()], &[], dir.join("server.log"))
+            .unwrap_or_else(|e| panic!("{e}"));
+    // Paused QEMUs: the device is realized (connected, negotiated) before any guest runs.
+    let qemu = |name: &str| {
+        let mut command = Command::new(&env.qemu);
+        command
+            .args([
+                "-name",
+                name,
+                "-M",
+                "pc",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-S",
+                "-m",
+                "64",
+            ])
+            .args(["-object", "memory-backend-memfd,id=ram,size=64M,share=on"])
+            .args(["-machine", "memory-backend=ram", "-device"])
+            .arg(format!(
+                r#"{{"driver":"vfio-user-pci","socket":{{"path":"{}","type":"unix"}}}}"#,
+                socket.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command
+    };
+    let mut first = qemu("first").spawn().expect("start the first QEMU");
+    let attached = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        server.log_text().contains("client connected")
+    });
+    assert!(
+        attached,
+        "the first QEMU never connected:\n{}",
+        server.log_text()
+    );
+    let started = Instant::now();
+    let second = qemu("second").output().expect("run the second QEMU");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success(),
+        "the second QEMU started: {stderr}"
+    );
+    assert!(
+        stderr.contains("version reply: Device or resource busy"),
+        "QEMU's message: {stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the second QEMU took {:?}",
+        started.elapsed()
+    );
+    let log = server.log_text();
+    assert!(log.contains("answered EBUSY"), "the server's log:\n{log}");
+    assert!(
+        first.try_wait().expect("the first QEMU").is_none(),
+        "the first QEMU lost its device"
+    );
+    let _ = first.kill();
+    let _ = first.wait();
+    server.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
