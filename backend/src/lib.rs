@@ -12,6 +12,7 @@
 //!
 //! See docs/backends.md for the whole design.
 
+pub mod directory;
 mod host_qps;
 pub mod memcpy;
 mod owned;

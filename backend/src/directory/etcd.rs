@@ -1,0 +1,436 @@
+//! A small synchronous client of etcd's v3 API through its JSON gateway (`/v3/...` over
+//! HTTP): what a server of the cluster directory needs and nothing more. Leases (grant, keep
+//! alive, revoke), puts under a lease, put-if-absent (a transaction on the key's creation
+//! revision, so two servers cannot both register one GID), prefix listing with the revision
+//! it was read at, deletes, and a watch from a revision.
+//!
+//! Why the gateway and not gRPC: the server has no async runtime, and etcd's gateway speaks
+//! the same API as plain JSON over HTTP/1.1 with a blocking client. Keys and values are
+//! base64 on the wire, as the gateway wants; the client takes and returns bytes. Answers are
+//! read with bounded sizes: an etcd is trusted to be etcd, but a wrong address must not make
+//! the server buffer without limit.
+
+use std::io::{BufRead, BufReader, Read};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde_json::{Value, json};
+use thiserror::Error;
+
+/// Longest answer read for one request (a listing of a large prefix included).
+const MAX_ANSWER: u64 = 64 << 20;
+
+/// Longest line of a watch stream (one batch of events).
+const MAX_WATCH_LINE: u64 = 16 << 20;
+
+/// Why an etcd request failed.
+#[derive(Debug, Error)]
+pub enum EtcdError {
+    #[error("cannot reach etcd at {endpoint}: {reason}")]
+    Unreachable { endpoint: String, reason: String },
+    #[error("etcd at {endpoint} answered {status}: {body}")]
+    Status {
+        endpoint: String,
+        status: u16,
+        body: String,
+    },
+    #[error("etcd's answer is not what the v3 API returns: {0}")]
+    Malformed(String),
+    #[error("the lease {0:#x} has expired or was revoked")]
+    LeaseGone(i64),
+    #[error("the watch was cancelled by etcd: {0}")]
+    WatchCancelled(String),
+    #[error("the watch's start revision was compacted (etcd keeps from {compact_revision})")]
+    Compacted { compact_revision: i64 },
+}
+
+/// One key and its value, with the revision that last changed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+    pub lease: i64,
+}
+
+/// A listing and the store's revision when it was read (watch from `revision + 1`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    pub revision: i64,
+    pub kvs: Vec<KeyValue>,
+}
+
+/// A change seen by a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Put(KeyValue),
+    Delete { key: Vec<u8>, mod_revision: i64 },
+}
+
+/// A client of one etcd cluster, trying its endpoints in order.
+#[derive(Debug, Clone)]
+pub struct Etcd {
+    endpoints: Vec<String>,
+    timeout: Duration,
+}
+
+/// The end of the key range holding every key that starts with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte 0xff (or empty): the range runs to the end of the key space.
+    vec![0]
+}
+
+fn number(value: &Value, field: &str) -> i64 {
+    // The gateway writes 64-bit integers as strings; absent means 0 (proto3 defaults).
+    match value.get(field) {
+        Some(Value::String(s)) => s.parse().unwrap_or(0),
+        Some(Value::Number(n)) => n.as_i64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn bytes(value: &Value, field: &str) -> Result<Vec<u8>, EtcdError> {
+    match value.get(field) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => BASE64
+            .decode(s)
+            .map_err(|e| EtcdError::Malformed(format!("{field} is not base64: {e}"))),
+        Some(other) => Err(EtcdError::Malformed(format!("{field} is {other}"))),
+    }
+}
+
+fn key_value(kv: &Value) -> Result<KeyValue, EtcdError> {
+    Ok(KeyValue {
+        key: bytes(kv, "key")?,
+        value: bytes(kv, "value")?,
+        mod_revision: number(kv, "mod_revision"),
+        lease: number(kv, "lease"),
+    })
+}
+
+fn revision(answer: &Value) -> i64 {
+    answer.get("header").map_or(0, |h| number(h, "revision"))
+}
+
+impl Etcd {
+    /// A client of the cluster at `endpoints` (`http://HOST:PORT`, or `HOST:PORT`).
+    pub fn new(endpoints: &[String], timeout: Duration) -> Etcd {
+        let endpoints = endpoints
+            .iter()
+            .map(|e| {
+                let e = e.trim_end_matches('/');
+                if e.contains("://") {
+                    e.to_string()
+                } else {
+                    format!("http://{e}")
+                }
+            })
+            .collect();
+        Etcd { endpoints, timeout }
+    }
+
+    fn agent(&self, timeout: Option<Duration>) -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .timeout_global(timeout)
+            .http_status_as_error(false)
+            .build()
+            .into()
+    }
+
+    /// POSTs `body` to `path` on the first endpoint that answers; the answer as JSON.
+    fn call(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
+        let agent = self.agent(Some(self.timeout));
+        let mut last = None;
+        for endpoint in &self.endpoints {
+            let url = format!("{endpoint}{path}");
+            match agent.post(&url).send_json(body) {
+                Ok(mut response) => {
+                    let status = response.status().as_u16();
+                    let mut text = String::new();
+                    response
+                        .body_mut()
+                        .as_reader()
+                        .take(MAX_ANSWER)
+                        .read_to_string(&mut text)
+                        .map_err(|e| EtcdError::Unreachable {
+                            endpoint: endpoint.clone(),
+                            reason: e.to_string(),
+                        })?;
+                    if status != 200 {
+                        return Err(EtcdError::Status {
+                            endpoint: endpoint.clone(),
+                            status,
+                            body: text.chars().take(300).collect(),
+                        });
+                    }
+                    return serde_json::from_str(&text)
+                        .map_err(|e| EtcdError::Malformed(format!("{path}: {e}")));
+                }
+                Err(e) => {
+                    last = Some(EtcdError::Unreachable {
+                        endpoint: endpoint.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+        Err(last.unwrap_or(EtcdError::Unreachable {
+            endpoint: "(none)".into(),
+            reason: "no endpoint given".into(),
+        }))
+    }
+
+    /// A lease of `ttl` seconds; returns its id.
+    pub fn grant(&self, ttl: i64) -> Result<i64, EtcdError> {
+        let answer = self.call("/v3/lease/grant", &json!({ "TTL": ttl.to_string() }))?;
+        match number(&answer, "ID") {
+            0 => Err(EtcdError::Malformed(format!("no lease id in {answer}"))),
+            id => Ok(id),
+        }
+    }
+
+    /// Renews lease `id`; returns the TTL it has again.
+    pub fn keep_alive(&self, id: i64) -> Result<i64, EtcdError> {
+        let answer = self.call("/v3/lease/keepalive", &json!({ "ID": id.to_string() }))?;
+        let result = answer.get("result").unwrap_or(&answer);
+        match number(result, "TTL") {
+            ttl if ttl > 0 => Ok(ttl),
+            _ => Err(EtcdError::LeaseGone(id)),
+        }
+    }
+
+    /// Ends lease `id` now: every key under it is deleted.
+    pub fn revoke(&self, id: i64) -> Result<(), EtcdError> {
+        self.call("/v3/lease/revoke", &json!({ "ID": id.to_string() }))
+            .map(drop)
+    }
+
+    /// Sets `key` to `value`, under lease `lease` (0: none); returns the new revision.
+    pub fn put(&self, key: &[u8], value: &[u8], lease: i64) -> Result<i64, EtcdError> {
+        let answer = self.call(
+            "/v3/kv/put",
+            &json!({
+                "key": BASE64.encode(key),
+                "value": BASE64.encode(value),
+                "lease": lease.to_string(),
+            }),
+        )?;
+        Ok(revision(&answer))
+    }
+
+    /// Creates `key` only if it does not exist; `Ok(true)` if this call created it,
+    /// `Ok(false)` if someone holds it (whose value is `owner`).
+    pub fn put_if_absent(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+    ) -> Result<(bool, Option<Vec<u8>>), EtcdError> {
+        let key = BASE64.encode(key);
+        let answer = self.call(
+            "/v3/kv/txn",
+            &json!({
+                "compare": [{ "key": key, "target": "CREATE", "create_revision": "0" }],
+                "success": [{ "request_put": {
+                    "key": key, "value": BASE64.encode(value), "lease": lease.to_string(),
+                } }],
+                "failure": [{ "request_range": { "key": key } }],
+            }),
+        )?;
+        if answer.get("succeeded").and_then(Value::as_bool) == Some(true) {
+            return Ok((true, None));
+        }
+        let owner = answer
+            .get("responses")
+            .and_then(|r| r.get(0))
+            .and_then(|r| r.get("response_range"))
+            .and_then(|r| r.get("kvs"))
+            .and_then(|kvs| kvs.get(0))
+            .map(|kv| bytes(kv, "value"))
+            .transpose()?;
+        Ok((false, owner))
+    }
+
+    /// Deletes `key`; whether it existed.
+    pub fn delete(&self, key: &[u8]) -> Result<bool, EtcdError> {
+        let answer = self.call("/v3/kv/deleterange", &json!({ "key": BASE64.encode(key) }))?;
+        Ok(number(&answer, "deleted") > 0)
+    }
+
+    /// Every key that starts with `prefix`, and the revision of the listing.
+    pub fn list(&self, prefix: &[u8]) -> Result<Listing, EtcdError> {
+        let answer = self.call(
+            "/v3/kv/range",
+            &json!({
+                "key": BASE64.encode(prefix),
+                "range_end": BASE64.encode(prefix_end(prefix)),
+            }),
+        )?;
+        let kvs = match answer.get("kvs") {
+            None => Vec::new(),
+            Some(Value::Array(kvs)) => kvs.iter().map(key_value).collect::<Result<_, _>>()?,
+            Some(other) => return Err(EtcdError::Malformed(format!("kvs is {other}"))),
+        };
+        Ok(Listing {
+            revision: revision(&answer),
+            kvs,
+        })
+    }
+
+    /// Watches every key under `prefix` from `start_revision` on (0: from now). The watch
+    /// blocks in [`Watch::changes`]; drop it to stop. A start revision etcd has compacted away
+    /// is refused by the first [`Watch::changes`] with [`EtcdError::Compacted`]: list again.
+    pub fn watch(&self, prefix: &[u8], start_revision: i64) -> Result<Watch, EtcdError> {
+        let body = json!({ "create_request": {
+            "key": BASE64.encode(prefix),
+            "range_end": BASE64.encode(prefix_end(prefix)),
+            "start_revision": start_revision.to_string(),
+        } });
+        // No overall timeout: a watch lasts as long as the server runs.
+        let agent = self.agent(None);
+        let mut last = None;
+        for endpoint in &self.endpoints {
+            match agent.post(&format!("{endpoint}/v3/watch")).send_json(&body) {
+                Ok(response) if response.status().as_u16() == 200 => {
+                    let reader = BufReader::new(response.into_body().into_reader());
+                    let mut watch = Watch { reader };
+                    // The first message confirms the watch (or says why not).
+                    watch.batch()?;
+                    return Ok(watch);
+                }
+                Ok(response) => {
+                    last = Some(EtcdError::Status {
+                        endpoint: endpoint.clone(),
+                        status: response.status().as_u16(),
+                        body: String::new(),
+                    })
+                }
+                Err(e) => {
+                    last = Some(EtcdError::Unreachable {
+                        endpoint: endpoint.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+        Err(last.unwrap_or(EtcdError::Unreachable {
+            endpoint: "(none)".into(),
+            reason: "no endpoint given".into(),
+        }))
+    }
+}
+
+/// A running watch.
+pub struct Watch {
+    reader: BufReader<ureq::BodyReader<'static>>,
+}
+
+impl Watch {
+    /// One message of the stream: its events (none for a progress or created message).
+    fn batch(&mut self) -> Result<Vec<Event>, EtcdError> {
+        let mut line = Vec::new();
+        let read = (&mut self.reader)
+            .take(MAX_WATCH_LINE)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| EtcdError::Unreachable {
+                endpoint: "(watch)".into(),
+                reason: e.to_string(),
+            })?;
+        if read == 0 {
+            return Err(EtcdError::WatchCancelled("the stream ended".into()));
+        }
+        let message: Value = serde_json::from_slice(&line)
+            .map_err(|e| EtcdError::Malformed(format!("a watch message: {e}")))?;
+        if let Some(error) = message.get("error") {
+            return Err(EtcdError::WatchCancelled(error.to_string()));
+        }
+        let result = message.get("result").ok_or_else(|| {
+            EtcdError::Malformed(format!("a watch message without result: {message}"))
+        })?;
+        let compact = number(result, "compact_revision");
+        if compact > 0 {
+            return Err(EtcdError::Compacted {
+                compact_revision: compact,
+            });
+        }
+        if result.get("canceled").and_then(Value::as_bool) == Some(true) {
+            let reason = result
+                .get("cancel_reason")
+                .map_or_else(String::new, Value::to_string);
+            return Err(EtcdError::WatchCancelled(reason));
+        }
+        let Some(Value::Array(events)) = result.get("events") else {
+            return Ok(Vec::new());
+        };
+        events
+            .iter()
+            .map(|event| {
+                let kv = event
+                    .get("kv")
+                    .ok_or_else(|| EtcdError::Malformed(format!("an event without kv: {event}")))?;
+                // proto3 leaves the default (PUT) out.
+                Ok(match event.get("type").and_then(Value::as_str) {
+                    Some("DELETE") => Event::Delete {
+                        key: bytes(kv, "key")?,
+                        mod_revision: number(kv, "mod_revision"),
+                    },
+                    _ => Event::Put(key_value(kv)?),
+                })
+            })
+            .collect()
+    }
+
+    /// The next changes (blocks until there are some).
+    pub fn changes(&mut self) -> Result<Vec<Event>, EtcdError> {
+        loop {
+            let events = self.batch()?;
+            if !events.is_empty() {
+                return Ok(events);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_ends_where_its_keys_end() {
+        assert_eq!(prefix_end(b"pvrdma/"), b"pvrdma0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), b"\0");
+        assert_eq!(prefix_end(b""), b"\0");
+    }
+
+    #[test]
+    fn gateway_numbers_and_bytes_are_read_as_etcd_writes_them() {
+        let kv = json!({"key": BASE64.encode("k"), "value": BASE64.encode("v"),
+                        "mod_revision": "12", "lease": "7"});
+        assert_eq!(
+            key_value(&kv).unwrap(),
+            KeyValue {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                mod_revision: 12,
+                lease: 7
+            }
+        );
+        // proto3 leaves defaults out: no value is an empty one.
+        assert_eq!(
+            key_value(&json!({"key": BASE64.encode("k")}))
+                .unwrap()
+                .value,
+            b""
+        );
+        assert!(key_value(&json!({"key": "not base64!"})).is_err());
+    }
+}

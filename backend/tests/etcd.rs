@@ -1,0 +1,218 @@
+//! The cluster directory's etcd client against a real etcd (Debian's etcd-server, which
+//! scripts/test installs), started per test on loopback ports of its own. Ignored by a plain
+//! `cargo test`; scripts/test runs them with `--ignored`.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pvrdma_backend::directory::etcd::{Etcd, EtcdError, Event};
+
+/// One etcd process with a data folder of its own; killed and removed on drop.
+struct EtcdServer {
+    child: Child,
+    dir: PathBuf,
+    endpoint: String,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+impl EtcdServer {
+    fn start(tag: &str) -> EtcdServer {
+        let dir = std::env::temp_dir().join(format!("pvrdma-etcd-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("etcd's folder");
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(["--name", "lab", "--listen-client-urls", &endpoint])
+            .args(["--advertise-client-urls", &endpoint])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("lab={peer_url}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("etcd.log")).expect("etcd's log"))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start etcd ({e}): install Debian's etcd-server (scripts/test does)")
+            });
+        let server = EtcdServer {
+            child,
+            dir,
+            endpoint,
+        };
+        let client = server.client();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.list(b"probe/").is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not answer within 30 s: {}",
+                std::fs::read_to_string(server.dir.join("etcd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    fn client(&self) -> Etcd {
+        Etcd::new(std::slice::from_ref(&self.endpoint), Duration::from_secs(5))
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+#[ignore = "starts etcd; run by scripts/test"]
+fn keys_are_put_listed_by_prefix_and_deleted() {
+    let server = EtcdServer::start("kv");
+    let etcd = server.client();
+    let r1 = etcd.put(b"pvrdma/gid/a", b"server-1", 0).expect("put a");
+    let r2 = etcd.put(b"pvrdma/gid/b", b"server-2", 0).expect("put b");
+    etcd.put(b"pvrdma0", b"outside the prefix", 0)
+        .expect("put outside");
+    assert!(r2 > r1, "revisions grow: {r1} then {r2}");
+    let listing = etcd.list(b"pvrdma/").expect("list");
+    assert_eq!(
+        listing.revision,
+        r2 + 1,
+        "the listing's revision is the store's"
+    );
+    let keys: Vec<&[u8]> = listing.kvs.iter().map(|kv| kv.key.as_slice()).collect();
+    assert_eq!(keys, [&b"pvrdma/gid/a"[..], b"pvrdma/gid/b"]);
+    assert_eq!(listing.kvs[1].value, b"server-2");
+    assert!(etcd.delete(b"pvrdma/gid/a").expect("delete"));
+    assert!(!etcd.delete(b"pvrdma/gid/a").expect("delete again"));
+    assert_eq!(etcd.list(b"pvrdma/").expect("list").kvs.len(), 1);
+}
+
+#[test]
+#[ignore = "starts etcd; run by scripts/test"]
+fn a_key_is_created_once_and_the_second_claimant_learns_the_owner() {
+    let server = EtcdServer::start("claim");
+    let etcd = server.client();
+    let gid = b"pvrdma/gid/fe80::1";
+    assert_eq!(
+        etcd.put_if_absent(gid, b"server-1", 0).expect("claim"),
+        (true, None)
+    );
+    assert_eq!(
+        etcd.put_if_absent(gid, b"server-2", 0)
+            .expect("claim again"),
+        (false, Some(b"server-1".to_vec()))
+    );
+    assert_eq!(etcd.list(gid).expect("list").kvs[0].value, b"server-1");
+}
+
+#[test]
+#[ignore = "starts etcd; run by scripts/test"]
+fn keys_under_a_lease_live_while_it_is_kept_alive_and_vanish_after() {
+    let server = EtcdServer::start("lease");
+    let etcd = server.client();
+    let kept = etcd.grant(2).expect("grant");
+    let dropped = etcd.grant(2).expect("grant");
+    etcd.put(b"pvrdma/server/kept", b"1", kept).expect("put");
+    etcd.put(b"pvrdma/server/dropped", b"1", dropped)
+        .expect("put");
+    assert_eq!(
+        etcd.list(b"pvrdma/server/").expect("list").kvs[0].lease,
+        dropped
+    );
+    // Renew one lease for 5 s; the other expires within its 2 s TTL (etcd checks
+    // expiry every 500 ms).
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        assert!(etcd.keep_alive(kept).expect("keep alive") > 0);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let keys: Vec<Vec<u8>> = etcd
+        .list(b"pvrdma/server/")
+        .expect("list")
+        .kvs
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+    assert_eq!(keys, [b"pvrdma/server/kept".to_vec()]);
+    assert!(matches!(
+        etcd.keep_alive(dropped),
+        Err(EtcdError::LeaseGone(_))
+    ));
+    // Revoking deletes at once.
+    etcd.revoke(kept).expect("revoke");
+    assert!(etcd.list(b"pvrdma/server/").expect("list").kvs.is_empty());
+}
+
+#[test]
+#[ignore = "starts etcd; run by scripts/test"]
+fn a_watch_from_a_listing_sees_every_later_change_and_a_compacted_start_is_named() {
+    let server = EtcdServer::start("watch");
+    let etcd = server.client();
+    etcd.put(b"pvrdma/gid/a", b"1", 0).expect("put");
+    let listing = etcd.list(b"pvrdma/").expect("list");
+    let mut watch = etcd.watch(b"pvrdma/", listing.revision + 1).expect("watch");
+    let writer = {
+        let etcd = etcd.clone();
+        std::thread::spawn(move || {
+            etcd.put(b"pvrdma/gid/b", b"2", 0).expect("put b");
+            etcd.put(b"elsewhere", b"x", 0).expect("put elsewhere");
+            etcd.delete(b"pvrdma/gid/a").expect("delete a");
+        })
+    };
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        seen.extend(watch.changes().expect("events"));
+    }
+    writer.join().expect("writer");
+    assert!(matches!(&seen[0], Event::Put(kv) if kv.key == b"pvrdma/gid/b" && kv.value == b"2"));
+    assert!(matches!(&seen[1], Event::Delete { key, .. } if key == b"pvrdma/gid/a"));
+    assert_eq!(seen.len(), 2, "nothing outside the prefix: {seen:?}");
+
+    // After a compaction, a watch from before it is refused with the revision etcd keeps.
+    let now = etcd.put(b"pvrdma/gid/c", b"3", 0).expect("put c");
+    let compacted = ureq::post(&format!("{}/v3/kv/compaction", server.endpoint))
+        .send_json(serde_json::json!({ "revision": now.to_string(), "physical": true }))
+        .expect("compaction");
+    assert_eq!(compacted.status().as_u16(), 200);
+    // (etcd confirms the watch first, then cancels it: the refusal is the next message.)
+    let refused = etcd
+        .watch(b"pvrdma/", 2)
+        .and_then(|mut watch| watch.changes());
+    match refused {
+        Err(EtcdError::Compacted { compact_revision }) => assert_eq!(compact_revision, now),
+        Err(other) => panic!("a compacted start: {other}"),
+        Ok(events) => panic!("a watch from a compacted revision gave {events:?}"),
+    }
+}
+
+#[test]
+#[ignore = "starts etcd; run by scripts/test"]
+fn a_dead_endpoint_is_named_and_the_next_one_is_tried() {
+    let server = EtcdServer::start("endpoints");
+    let dead = format!("127.0.0.1:{}", free_port());
+    let alone = Etcd::new(std::slice::from_ref(&dead), Duration::from_secs(2));
+    match alone.list(b"x/") {
+        Err(EtcdError::Unreachable { endpoint, .. }) => {
+            assert_eq!(endpoint, format!("http://{dead}"));
+        }
+        other => panic!("a dead endpoint: {other:?}"),
+    }
+    let both = Etcd::new(&[dead, server.endpoint.clone()], Duration::from_secs(2));
+    both.put(b"x/k", b"v", 0)
+        .expect("put through the live endpoint");
+    assert_eq!(both.list(b"x/").expect("list").kvs.len(), 1);
+}
