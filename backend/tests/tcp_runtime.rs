@@ -58,6 +58,7 @@ fn start(host: &Arc<FakeHost>, key: Option<&[u8]>, peers: Vec<SocketAddr>) -> Tr
         listen: Some("127.0.0.1:0".parse().unwrap()),
         peers,
         cluster_key: key.map(<[u8]>::to_vec),
+        ..Config::default()
     };
     Transport::start(config, host.clone()).expect("start the transport")
 }
@@ -216,6 +217,7 @@ fn two_servers_that_dial_each_other_settle_on_one_working_link() {
         listen: Some(listen),
         peers: vec![peer],
         cluster_key: Some(b"k".to_vec()),
+        ..Config::default()
     };
     let a = Transport::start(config(ports[0], ports[1]), host_a.clone()).unwrap();
     let b = Transport::start(config(ports[1], ports[0]), host_b.clone()).unwrap();

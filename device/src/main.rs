@@ -20,6 +20,8 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use log::{info, warn};
 use nix::sys::signal::{SigSet, Signal};
+use pvrdma_backend::directory::etcd::Etcd;
+use pvrdma_backend::directory::membership::EtcdMembership;
 use pvrdma_backend::tcp::runtime::{Config as TransportConfig, Pump, Transport};
 use thiserror::Error;
 use vfio_user_pvrdma::log_limit::RateLimited;
@@ -184,6 +186,26 @@ struct Cli {
     /// side's guests hold.
     #[arg(long = "peer", value_name = "ADDR:PORT")]
     peers: Vec<std::net::SocketAddr>,
+
+    /// Find the other servers in etcd instead of (or besides) a --peer list.
+    ///
+    /// etcd://HOST:PORT[,HOST:PORT...]: the server registers its --listen address under
+    /// --directory-prefix on a lease it keeps alive, and links to every other server
+    /// registered there; a server that stops or dies leaves the others' view when its
+    /// lease ends. Without etcd at start the server says so, serves its own guests and keeps
+    /// trying. Needs --listen with a specific address; under the sandbox the server dials
+    /// peers only on its own --listen port, so the servers of a cluster share one port.
+    #[arg(long, value_name = "etcd://HOST:PORT[,...]", requires = "listen", value_parser = parse_directory)]
+    directory: Option<EtcdEndpoints>,
+
+    /// The etcd key prefix of this cluster's directory.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "/vfio-user-pvrdma/",
+        requires = "directory"
+    )]
+    directory_prefix: String,
 
     /// A file with the secret the servers of a cluster share.
     ///
@@ -365,6 +387,11 @@ enum StartupError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "--directory registers the --listen address for peers to dial, and {0} names no \
+         host: give the address peers reach this server at"
+    )]
+    DirectoryAddress(std::net::SocketAddr),
     #[error("cannot start the TCP transport")]
     Transport(#[source] io::Error),
     #[error("{0}")]
@@ -463,7 +490,28 @@ fn enter_sandbox<T>(
             .cloned()
             .collect(),
         listen_port: cli.listen.map(|addr| addr.port()),
-        peer_ports: cli.peers.iter().map(|addr| addr.port()).collect(),
+        // With the etcd directory: its endpoints, and peers on this server's own port.
+        peer_ports: cli
+            .peers
+            .iter()
+            .map(|addr| addr.port())
+            .chain(
+                cli.directory
+                    .iter()
+                    .flat_map(|d| &d.0)
+                    .filter_map(|endpoint| {
+                        endpoint
+                            .rsplit_once(':')
+                            .and_then(|(_, port)| port.parse().ok())
+                    }),
+            )
+            .chain(
+                cli.directory
+                    .as_ref()
+                    .and(cli.listen)
+                    .map(|addr| addr.port()),
+            )
+            .collect(),
         rdma: cli.rdma_device != vfio_user_pvrdma::runtime::rdma::Choice::Off,
     };
     let landlock = sandbox::enter_files(&needs)?;
@@ -492,14 +540,15 @@ fn start_transport(
     cli: &Cli,
     cluster_key: Option<Vec<u8>>,
     fabric: &Fabric,
-) -> Result<(Option<Transport>, Option<Pump>), StartupError> {
-    if cli.listen.is_none() && cli.peers.is_empty() {
-        return Ok((None, None));
+) -> Result<TransportParts, StartupError> {
+    if cli.listen.is_none() && cli.peers.is_empty() && cli.directory.is_none() {
+        return Ok((None, None, None));
     }
     let config = TransportConfig {
         listen: cli.listen,
         peers: cli.peers.clone(),
         cluster_key,
+        directory: None,
     };
     let host = Arc::new(FabricHost(fabric.clone()));
     let (transport, pump) = if cli.doorbells == Doorbells::ExitFree {
@@ -508,10 +557,37 @@ fn start_transport(
         Transport::start(config, host).map(|transport| (transport, None))
     }
     .map_err(StartupError::Transport)?;
+    let mut directory = None;
+    if let (Some(EtcdEndpoints(endpoints)), Some(listening)) =
+        (&cli.directory, transport.local_addr())
+    {
+        if listening.ip().is_unspecified() {
+            return Err(StartupError::DirectoryAddress(listening));
+        }
+        let etcd = Etcd::new(endpoints, Duration::from_secs(5));
+        info!(
+            "directory: etcd at {}, prefix {}",
+            endpoints.join(","),
+            cli.directory_prefix
+        );
+        let rdma = !fabric.rdma_gids().is_empty();
+        let membership = Arc::new(EtcdMembership::start(
+            etcd,
+            &cli.directory_prefix,
+            listening,
+            rdma,
+        ));
+        transport.set_directory(membership.clone());
+        directory = Some(membership);
+    }
     fabric.set_remote(Box::new(transport.network()));
     fabric.set_peer_view(transport.peer_view());
-    Ok((Some(transport), pump))
+    Ok((Some(transport), pump, directory))
 }
+
+/// What [`start_transport`] started: the transport, the pump that serves its links when the
+/// poller does, and the etcd directory membership.
+type TransportParts = (Option<Transport>, Option<Pump>, Option<Arc<EtcdMembership>>);
 
 /// The manual page, from the same definitions as `--help`, with the sections a manual
 /// has beyond them.
@@ -642,6 +718,37 @@ fn parse_group(text: &str) -> Result<u32, String> {
         Ok(None) => Err(format!("there is no group {text:?}")),
         Err(e) => Err(format!("cannot look up the group {text:?}: {e}")),
     }
+}
+
+/// The etcd endpoints of --directory.
+#[derive(Debug, Clone)]
+struct EtcdEndpoints(Vec<String>);
+
+/// --directory: `etcd://HOST:PORT[,HOST:PORT...]`, the endpoints.
+fn parse_directory(text: &str) -> Result<EtcdEndpoints, String> {
+    let Some(list) = text.strip_prefix("etcd://") else {
+        return Err(format!(
+            "{text:?}: the directory is etcd://HOST:PORT[,HOST:PORT...]"
+        ));
+    };
+    let endpoints: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_string)
+        .collect();
+    if endpoints.is_empty() {
+        return Err(format!("{text:?} names no etcd endpoint"));
+    }
+    for endpoint in &endpoints {
+        let port = endpoint
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok());
+        if port.is_none() {
+            return Err(format!("etcd endpoint {endpoint:?} is not HOST:PORT"));
+        }
+    }
+    Ok(EtcdEndpoints(endpoints))
 }
 
 /// A QP number in decimal, or in hex after `0x`.
@@ -785,7 +892,7 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
         devices.serve(path, server, guid)?;
     }
     // Kept alive until the signal: dropping it stops the transport's thread.
-    let (_transport, links) = start_transport(cli, cluster_key, &fabric)?;
+    let (_transport, links, directory) = start_transport(cli, cluster_key, &fabric)?;
     fabric.set_profiling(cli.profile == Switch::On);
     fabric.set_profile_sampling(cli.profile_every);
     info!(
@@ -870,7 +977,12 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
         info!("doorbells are exit-free: polling the UAR pages");
     }
 
-    signals.wait().map_err(StartupError::SignalWait)
+    let signal = signals.wait().map_err(StartupError::SignalWait)?;
+    if let Some(directory) = directory {
+        // Leave the directory at once, instead of when the lease runs out.
+        directory.leave();
+    }
+    Ok(signal)
 }
 
 /// The `stats` and `profile` subcommands: one request to a running server's control

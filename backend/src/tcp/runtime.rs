@@ -46,6 +46,8 @@ pub trait Host: Send + Sync + 'static {
 pub struct Config {
     pub listen: Option<SocketAddr>,
     pub peers: Vec<SocketAddr>,
+    /// More peers, found at run time (the etcd directory): dialed as the `peers` are.
+    pub directory: Option<Arc<dyn crate::directory::PeerSource>>,
     /// The shared secret every server of the cluster holds. Without one, only peers on
     /// loopback are accepted.
     pub cluster_key: Option<Vec<u8>>,
@@ -74,6 +76,8 @@ struct Shared {
     /// straight to the link (one wake-up less per request than handing it to the thread).
     /// Locked after the node, never before.
     streams: Mutex<HashMap<PeerId, TcpStream>>,
+    /// Peers found at run time ([`Transport::set_directory`]), besides the configured ones.
+    directory: Mutex<Option<Arc<dyn crate::directory::PeerSource>>>,
 }
 
 impl Shared {
@@ -129,6 +133,7 @@ impl Transport {
             wake: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
                 .map_err(io::Error::from)?,
             streams: Mutex::new(HashMap::new()),
+            directory: Mutex::new(None),
         });
         let staging = Staging::new()?;
         let now = Instant::now();
@@ -142,6 +147,8 @@ impl Transport {
             conns: Vec::new(),
             next_dial: HashMap::new(),
             known: HashMap::new(),
+            targets: Vec::new(),
+            targets_read: now,
             last_gids: now - GID_REFRESH,
             last_tick: now,
             fds: Vec::new(),
@@ -159,6 +166,16 @@ impl Transport {
             },
             Pump { runtime },
         ))
+    }
+
+    /// Dials the peers `directory` lists as well (the etcd directory, which needs the
+    /// address the transport listens on before it can register it).
+    pub fn set_directory(&self, directory: Arc<dyn crate::directory::PeerSource>) {
+        *self
+            .shared
+            .directory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(directory);
     }
 
     /// Where the transport listens (useful with port 0).
@@ -344,6 +361,9 @@ struct Runtime {
     /// The peer each configured address turned out to be, so a peer already linked (by
     /// its own dialing) is not dialed again.
     known: HashMap<SocketAddr, PeerId>,
+    /// The addresses to dial: the configured peers and the directory's.
+    targets: Vec<SocketAddr>,
+    targets_read: Instant,
     last_gids: Instant,
     last_tick: Instant,
     /// The poll set of the last wait, reused.
@@ -483,8 +503,28 @@ impl Runtime {
 
     fn dial(&mut self) {
         let now = Instant::now();
-        for index in 0..self.config.peers.len() {
-            let target = self.config.peers[index];
+        // The directory's view changes rarely: read it once per redial period, not per turn.
+        if now.duration_since(self.targets_read) >= REDIAL || self.targets.is_empty() {
+            self.targets_read = now;
+            let mut targets = self.config.peers.clone();
+            let late = self
+                .shared
+                .directory
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            for directory in self.config.directory.iter().chain(late.as_ref()) {
+                let local = self.listener.as_ref().and_then(|l| l.local_addr().ok());
+                for addr in directory.peers() {
+                    if Some(addr) != local && !targets.contains(&addr) {
+                        targets.push(addr);
+                    }
+                }
+            }
+            self.targets = targets;
+        }
+        for index in 0..self.targets.len() {
+            let target = self.targets[index];
             let connected = self
                 .conns
                 .iter()
