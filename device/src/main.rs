@@ -578,6 +578,10 @@ fn start_transport(
             rdma,
         ));
         transport.set_directory(membership.clone());
+        fabric.set_directory(
+            format!("etcd://{}{}", endpoints.join(","), cli.directory_prefix),
+            membership.clone(),
+        );
         directory = Some(membership);
     }
     fabric.set_remote(Box::new(transport.network()));

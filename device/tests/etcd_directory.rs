@@ -145,6 +145,20 @@ fn servers_found_in_etcd_link_carry_verbs_and_a_dead_one_leaves_when_its_lease_e
     connect(&mut a, b.qp.qpn, b.gid);
     connect(&mut b, a.qp.qpn, a.gid);
     rc_verbs_cross(&mut a, &mut b);
+    // `stats` shows the directory and the server it learned.
+    let stats = vfio_user_pvrdma::profiler::control::request(
+        server_a.control(),
+        "stats",
+        Duration::from_secs(10),
+    )
+    .expect("stats");
+    assert!(
+        stats.contains(&format!(
+            "directory etcd://{}/lab/ at revision",
+            etcd.endpoint
+        )) && stats.contains(&format!("1 other servers: {addr_b}")),
+        "{stats}"
+    );
 
     // B dies without a word: its registration goes when its lease ends (10 s), and A's
     // view follows.

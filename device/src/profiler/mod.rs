@@ -21,6 +21,19 @@ pub struct Snapshot {
     pub devices: Vec<DeviceSnapshot>,
     /// The peer servers of the TCP transport (none without one).
     pub peers: Vec<PeerSnapshot>,
+    /// The cluster directory, when the servers find each other in etcd.
+    pub directory: Option<DirectorySnapshot>,
+}
+
+/// What this server's view of the etcd directory is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectorySnapshot {
+    /// The etcd endpoints and key prefix.
+    pub source: String,
+    /// The store revision the view is at (0 before the first listing).
+    pub revision: i64,
+    /// The other servers registered there.
+    pub servers: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -147,6 +160,18 @@ impl Snapshot {
                 );
             }
         }
+        if let Some(d) = &self.directory {
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "directory {} at revision {}: {} other servers{}{}",
+                d.source,
+                d.revision,
+                d.servers.len(),
+                if d.servers.is_empty() { "" } else { ": " },
+                d.servers.join(", ")
+            );
+        }
         if !any {
             let _ = writeln!(out, "(no QPs)");
             return out;
@@ -232,6 +257,11 @@ impl Snapshot {
                     "rdma_gids": p.rdma_gids,
                 }))
                 .collect::<Vec<_>>(),
+            "directory": self.directory.as_ref().map(|d| json!({
+                "source": d.source,
+                "revision": d.revision,
+                "servers": d.servers,
+            })),
         });
         serde_json::to_string_pretty(&value).expect("JSON of plain numbers")
     }
@@ -309,6 +339,11 @@ mod tests {
                 gids: 2,
                 rdma_gids: 1,
             }],
+            directory: Some(DirectorySnapshot {
+                source: "etcd://10.0.0.9:2379/lab/".into(),
+                revision: 42,
+                servers: vec!["10.0.0.2:4791".into()],
+            }),
         }
     }
 
@@ -336,6 +371,22 @@ mod tests {
         assert_eq!(v["peers"][0]["link_up"], true);
         assert_eq!(v["peers"][0]["gids"], 2);
         assert_eq!(v["peers"][0]["rdma_gids"], 1);
+    }
+
+    #[test]
+    fn the_directory_is_shown() {
+        let table = sample().table();
+        assert!(
+            table.contains(
+                "directory etcd://10.0.0.9:2379/lab/ at revision 42: 1 other servers: 10.0.0.2:4791"
+            ),
+            "{table}"
+        );
+        let v: Value = serde_json::from_str(&sample().json()).expect("valid JSON");
+        assert_eq!(v["directory"]["revision"], 42);
+        assert_eq!(v["directory"]["servers"][0], "10.0.0.2:4791");
+        let none: Value = serde_json::from_str(&Snapshot::default().json()).expect("JSON");
+        assert!(none["directory"].is_null());
     }
 
     #[test]

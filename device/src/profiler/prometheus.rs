@@ -290,6 +290,7 @@ mod tests {
                 gids: 2,
                 rdma_gids: 0,
             }],
+            directory: None,
         }
     }
 

@@ -14,10 +14,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use log::{debug, error, warn};
+use pvrdma_backend::directory::membership::EtcdMembership;
 use pvrdma_backend::memcpy::{Endpoint, MemcpyFabric};
 use pvrdma_backend::{Completion, Gid, Network, Outcome, RemoteError, Request, Responder};
 
-use crate::profiler::{DeviceSnapshot, PeerSnapshot, QpPath, Snapshot};
+use crate::profiler::{DeviceSnapshot, DirectorySnapshot, PeerSnapshot, QpPath, Snapshot};
 use crate::pvrdma::{Clock, DeviceConfig, GuestRam, Interrupts, PvrdmaDevice};
 use crate::vfio::irqs::MsixEventfds;
 use crate::vfio::memory_fault::{self, GuardedRam};
@@ -166,6 +167,9 @@ pub struct Fabric {
     failures: Arc<AtomicUsize>,
     /// The TCP transport's peers, for the profiler (set when a transport runs).
     peers: Arc<std::sync::OnceLock<pvrdma_backend::tcp::runtime::PeerView>>,
+    /// The etcd directory this server found its peers in, and where it is (for the
+    /// profiler).
+    directory: Arc<std::sync::OnceLock<(String, Arc<EtcdMembership>)>>,
     /// The guests' GIDs the host RDMA device holds (`runtime::rdma` watches them); the TCP
     /// transport tells peers.
     rdma_gids: Arc<std::sync::Mutex<Vec<[u8; 16]>>>,
@@ -398,11 +402,25 @@ impl Fabric {
                     .collect()
             })
             .unwrap_or_default();
+        let directory = self.directory.get().map(|(source, membership)| {
+            use pvrdma_backend::directory::PeerSource as _;
+            DirectorySnapshot {
+                source: source.clone(),
+                revision: membership.revision(),
+                servers: membership.peers().iter().map(|a| a.to_string()).collect(),
+            }
+        });
         Snapshot {
             profiling,
             devices,
             peers,
+            directory,
         }
+    }
+
+    /// Shows the etcd directory (`source`: its endpoints and prefix) in [`Fabric::profile`].
+    pub fn set_directory(&self, source: String, membership: Arc<EtcdMembership>) {
+        let _ = self.directory.set((source, membership));
     }
 
     /// Shows the TCP transport's peers in [`Fabric::profile`].
