@@ -176,7 +176,11 @@ impl Container {
 /// A fresh copy of the service root in `work` with this build's package installed and its
 /// socket unit enabled; returns the root.
 pub fn root_with_package(work: &Path) -> PathBuf {
-    let deb = script("scripts/package");
+    // scripts/test builds the package once and names it; by hand, the test builds it.
+    let deb = std::env::var_os("PVRDMA_DEB")
+        .map(PathBuf::from)
+        .filter(|deb| deb.is_file())
+        .unwrap_or_else(|| script("scripts/package"));
     let cached_root = script("guest-tests/image/service-root");
     let _ = std::fs::remove_dir_all(work);
     std::fs::create_dir_all(work.join("run")).expect("the run folder");
