@@ -30,9 +30,10 @@ use super::protocol::{self, Errno};
 /// How often the doorman, waiting for a connection, checks whether to stop.
 pub const STOP_POLL: Duration = Duration::from_millis(100);
 
-/// How long a new connection waits for the worker to finish with the previous client
-/// (which has just closed, say) before it is turned away as busy.
-const HANDOVER: Duration = Duration::from_millis(300);
+/// How long a new connection waits for the worker to finish cleaning up after the previous
+/// client (which has just closed, say) before it is turned away as busy. Generous: turning
+/// away a QEMU that connects right after the last one left would fail a VM's start.
+const HANDOVER: Duration = Duration::from_secs(2);
 
 /// Pause after a failed `accept()` (e.g. out of file descriptors) so a persistent failure
 /// does not spin a core.
@@ -42,6 +43,9 @@ const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(500);
 #[derive(Default)]
 struct Shared {
     stopping: AtomicBool,
+    /// A client is being served now (cleared as soon as its session ends, before the
+    /// cleanup): a knock meanwhile is turned away at once; between clients it waits.
+    serving: AtomicBool,
     /// The attached client's connection (a clone), so that `stop` can shut it down.
     client: Mutex<Option<UnixStream>>,
 }
@@ -151,7 +155,7 @@ fn admit(shared: &Shared, listener: &Listener, handover: &Sender<UnixStream>) {
         };
         // While a client is attached a knock is answered at once; between clients the
         // worker may still be cleaning up after the last one.
-        let wait = if shared.client().is_some() {
+        let wait = if shared.serving.load(Ordering::Acquire) {
             Duration::ZERO
         } else {
             HANDOVER
@@ -182,11 +186,13 @@ fn work(
 ) -> PciFunction {
     while let Ok(stream) = clients.recv() {
         *shared.client() = stream.try_clone().ok();
+        shared.serving.store(true, Ordering::Release);
         // Checked after the client is published: either `stop` sees it, or this sees
         // `stopping`.
         if !shared.stopping.load(Ordering::Acquire) {
             info!("client connected");
             let served = protocol::serve_client_spinning(&stream, &mut backend, spin);
+            shared.serving.store(false, Ordering::Release);
             // A connection `stop` shut down is no failure of the client's.
             if let Err(e) = served
                 && !shared.stopping.load(Ordering::Acquire)
@@ -195,6 +201,7 @@ fn work(
             }
             info!("client disconnected");
         }
+        shared.serving.store(false, Ordering::Release);
         *shared.client() = None;
         drop(stream);
         backend.client_gone();
