@@ -116,6 +116,14 @@ fn key_value(kv: &Value) -> Result<KeyValue, EtcdError> {
     })
 }
 
+/// The endpoint did not answer (or there was none to ask).
+fn unreachable(endpoint: &str, reason: impl ToString) -> EtcdError {
+    EtcdError::Unreachable {
+        endpoint: endpoint.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
 fn revision(answer: &Value) -> i64 {
     answer.get("header").map_or(0, |h| number(h, "revision"))
 }
@@ -174,18 +182,10 @@ impl Etcd {
                     return serde_json::from_str(&text)
                         .map_err(|e| EtcdError::Malformed(format!("{path}: {e}")));
                 }
-                Err(e) => {
-                    last = Some(EtcdError::Unreachable {
-                        endpoint: endpoint.clone(),
-                        reason: e.to_string(),
-                    })
-                }
+                Err(e) => last = Some(unreachable(endpoint, e)),
             }
         }
-        Err(last.unwrap_or(EtcdError::Unreachable {
-            endpoint: "(none)".into(),
-            reason: "no endpoint given".into(),
-        }))
+        Err(last.unwrap_or_else(|| unreachable("(none)", "no endpoint given")))
     }
 
     /// A lease of `ttl` seconds; returns its id.
@@ -313,18 +313,10 @@ impl Etcd {
                         body: String::new(),
                     })
                 }
-                Err(e) => {
-                    last = Some(EtcdError::Unreachable {
-                        endpoint: endpoint.clone(),
-                        reason: e.to_string(),
-                    })
-                }
+                Err(e) => last = Some(unreachable(endpoint, e)),
             }
         }
-        Err(last.unwrap_or(EtcdError::Unreachable {
-            endpoint: "(none)".into(),
-            reason: "no endpoint given".into(),
-        }))
+        Err(last.unwrap_or_else(|| unreachable("(none)", "no endpoint given")))
     }
 }
 
