@@ -259,6 +259,31 @@ impl Etcd {
         Ok((false, owner))
     }
 
+    /// Sets `key` to `value` under `lease` only if it still holds `expected`; whether it
+    /// did (so a record is taken over from its earlier writer, and from nobody else).
+    pub fn put_if_value(
+        &self,
+        key: &[u8],
+        expected: &[u8],
+        value: &[u8],
+        lease: i64,
+    ) -> Result<bool, EtcdError> {
+        let key = BASE64.encode(key);
+        let answer = self.call(
+            "/v3/kv/txn",
+            &json!({
+                "compare": [{
+                    "key": key, "target": "VALUE", "result": "EQUAL",
+                    "value": BASE64.encode(expected),
+                }],
+                "success": [{ "request_put": {
+                    "key": key, "value": BASE64.encode(value), "lease": lease.to_string(),
+                } }],
+            }),
+        )?;
+        Ok(answer.get("succeeded").and_then(Value::as_bool) == Some(true))
+    }
+
     /// Deletes `key`; whether it existed.
     pub fn delete(&self, key: &[u8]) -> Result<bool, EtcdError> {
         let answer = self.call("/v3/kv/deleterange", &json!({ "key": BASE64.encode(key) }))?;

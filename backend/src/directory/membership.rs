@@ -1,41 +1,68 @@
-//! Servers finding each other in etcd instead of a static `--peer` list. Each server
-//! registers its TCP address under `PREFIX/servers/ADDR`, on a lease it keeps alive while it
-//! runs, and watches `PREFIX/servers/`: every address registered there but its own is a peer
-//! for the TCP transport to dial. A server that dies stops renewing its lease and disappears
-//! from every other server's view when the lease expires (a server that stops cleanly
-//! revokes it at once).
+//! Servers finding each other, and each other's GIDs, in etcd instead of a static `--peer`
+//! list. Each server registers its TCP address and transport id under
+//! `PREFIX/servers/ADDR`, and every GID its guests add under `PREFIX/gids/GID`, all on one
+//! lease it keeps alive while it runs; it watches the whole prefix. A GID key is created
+//! only if absent (a transaction on the key), so a GID belongs to the server that
+//! registered it first and a second server's claim is refused: the cross-host form of GID
+//! interception is closed by etcd, not by whoever announces first. A server that dies stops
+//! renewing its lease, and its address and GIDs disappear from every view when the lease
+//! expires (a server that stops cleanly revokes it at once).
 //!
 //! etcd being away never stops a server: at start it says so and retries, serving its local
-//! guests meanwhile; a lost lease is granted again and the address registered again; a watch
+//! guests meanwhile; a lost lease is granted again and everything registered again; a watch
 //! that fails (etcd restarted, or compacted the revision it watched from) lists again.
 
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use serde_json::{Value, json};
 
-use super::PeerSource;
-use super::etcd::{Etcd, EtcdError, Event, KeyValue};
+use super::etcd::{Etcd, EtcdError, Event};
+use super::view::{self, Change, Keys, View};
+use super::{Directory, GidHolders, Holder};
+use crate::Gid;
 
 /// The lease's time to live; renewed every third of it.
 pub const LEASE_TTL: i64 = 10;
 
-/// Pause before trying etcd again after a failure.
+/// Pause before trying etcd again after a failure; also how long a GID another server
+/// holds waits before it is claimed again (it is free once that server's lease ends).
 const RETRY: Duration = Duration::from_secs(1);
 
-/// What the membership threads share.
+/// GID claims made in one go before the lease's renewal is looked at again: a server
+/// registering thousands of GIDs must not let its lease lapse meanwhile.
+const CLAIMS_PER_PASS: usize = 256;
+
+/// This server's GIDs as etcd has them.
 #[derive(Debug, Default)]
+struct Claims {
+    /// The GIDs the guests hold now (the transport's last word).
+    wanted: HashSet<Gid>,
+    /// Those registered under this server's lease.
+    claimed: HashSet<Gid>,
+    /// Those another server holds, and when the claim was last tried.
+    refused: HashMap<Gid, Instant>,
+}
+
+/// What the membership threads share.
+#[derive(Debug)]
 struct Shared {
-    /// Other servers' addresses, as the last listing and the watch since say.
-    peers: Mutex<Vec<SocketAddr>>,
+    me: Holder,
+    keys: Keys,
+    view: Mutex<View>,
+    claims: Mutex<Claims>,
     stop: AtomicBool,
     lease: AtomicI64,
     /// The store revision the view was last brought up to (for `stats`).
     revision: AtomicI64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// This server's registration in etcd and its view of the others.
@@ -45,49 +72,58 @@ pub struct EtcdMembership {
     etcd: Etcd,
 }
 
-impl PeerSource for EtcdMembership {
-    fn peers(&self) -> Vec<SocketAddr> {
-        self.shared
-            .peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+impl Directory for EtcdMembership {
+    // No `peers`: servers are dialed when a QP sends to one of their GIDs.
+
+    fn publish_gids(&self, gids: &[Gid]) {
+        let mut claims = lock(&self.shared.claims);
+        if gids.len() != claims.wanted.len() || gids.iter().any(|g| !claims.wanted.contains(g)) {
+            claims.wanted = gids.iter().copied().collect();
+        }
+    }
+
+    fn gid_holders(&self) -> Option<GidHolders> {
+        let (version, holders) = lock(&self.shared.view).holders();
+        Some(GidHolders { version, holders })
+    }
+
+    fn address_of(&self, server: u64) -> Option<SocketAddr> {
+        lock(&self.shared.view).address_of(server)
     }
 }
 
-/// The key of the server listening on `addr`.
-fn server_key(prefix: &str, addr: SocketAddr) -> Vec<u8> {
-    format!("{prefix}servers/{addr}").into_bytes()
-}
-
-/// The address a registration names, if it is one.
-fn registered_addr(kv: &KeyValue) -> Option<SocketAddr> {
-    let record: Value = serde_json::from_slice(&kv.value).ok()?;
-    record.get("addr")?.as_str()?.parse().ok()
-}
-
 impl EtcdMembership {
-    /// Registers `me` (this server's TCP address, as peers dial it) under `prefix` and
-    /// starts watching the other servers; `rdma` tells them whether this host has an RDMA
-    /// device.
-    pub fn start(etcd: Etcd, prefix: &str, me: SocketAddr, rdma: bool) -> EtcdMembership {
-        let shared = Arc::new(Shared::default());
-        let record = json!({ "addr": me.to_string(), "tcp": true, "rdma": rdma }).to_string();
+    /// Registers this server (`me`: its transport's id and the address peers dial) under
+    /// `prefix` and starts watching the directory; `rdma` tells the others whether this
+    /// host has an RDMA device. GIDs are registered as [`Directory::publish_gids`] names
+    /// them.
+    pub fn start(etcd: Etcd, prefix: &str, me: Holder, rdma: bool) -> EtcdMembership {
+        let keys = Keys::new(prefix);
+        let shared = Arc::new(Shared {
+            me,
+            view: Mutex::new(View::new(keys.clone(), me)),
+            keys,
+            claims: Mutex::default(),
+            stop: AtomicBool::new(false),
+            lease: AtomicI64::new(0),
+            revision: AtomicI64::new(0),
+        });
+        let record = view::server_record(me, rdma);
         {
-            let (etcd, shared, key) = (etcd.clone(), Arc::clone(&shared), server_key(prefix, me));
+            let (etcd, shared) = (etcd.clone(), Arc::clone(&shared));
             let spawned = thread::Builder::new()
                 .name("etcd lease".into())
-                .spawn(move || register(&etcd, &shared, &key, record.as_bytes()));
+                .spawn(move || register(&etcd, &shared, &record));
             if let Err(e) = spawned {
                 warn!("directory: cannot start the etcd registration thread: {e}");
             }
         }
         {
             let (etcd, shared) = (etcd.clone(), Arc::clone(&shared));
-            let servers = format!("{prefix}servers/").into_bytes();
+            let prefix = prefix.as_bytes().to_vec();
             let spawned = thread::Builder::new()
                 .name("etcd watch".into())
-                .spawn(move || watch(&etcd, &shared, &servers, me));
+                .spawn(move || watch(&etcd, &shared, &prefix));
             if let Err(e) = spawned {
                 warn!("directory: cannot start the etcd watch thread: {e}");
             }
@@ -100,11 +136,36 @@ impl EtcdMembership {
     pub fn revision(&self) -> i64 {
         self.shared.revision.load(Ordering::Relaxed)
     }
-}
 
-impl EtcdMembership {
-    /// Leaves the directory now (the lease is revoked, so the others see this server go at
-    /// once rather than when the lease runs out), and stops renewing.
+    /// The addresses of the other servers registered.
+    pub fn servers(&self) -> Vec<SocketAddr> {
+        let view = lock(&self.shared.view);
+        view.servers(self.shared.me.server)
+            .iter()
+            .map(|h| h.addr)
+            .collect()
+    }
+
+    /// How many GIDs the directory holds, this server's included.
+    pub fn gid_count(&self) -> usize {
+        lock(&self.shared.view).gid_count()
+    }
+
+    /// How many of this server's GIDs are registered under its lease.
+    pub fn registered_gids(&self) -> usize {
+        lock(&self.shared.claims).claimed.len()
+    }
+
+    /// This server's GIDs that another server holds in etcd: peers reach that server for
+    /// them, not this one.
+    pub fn refused_gids(&self) -> Vec<Gid> {
+        let mut refused: Vec<Gid> = lock(&self.shared.claims).refused.keys().copied().collect();
+        refused.sort_unstable();
+        refused
+    }
+
+    /// Leaves the directory now (the lease is revoked, so the others see this server and
+    /// its GIDs go at once rather than when the lease runs out), and stops renewing.
     pub fn leave(&self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         let lease = self.shared.lease.swap(0, Ordering::Relaxed);
@@ -124,13 +185,15 @@ impl Drop for EtcdMembership {
 }
 
 /// The registration thread: grants a lease, puts this server's record under it, renews it
-/// every third of its TTL; starts over when the lease is lost.
-fn register(etcd: &Etcd, shared: &Shared, key: &[u8], record: &[u8]) {
+/// every third of its TTL and registers the GIDs the guests add (and deletes those they
+/// remove) between renewals; starts over when the lease is lost.
+fn register(etcd: &Etcd, shared: &Shared, record: &[u8]) {
+    let key = shared.keys.server(shared.me.addr);
     let mut complained = false;
     while !shared.stop.load(Ordering::Relaxed) {
         let registered = etcd
             .grant(LEASE_TTL)
-            .and_then(|lease| etcd.put(key, record, lease).map(|_| lease));
+            .and_then(|lease| etcd.put(&key, record, lease).map(|_| lease));
         let lease = match registered {
             Ok(lease) => lease,
             Err(e) => {
@@ -147,14 +210,30 @@ fn register(etcd: &Etcd, shared: &Shared, key: &[u8], record: &[u8]) {
         };
         complained = false;
         shared.lease.store(lease, Ordering::Relaxed);
+        {
+            // A new lease holds nothing yet: every GID is claimed again.
+            let mut claims = lock(&shared.claims);
+            claims.claimed.clear();
+            claims.refused.clear();
+        }
         info!(
             "directory: registered {} in etcd (lease {lease:#x}, {LEASE_TTL} s)",
-            String::from_utf8_lossy(key)
+            String::from_utf8_lossy(&key)
         );
         let period = Duration::from_secs((LEASE_TTL / 3).max(1) as u64);
         let mut renewed = Instant::now();
         while !shared.stop.load(Ordering::Relaxed) {
-            thread::sleep(Duration::from_millis(100));
+            let busy = match sync_gids(etcd, shared, lease) {
+                Ok(busy) => busy,
+                Err(e) => {
+                    // A lost lease shows at the next renewal; anything else is retried.
+                    debug!("directory: registering GIDs: {e}");
+                    false
+                }
+            };
+            if !busy {
+                thread::sleep(Duration::from_millis(100));
+            }
             if renewed.elapsed() < period {
                 continue;
             }
@@ -174,38 +253,102 @@ fn register(etcd: &Etcd, shared: &Shared, key: &[u8], record: &[u8]) {
     }
 }
 
-/// The watch thread: lists the servers, then follows changes from the listing's revision;
-/// lists again whenever the watch ends.
-fn watch(etcd: &Etcd, shared: &Shared, servers: &[u8], me: SocketAddr) {
-    let publish = |view: &std::collections::BTreeMap<Vec<u8>, SocketAddr>| {
-        let peers: Vec<SocketAddr> = view.values().copied().filter(|a| *a != me).collect();
-        *shared.peers.lock().unwrap_or_else(|p| p.into_inner()) = peers;
+/// Brings this server's GIDs in etcd in line with its guests': claims up to
+/// [`CLAIMS_PER_PASS`] new ones under `lease` and deletes those no guest holds any more.
+/// Returns whether claims are left for the next pass.
+fn sync_gids(etcd: &Etcd, shared: &Shared, lease: i64) -> Result<bool, EtcdError> {
+    let (to_claim, to_delete) = {
+        let mut claims = lock(&shared.claims);
+        let claims = &mut *claims;
+        claims.refused.retain(|gid, _| claims.wanted.contains(gid));
+        let now = Instant::now();
+        let to_claim: Vec<Gid> = claims
+            .wanted
+            .iter()
+            .filter(|gid| !claims.claimed.contains(*gid))
+            .filter(|gid| {
+                claims
+                    .refused
+                    .get(*gid)
+                    .is_none_or(|tried| now.duration_since(*tried) >= RETRY)
+            })
+            .copied()
+            .collect();
+        let to_delete: Vec<Gid> = claims
+            .claimed
+            .iter()
+            .filter(|gid| !claims.wanted.contains(*gid))
+            .copied()
+            .collect();
+        (to_claim, to_delete)
     };
+    for gid in &to_delete {
+        etcd.delete(&shared.keys.gid(gid))?;
+        lock(&shared.claims).claimed.remove(gid);
+        debug!("directory: GID {} released", Ipv6Addr::from(*gid));
+    }
+    let record = view::gid_record(shared.me);
+    let busy = to_claim.len() > CLAIMS_PER_PASS;
+    for gid in to_claim.into_iter().take(CLAIMS_PER_PASS) {
+        let key = shared.keys.gid(&gid);
+        let (mut created, owner) = etcd.put_if_absent(&key, &record, lease)?;
+        let holder = owner.as_deref().and_then(view::holder_of);
+        if let (Some(owner), Some(holder)) = (&owner, holder)
+            && holder.addr == shared.me.addr
+            && holder.server != shared.me.server
+        {
+            // An earlier run of this server (killed, its lease not ended yet): the GID is
+            // this server's guests' again, moved to the new lease if still unchanged.
+            created = etcd.put_if_value(&key, owner, &record, lease)?;
+        }
+        let mut claims = lock(&shared.claims);
+        if created || holder.is_some_and(|h| h.server == shared.me.server) {
+            if claims.refused.remove(&gid).is_some() {
+                info!(
+                    "directory: GID {} is free again and registered here",
+                    Ipv6Addr::from(gid)
+                );
+            }
+            claims.claimed.insert(gid);
+        } else if claims.refused.insert(gid, Instant::now()).is_none() {
+            warn!(
+                "directory: GID {} is registered by {}; refused here (a GID names one port of \
+                 the cluster): other servers reach that one for it",
+                Ipv6Addr::from(gid),
+                holder.map_or_else(|| "another server".to_string(), |h| h.addr.to_string()),
+            );
+        }
+    }
+    Ok(busy)
+}
+
+/// The watch thread: lists the directory, then follows changes from the listing's
+/// revision; lists again whenever the watch ends.
+fn watch(etcd: &Etcd, shared: &Shared, prefix: &[u8]) {
     while !shared.stop.load(Ordering::Relaxed) {
-        let listing = match etcd.list(servers) {
+        let listing = match etcd.list(prefix) {
             Ok(listing) => listing,
             Err(e) => {
-                debug!("directory: listing the servers: {e}");
+                debug!("directory: listing: {e}");
                 thread::sleep(RETRY);
                 continue;
             }
         };
-        let mut view: std::collections::BTreeMap<Vec<u8>, SocketAddr> = listing
-            .kvs
-            .iter()
-            .filter_map(|kv| Some((kv.key.clone(), registered_addr(kv)?)))
-            .collect();
-        publish(&view);
+        {
+            let mut view = lock(&shared.view);
+            view.reset(&listing.kvs);
+            info!(
+                "directory: {} other servers and {} GIDs registered (etcd revision {})",
+                view.servers(shared.me.server).len(),
+                view.gid_count(),
+                listing.revision
+            );
+        }
         shared.revision.store(listing.revision, Ordering::Relaxed);
-        info!(
-            "directory: {} other servers registered (etcd revision {})",
-            view.keys().filter(|k| view[*k] != me).count(),
-            listing.revision
-        );
-        let mut stream = match etcd.watch(servers, listing.revision + 1) {
+        let mut stream = match etcd.watch(prefix, listing.revision + 1) {
             Ok(stream) => stream,
             Err(e) => {
-                debug!("directory: watching the servers: {e}");
+                debug!("directory: watching: {e}");
                 thread::sleep(RETRY);
                 continue;
             }
@@ -213,23 +356,19 @@ fn watch(etcd: &Etcd, shared: &Shared, servers: &[u8], me: SocketAddr) {
         loop {
             match stream.changes() {
                 Ok(events) => {
+                    let mut view = lock(&shared.view);
                     for event in events {
-                        match event {
-                            Event::Put(kv) => {
-                                shared.revision.store(kv.mod_revision, Ordering::Relaxed);
-                                if let Some(addr) = registered_addr(&kv) {
-                                    view.insert(kv.key, addr);
-                                }
-                            }
+                        let (change, revision) = match event {
+                            Event::Put(kv) => (view.put(&kv), kv.mod_revision),
                             Event::Delete { key, mod_revision } => {
-                                shared.revision.store(mod_revision, Ordering::Relaxed);
-                                if let Some(addr) = view.remove(&key) {
-                                    info!("directory: server {addr} left");
-                                }
+                                (view.delete(&key), mod_revision)
                             }
+                        };
+                        shared.revision.store(revision, Ordering::Relaxed);
+                        if let Change::ServerLeft(addr) = change {
+                            info!("directory: server {addr} left");
                         }
                     }
-                    publish(&view);
                 }
                 Err(e) => {
                     debug!("directory: the watch ended ({e}); listing again");

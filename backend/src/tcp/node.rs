@@ -31,6 +31,7 @@ use log::{info, warn};
 
 use super::out_queue::OutQueue;
 use super::wire::{self, Frame, Op, RequestFrame, ResponseFrame, flags};
+use crate::directory::Holder;
 use crate::{
     AtomicKind, Delivery, Gid, Operation, Outcome, OwnedRequest, RemoteError, Request, RetryPolicy,
     Service, gather,
@@ -66,6 +67,12 @@ pub const ANSWER_HOLD: Duration = Duration::from_micros(50);
 /// Remote requesting QPs this node keeps state for, all peers together: a peer that makes
 /// up QP numbers cannot grow the table without bound.
 const MAX_RECEIVERS: usize = 64 * 1024;
+/// Datagrams kept for a peer whose link is being dialed (a directory named its server, but
+/// no link is up yet), sent when it comes up: rdma_cm's first MAD is a datagram, and losing
+/// it costs the guest a CM timeout of seconds.
+const PARKED_BYTES: usize = 256 * 1024;
+/// How long a peer a QP wanted is dialed for while its link is down.
+pub const WANTED_FOR: Duration = Duration::from_secs(30);
 
 /// What the runtime must do.
 #[derive(Debug, PartialEq, Eq)]
@@ -105,6 +112,26 @@ struct Peer {
     /// Answers without data are held back until this, if `out` holds nothing but them:
     /// `out`'s length when the last was queued (anything queued since voids the hold).
     hold: Option<(Instant, usize)>,
+    /// Datagram frames waiting for the link to come up (at most [`PARKED_BYTES`]).
+    parked: Vec<u8>,
+}
+
+impl Peer {
+    /// A peer with no link yet (or any more).
+    fn down(now: Instant) -> Peer {
+        Peer {
+            up: false,
+            gids: Vec::new(),
+            rdma_gids: Vec::new(),
+            out: OutQueue::default(),
+            ready: VecDeque::new(),
+            last_heard: now,
+            last_sent: now,
+            down_since: Some(now),
+            hold: None,
+            parked: Vec::new(),
+        }
+    }
 }
 
 /// A piece sent (or to send) and not answered yet. It holds no bytes: its frame is
@@ -261,6 +288,15 @@ pub struct Node {
     /// The peers `deferred` holds requests of (a handful), so that checking whether any of
     /// them drained costs nothing per event, however many requests wait.
     deferred_peers: Vec<PeerId>,
+    /// Which server holds each GID, when a directory keeps GIDs (etcd): such a GID is
+    /// routed to that server alone, whatever a peer announces.
+    holders: Option<Arc<HashMap<Gid, Holder>>>,
+    /// Peers a QP sent to while their link was down, and when it last did: the runtime
+    /// dials them.
+    wanted: HashMap<PeerId, Instant>,
+    /// A peer was added to `wanted` since the runtime last looked: dial without waiting
+    /// for the redial period.
+    fresh_wants: bool,
 }
 
 impl Node {
@@ -275,7 +311,31 @@ impl Node {
             events: VecDeque::new(),
             deferred: VecDeque::new(),
             deferred_peers: Vec::new(),
+            holders: None,
+            wanted: HashMap::new(),
+            fresh_wants: false,
         }
+    }
+
+    /// Routes the GIDs `holders` names to the servers it names (a directory's word, which
+    /// overrides what peers announce); `None` routes by announcements alone.
+    pub fn set_gid_holders(&mut self, holders: Option<Arc<HashMap<Gid, Holder>>>) {
+        self.holders = holders;
+    }
+
+    /// The peers a QP has sent to while their link was down, within [`WANTED_FOR`]: the
+    /// runtime dials them (the directory knows where they listen).
+    pub fn wanted(&mut self, now: Instant) -> Vec<PeerId> {
+        let peers = &self.peers;
+        self.wanted.retain(|id, since| {
+            now.duration_since(*since) < WANTED_FOR && !peers.get(id).is_some_and(|p| p.up)
+        });
+        self.wanted.keys().copied().collect()
+    }
+
+    /// Whether a peer was wanted anew since the last call.
+    pub fn take_fresh_wants(&mut self) -> bool {
+        std::mem::take(&mut self.fresh_wants)
     }
 
     pub fn id(&self) -> u64 {
@@ -288,17 +348,8 @@ impl Node {
     /// everything unanswered.
     pub fn link_up(&mut self, peer: PeerId, now: Instant) {
         let gids = self.local_gids.clone();
-        let entry = self.peers.entry(peer).or_insert_with(|| Peer {
-            up: false,
-            gids: Vec::new(),
-            rdma_gids: Vec::new(),
-            out: OutQueue::default(),
-            ready: VecDeque::new(),
-            last_heard: now,
-            last_sent: now,
-            down_since: None,
-            hold: None,
-        });
+        self.wanted.remove(&peer);
+        let entry = self.peers.entry(peer).or_insert_with(|| Peer::down(now));
         entry.up = true;
         entry.down_since = None;
         entry.last_heard = now;
@@ -309,6 +360,9 @@ impl Node {
             &Frame::RdmaGids(self.local_rdma_gids.clone()),
             entry.out.tail(),
         );
+        // Datagrams sent while it was dialed go right behind the GIDs they come from.
+        let parked = std::mem::take(&mut entry.parked);
+        entry.out.tail().extend_from_slice(&parked);
         entry.last_sent = now;
         for (key, sender) in self.senders.iter_mut().filter(|(_, s)| s.peer == peer) {
             sender.ready = false;
@@ -493,8 +547,12 @@ impl Node {
         self.peer_of(gid).is_some()
     }
 
-    /// The peer that holds `gid`, if one announced it and was heard from lately.
+    /// The peer that holds `gid`: the server the directory names if it names one (`None`
+    /// if that is this server), else the peer that announced it and was heard from lately.
     pub fn peer_of(&self, gid: &Gid) -> Option<PeerId> {
+        if let Some(holder) = self.holders.as_ref().and_then(|h| h.get(gid)) {
+            return (holder.server != self.id).then_some(holder.server);
+        }
         self.peers
             .iter()
             .find(|(_, p)| p.gids.contains(gid))
@@ -572,18 +630,28 @@ impl Node {
         let Some(peer_id) = self.peer_of(&request.destination.gid) else {
             return Delivery::Done(Err(RemoteError::Unreachable));
         };
+        // A server the directory names may have no link yet: it is dialed, and its work
+        // waits as on a link that broke.
+        let peer = self.peers.entry(peer_id).or_insert_with(|| Peer::down(now));
+        if !peer.up && self.wanted.insert(peer_id, now).is_none() {
+            self.fresh_wants = true;
+        }
         if let Service::Datagram { .. } = request.service {
             let frames = match frames_of(request) {
                 Ok(frames) => frames,
                 Err(error) => return Delivery::Done(Err(error)),
             };
-            let peer = self.peers.get_mut(&peer_id).expect("peer_of found it");
-            // Unreliable: sent if the link can take it, and complete either way.
+            // Unreliable: sent if the link can take it (or kept briefly while it is being
+            // dialed), and complete either way.
             if peer.up && peer.out.len() < LINK_QUEUE {
                 for frame in &frames {
                     wire::encode(&Frame::Request(frame.clone()), peer.out.tail());
                 }
                 peer.last_sent = now;
+            } else if !peer.up && peer.parked.len() < PARKED_BYTES {
+                for frame in &frames {
+                    wire::encode(&Frame::Request(frame.clone()), &mut peer.parked);
+                }
             }
             let bytes = frames.iter().map(|f| f.payload.len() as u64).sum();
             return Delivery::Done(Ok(Outcome { bytes }));
@@ -726,10 +794,7 @@ impl Node {
     }
 
     fn on_request(&mut self, from: PeerId, request: RequestFrame) {
-        let owner_ok = self
-            .peers
-            .get(&from)
-            .is_some_and(|p| p.gids.contains(&request.src_gid));
+        let owner_ok = self.peer_of(&request.src_gid) == Some(from);
         if !owner_ok {
             warn!(
                 "peer {from:016x} sent a request from GID {}, which it does not hold; dropped",
@@ -901,9 +966,12 @@ impl Node {
             } else if peer
                 .down_since
                 .is_some_and(|since| now.duration_since(since) > PEER_TIMEOUT)
-                && !peer.gids.is_empty()
             {
-                forget.push(*id);
+                // Datagrams are not kept for a link that does not come.
+                peer.parked = Vec::new();
+                if !peer.gids.is_empty() {
+                    forget.push(*id);
+                }
             }
         }
         for id in &silent {

@@ -46,8 +46,9 @@ pub trait Host: Send + Sync + 'static {
 pub struct Config {
     pub listen: Option<SocketAddr>,
     pub peers: Vec<SocketAddr>,
-    /// More peers, found at run time (the etcd directory): dialed as the `peers` are.
-    pub directory: Option<Arc<dyn crate::directory::PeerSource>>,
+    /// More peers, and who holds which GID (the etcd directory): see
+    /// [`Transport::set_directory`].
+    pub directory: Option<Arc<dyn crate::directory::Directory>>,
     /// The shared secret every server of the cluster holds. Without one, only peers on
     /// loopback are accepted.
     pub cluster_key: Option<Vec<u8>>,
@@ -77,7 +78,7 @@ struct Shared {
     /// Locked after the node, never before.
     streams: Mutex<HashMap<PeerId, TcpStream>>,
     /// Peers found at run time ([`Transport::set_directory`]), besides the configured ones.
-    directory: Mutex<Option<Arc<dyn crate::directory::PeerSource>>>,
+    directory: Mutex<Option<Arc<dyn crate::directory::Directory>>>,
 }
 
 impl Shared {
@@ -148,7 +149,9 @@ impl Transport {
             next_dial: HashMap::new(),
             known: HashMap::new(),
             targets: Vec::new(),
-            targets_read: now,
+            // Read on the first turn.
+            targets_read: now - REDIAL,
+            holders_version: 0,
             last_gids: now - GID_REFRESH,
             last_tick: now,
             fds: Vec::new(),
@@ -168,14 +171,21 @@ impl Transport {
         ))
     }
 
-    /// Dials the peers `directory` lists as well (the etcd directory, which needs the
-    /// address the transport listens on before it can register it).
-    pub fn set_directory(&self, directory: Arc<dyn crate::directory::PeerSource>) {
+    /// Takes `directory` into account from now on (the etcd directory, which needs the
+    /// transport's id and address before it can register them): the local GIDs are
+    /// published to it, the GIDs it names are routed to the servers it names, and those
+    /// servers are dialed when a QP sends to them.
+    pub fn set_directory(&self, directory: Arc<dyn crate::directory::Directory>) {
         *self
             .shared
             .directory
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(directory);
+    }
+
+    /// The id this transport's handshake names it by (random, new at every start).
+    pub fn id(&self) -> u64 {
+        self.shared.node().id()
     }
 
     /// Where the transport listens (useful with port 0).
@@ -364,6 +374,8 @@ struct Runtime {
     /// The addresses to dial: the configured peers and the directory's.
     targets: Vec<SocketAddr>,
     targets_read: Instant,
+    /// The version of the directory's GID holders the node routes by.
+    holders_version: u64,
     last_gids: Instant,
     last_tick: Instant,
     /// The poll set of the last wait, reused.
@@ -404,7 +416,17 @@ impl Runtime {
             self.last_gids = now;
             let gids = self.host.local_gids();
             let rdma_gids = self.host.local_rdma_gids();
+            let holders = self.directories().into_iter().find_map(|directory| {
+                directory.publish_gids(&gids);
+                directory.gid_holders()
+            });
             let mut node = self.shared.node();
+            if let Some(holders) = holders
+                && holders.version != self.holders_version
+            {
+                self.holders_version = holders.version;
+                node.set_gid_holders(Some(holders.holders));
+            }
             node.set_local_gids(gids, now);
             node.set_local_rdma_gids(rdma_gids, now);
         }
@@ -501,24 +523,35 @@ impl Runtime {
         listener_ready
     }
 
+    /// The directories in use: the configured one and the one set at run time.
+    fn directories(&self) -> Vec<Arc<dyn crate::directory::Directory>> {
+        let late = self
+            .shared
+            .directory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.config.directory.iter().cloned().chain(late).collect()
+    }
+
     fn dial(&mut self) {
         let now = Instant::now();
         // The directory's view changes rarely: read it once per redial period, not per turn.
-        if now.duration_since(self.targets_read) >= REDIAL || self.targets.is_empty() {
+        // A QP waiting for a server the directory named is dialed at once.
+        let fresh_wants = self.shared.node().take_fresh_wants();
+        if now.duration_since(self.targets_read) >= REDIAL || fresh_wants {
             self.targets_read = now;
             let mut targets = self.config.peers.clone();
-            let late = self
-                .shared
-                .directory
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            for directory in self.config.directory.iter().chain(late.as_ref()) {
-                let local = self.listener.as_ref().and_then(|l| l.local_addr().ok());
-                for addr in directory.peers() {
-                    if Some(addr) != local && !targets.contains(&addr) {
-                        targets.push(addr);
-                    }
+            let directories = self.directories();
+            let wanted = self.shared.node().wanted(now);
+            let on_demand = wanted
+                .iter()
+                .filter_map(|&server| directories.iter().find_map(|d| d.address_of(server)));
+            let listed = directories.iter().flat_map(|d| d.peers());
+            let local = self.listener.as_ref().and_then(|l| l.local_addr().ok());
+            for addr in listed.chain(on_demand) {
+                if Some(addr) != local && !targets.contains(&addr) {
+                    targets.push(addr);
                 }
             }
             self.targets = targets;

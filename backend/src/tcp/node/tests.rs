@@ -1,6 +1,8 @@
 //! Two nodes joined by an in-memory pipe that can fragment, hold back and cut the stream:
 //! every completion comes exactly once, in order, and nothing is executed twice.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
@@ -133,12 +135,20 @@ struct Pair {
 
 impl Pair {
     fn new() -> Pair {
+        let mut pair = Pair::unlinked();
+        pair.connect();
+        pair.pump(usize::MAX);
+        pair
+    }
+
+    /// The two nodes, not linked yet.
+    fn unlinked() -> Pair {
         let now = Instant::now();
         let mut a = Node::new(PEER_A);
         let mut b = Node::new(PEER_B);
         a.set_local_gids(vec![GID_A], now);
         b.set_local_gids(vec![GID_B], now);
-        let mut pair = Pair {
+        Pair {
             a,
             b,
             to_b: Decoder::new(),
@@ -161,10 +171,7 @@ impl Pair {
                 rnr_retry: 7,
                 min_rnr_timer: 12,
             },
-        };
-        pair.connect();
-        pair.pump(usize::MAX);
-        pair
+        }
     }
 
     fn connect(&mut self) {
@@ -1001,4 +1008,112 @@ fn a_peers_rdma_gids_are_a_subset_of_its_gids_and_follow_them_across_links() {
     p.b.set_local_rdma_gids(vec![[0xe; 16]], p.now);
     p.pump(usize::MAX);
     assert!(p.a.rdma_reachable(&[0xe; 16]));
+}
+
+/// What an etcd directory says: A holds GID_A, B holds GID_B.
+fn directory_holders() -> Arc<HashMap<Gid, Holder>> {
+    let at = |server, port| Holder {
+        server,
+        addr: std::net::SocketAddr::from(([10, 0, 0, 1], port)),
+    };
+    Arc::new(HashMap::from([
+        (GID_A, at(PEER_A, 1)),
+        (GID_B, at(PEER_B, 2)),
+    ]))
+}
+
+#[test]
+fn a_server_the_directory_names_is_wanted_until_linked_and_its_work_waits_for_the_link() {
+    let mut p = Pair::unlinked();
+    p.a.set_gid_holders(Some(directory_holders()));
+    p.b.set_gid_holders(Some(directory_holders()));
+    assert!(
+        p.a.gid_taken(&GID_B),
+        "the directory names B's GID: not A's to bind"
+    );
+    assert!(!p.a.gid_taken(&GID_A), "A's own GID");
+    assert!(p.a.wanted(p.now).is_empty());
+    // No link yet: a datagram is kept and an RC send waits; B is wanted, once.
+    p.memory.write_slice(b"mad", GuestAddress(0x100)).unwrap();
+    let payload = sgl(0x100, 3);
+    let datagram = Request {
+        source: Source { gid: GID_A, qpn: 1 },
+        destination: Destination { gid: GID_B, qpn: 1 },
+        service: Service::Datagram { qkey: 0x8001_0000 },
+        memory: &p.memory,
+        operation: Operation::Send {
+            payload: &payload,
+            imm: None,
+            invalidate: None,
+            solicited: false,
+        },
+        ticket: 0,
+        epoch: 0,
+        retry: RetryPolicy::default(),
+    };
+    assert_eq!(p.a.deliver(&datagram, p.now), Delivery::Done(ok(3)));
+    let ticket = p.send(b"after the dial");
+    assert_eq!(p.a.wanted(p.now), [PEER_B]);
+    assert!(p.a.take_fresh_wants());
+    assert!(!p.a.take_fresh_wants(), "told once");
+    assert!(
+        p.a.outgoing(PEER_B).is_empty(),
+        "nothing is written without a link"
+    );
+    // The link comes up: the datagram, then the send, arrive; B is no longer wanted.
+    p.connect();
+    p.pump(usize::MAX);
+    assert_eq!(
+        p.device.sends,
+        [b"mad".to_vec(), b"after the dial".to_vec()]
+    );
+    assert_eq!(p.completions(), [(ticket, ok(14))]);
+    assert!(p.a.wanted(p.now).is_empty());
+}
+
+#[test]
+fn a_directory_overrides_announcements_for_the_gids_it_names() {
+    let mut p = Pair::new();
+    p.a.set_gid_holders(Some(directory_holders()));
+    // C links to A and announces B's GID (and one the directory does not name).
+    const PEER_C: PeerId = 0xcccc;
+    const GID_C: Gid = [0xc; 16];
+    p.a.link_up(PEER_C, p.now);
+    p.a.receive(PEER_C, Frame::Gids(vec![GID_B, GID_C]), p.now);
+    assert_eq!(p.a.peer_of(&GID_B), Some(PEER_B), "etcd says B");
+    assert_eq!(p.a.peer_of(&GID_C), Some(PEER_C), "announced, not in etcd");
+    // A request from C claiming B's GID is dropped; one from its own GID is executed.
+    let from = |src_gid| RequestFrame {
+        src_gid,
+        src_qpn: 1,
+        epoch: 0,
+        dst_gid: GID_A,
+        dst_qpn: QP_A,
+        seq: 0,
+        ticket: 0,
+        op: Op::Send,
+        flags: flags::LAST | flags::DATAGRAM,
+        qkey: 0,
+        imm: 0,
+        invalidate: 0,
+        rkey: 0,
+        remote_addr: 0,
+        read_len: 0,
+        compare_add: 0,
+        swap: 0,
+        reply_offset: 0,
+        payload: b"hello".to_vec(),
+    };
+    p.a.receive(PEER_C, Frame::Request(from(GID_B)), p.now);
+    assert_eq!(p.a.next_event(), None, "C does not hold B's GID");
+    p.a.receive(PEER_C, Frame::Request(from(GID_C)), p.now);
+    assert!(matches!(
+        p.a.next_event(),
+        Some(Event::Execute { peer: PEER_C, .. })
+    ));
+    // A GID the directory gives this server is its own, whoever announces it.
+    p.b.set_local_gids(vec![GID_B, GID_A], p.now);
+    p.pump(usize::MAX);
+    assert_eq!(p.a.peer_of(&GID_A), None);
+    assert!(!p.a.gid_taken(&GID_A));
 }
