@@ -20,6 +20,7 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use log::{info, warn};
 use nix::sys::signal::{SigSet, Signal};
+use pvrdma_backend::directory::Holder;
 use pvrdma_backend::directory::etcd::Etcd;
 use pvrdma_backend::directory::membership::EtcdMembership;
 use pvrdma_backend::tcp::runtime::{Config as TransportConfig, Pump, Transport};
@@ -189,11 +190,12 @@ struct Cli {
 
     /// Find the other servers in etcd instead of (or besides) a --peer list.
     ///
-    /// etcd://HOST:PORT[,HOST:PORT...]: the server registers its --listen address under
-    /// --directory-prefix on a lease it keeps alive, and links to every other server
-    /// registered there; a server that stops or dies leaves the others' view when its
-    /// lease ends. Without etcd at start the server says so, serves its own guests and keeps
-    /// trying. Needs --listen with a specific address; under the sandbox the server dials
+    /// etcd://HOST:PORT[,HOST:PORT...]: the server registers its --listen address and
+    /// every GID its guests add under --directory-prefix, on a lease it keeps alive, and
+    /// dials another server when a QP sends to one of its GIDs. A GID another server
+    /// registered first cannot be bound here. A server that stops or dies leaves the
+    /// others' view, GIDs and all, when its lease ends. Without etcd at start the server
+    /// says so, serves its own guests and keeps trying. Needs --listen with a specific address; under the sandbox the server dials
     /// peers only on its own --listen port, so the servers of a cluster share one port.
     #[arg(long, value_name = "etcd://HOST:PORT[,...]", requires = "listen", value_parser = parse_directory)]
     directory: Option<EtcdEndpoints>,
@@ -571,12 +573,11 @@ fn start_transport(
             cli.directory_prefix
         );
         let rdma = !fabric.rdma_gids().is_empty();
-        let membership = Arc::new(EtcdMembership::start(
-            etcd,
-            &cli.directory_prefix,
-            listening,
-            rdma,
-        ));
+        let me = Holder {
+            server: transport.id(),
+            addr: listening,
+        };
+        let membership = Arc::new(EtcdMembership::start(etcd, &cli.directory_prefix, me, rdma));
         transport.set_directory(membership.clone());
         fabric.set_directory(
             format!("etcd://{}{}", endpoints.join(","), cli.directory_prefix),

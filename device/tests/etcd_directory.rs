@@ -1,10 +1,14 @@
-//! Servers that find each other in etcd (`--directory`) instead of a `--peer` list: two
-//! server processes on one loopback port at two addresses register in a real etcd (Debian's
-//! etcd-server), link, and carry every RC verb between their guests; a killed server leaves
-//! the other's view when its lease ends, and a restarted one comes back. Ignored by a plain
-//! `cargo test`; scripts/test runs it with `--ignored` after installing etcd.
+//! Servers that find each other and each other's GIDs in etcd (`--directory`) instead of a
+//! `--peer` list: three server processes, each in a network namespace of its own, register
+//! in a real etcd (Debian's etcd-server) running in a fourth; the guests' GIDs converge on
+//! every server, a GID one server holds cannot be bound on another, servers link only
+//! when a QP needs them and carry every RC verb, a killed server's GIDs vanish when its
+//! lease ends, and a restarted one takes its GIDs back and is reached again. Ignored by a
+//! plain `cargo test` (it needs etcd and root for the namespaces); scripts/test runs it
+//! with `--ignored` after installing etcd.
 
 mod driver;
+mod netns;
 #[allow(dead_code)] // Shared with the TCP suites.
 mod two_servers;
 
@@ -14,11 +18,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use driver::Driver;
+use driver::commands::CmdError;
 use driver::socket_bus::SocketServer;
-use driver::verbs::PINGPONG_SIZES;
+use driver::verbs::{PINGPONG_SIZES, ipv4_gid};
+use netns::{Star, in_netns};
 use nix::sys::signal::Signal;
 use pvrdma_backend::directory::etcd::Etcd;
-use two_servers::{LOG, connect, rc_verbs_cross, side_with};
+use serde_json::Value;
+use two_servers::{LOG, connect, rc_verbs_cross, side_on};
+use vfio_user_pvrdma::abi::GID_TYPE_ROCE_V1;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -27,22 +36,27 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// etcd on loopback ports of its own, its data in a temp folder; killed on drop.
+/// The port the servers' transport listens on in their namespaces.
+const TRANSPORT_PORT: u16 = 4791;
+
+/// etcd in the hub namespace of `star`, its data in a temp folder; killed on drop.
 struct EtcdServer {
     child: Child,
     dir: PathBuf,
     endpoint: String,
+    netns: String,
 }
 
 impl EtcdServer {
-    fn start() -> EtcdServer {
+    fn start(star: &Star) -> EtcdServer {
         let dir = std::env::temp_dir().join(format!("pvrdma-etcd-dir-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("etcd's folder");
-        let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
+        let host = star.hub_addr();
+        let endpoint = format!("{host}:2379");
+        let peer_url = format!("http://{host}:2380");
+        let child = Command::new("ip")
+            .args(["netns", "exec", star.hub(), "etcd"])
             .arg("--data-dir")
             .arg(dir.join("data"))
             .args(["--name", "lab"])
@@ -55,29 +69,37 @@ impl EtcdServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start etcd ({e}): install Debian's etcd-server (scripts/test does)")
-            });
+            .unwrap_or_else(|e| panic!("cannot start etcd ({e})"));
         let server = EtcdServer {
             child,
             dir,
             endpoint,
+            netns: star.hub().to_string(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while server.client().list(b"/").is_err() {
-            assert!(Instant::now() < deadline, "etcd did not answer within 30 s");
+        while server.query(|etcd| etcd.list(b"/").is_err()) {
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not answer within 30 s: is Debian's etcd-server installed? \
+                 (scripts/test installs it)"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         server
     }
 
-    fn client(&self) -> Etcd {
-        Etcd::new(std::slice::from_ref(&self.endpoint), Duration::from_secs(5))
+    /// Runs `f` with a client of this etcd, from its namespace.
+    fn query<T: Send>(&self, f: impl FnOnce(&Etcd) -> T + Send) -> T {
+        let endpoint = self.endpoint.clone();
+        in_netns(&self.netns, move || {
+            f(&Etcd::new(&[endpoint], Duration::from_secs(5)))
+        })
     }
 
-    /// The addresses registered under the test's prefix.
-    fn registered(&self) -> Vec<String> {
-        let listing = self.client().list(b"/lab/servers/").expect("list");
+    /// The keys under the test's prefix that start with `kind` (`servers/`, `gids/`).
+    fn keys(&self, kind: &str) -> Vec<String> {
+        let prefix = format!("/lab/{kind}");
+        let listing = self.query(|etcd| etcd.list(prefix.as_bytes()).expect("list"));
         listing
             .kvs
             .iter()
@@ -94,20 +116,56 @@ impl Drop for EtcdServer {
     }
 }
 
-fn server(etcd: &EtcdServer, listen: &str) -> Arc<SocketServer> {
+/// Server `host` of `star`, with two device sockets, registered in `etcd`.
+fn server(star: &Star, etcd: &EtcdServer, key: &std::path::Path, host: usize) -> Arc<SocketServer> {
+    let listen = format!("{}:{TRANSPORT_PORT}", star.addr(host));
     let directory = format!("etcd://{}", etcd.endpoint);
-    SocketServer::start_with(
-        1,
-        LOG,
-        &[
-            "--listen",
-            listen,
-            "--directory",
-            &directory,
-            "--directory-prefix",
-            "/lab/",
-        ],
+    let key = key.display().to_string();
+    let args = [
+        "--listen",
+        &listen,
+        "--directory",
+        &directory,
+        "--directory-prefix",
+        "/lab/",
+        "--cluster-key",
+        &key,
+    ];
+    SocketServer::start_in(Some(star.netns(host)), 2, 2, LOG, &args)
+}
+
+/// A server's `stats json`.
+fn stats(server: &SocketServer) -> Value {
+    let text = vfio_user_pvrdma::profiler::control::request(
+        server.control(),
+        "stats json",
+        Duration::from_secs(10),
     )
+    .expect("stats json");
+    serde_json::from_str(&text).expect("stats JSON")
+}
+
+/// Waits until `server`'s view of the directory has `gids` GIDs and `servers` other
+/// servers; returns how long that took.
+fn converge(server: &SocketServer, gids: usize, servers: usize, within: Duration) -> Duration {
+    let started = Instant::now();
+    wait_until(
+        &format!("{gids} GIDs and {servers} other servers in the view"),
+        within,
+        || {
+            let v = stats(server);
+            v["directory"]["gids"] == gids
+                && v["directory"]["servers"].as_array().map(Vec::len) == Some(servers)
+        },
+    );
+    started.elapsed()
+}
+
+/// The peer servers `server` has a link up with.
+fn links_up(server: &SocketServer) -> usize {
+    stats(server)["peers"].as_array().map_or(0, |peers| {
+        peers.iter().filter(|p| p["link_up"] == true).count()
+    })
 }
 
 fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
@@ -119,72 +177,78 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
 }
 
 #[test]
-#[ignore = "starts etcd; run by scripts/test"]
-fn servers_found_in_etcd_link_carry_verbs_and_a_dead_one_leaves_when_its_lease_ends() {
-    let etcd = EtcdServer::start();
-    // One port on two loopback addresses: under the sandbox a server dials peers on its
-    // own --listen port only.
-    let port = free_port();
-    let (addr_a, addr_b) = (format!("127.0.0.1:{port}"), format!("127.0.0.2:{port}"));
-    let server_a = server(&etcd, &addr_a);
-    let server_b = server(&etcd, &addr_b);
-    // No --peer: they link because etcd lists them, then tell each other their GIDs.
-    server_a.wait_for_server_line("is up");
-    server_b.wait_for_server_line("is up");
-    wait_until("both servers registered", Duration::from_secs(10), || {
-        etcd.registered()
-            == [
-                format!("/lab/servers/{addr_a}"),
-                format!("/lab/servers/{addr_b}"),
-            ]
-    });
-    let mut a = side_with(&server_a, [10, 1, 0, 1], PINGPONG_SIZES);
-    let mut b = side_with(&server_b, [10, 2, 0, 1], PINGPONG_SIZES);
-    server_a.wait_for_server_line("holds 1 GIDs");
-    server_b.wait_for_server_line("holds 1 GIDs");
-    connect(&mut a, b.qp.qpn, b.gid);
-    connect(&mut b, a.qp.qpn, a.gid);
-    rc_verbs_cross(&mut a, &mut b);
-    // `stats` shows the directory and the server it learned.
-    let stats = vfio_user_pvrdma::profiler::control::request(
-        server_a.control(),
-        "stats",
-        Duration::from_secs(10),
-    )
-    .expect("stats");
-    assert!(
-        stats.contains(&format!(
-            "directory etcd://{}/lab/ at revision",
-            etcd.endpoint
-        )) && stats.contains(&format!("1 other servers: {addr_b}")),
-        "{stats}"
-    );
+#[ignore = "starts etcd and network namespaces (root); run by scripts/test"]
+fn three_hosts_share_one_directory_of_gids_and_link_on_demand() {
+    let star = Star::new(3);
+    let etcd = EtcdServer::start(&star);
+    let key = std::env::temp_dir().join(format!("pvrdma-etcd-key-{}", std::process::id()));
+    std::fs::write(&key, "a secret of this test's cluster").expect("the cluster key");
+    let servers: Vec<_> = (0..3).map(|h| server(&star, &etcd, &key, h)).collect();
+    let (a, b, c) = (&servers[0], &servers[1], &servers[2]);
 
-    // B dies without a word: its registration goes when its lease ends (10 s), and A's
-    // view follows.
-    drop((a, b));
-    server_b.stop_with(Signal::SIGKILL);
+    // One guest on each host adds its GID: every server's view converges on all three.
+    let mut side_a = side_on(a, 0, [10, 1, 0, 1], PINGPONG_SIZES);
+    let mut side_b = side_on(b, 0, [10, 2, 0, 1], PINGPONG_SIZES);
+    let side_c = side_on(c, 0, [10, 3, 0, 1], PINGPONG_SIZES);
+    let added = Instant::now();
+    for server in &servers {
+        converge(server, 3, 2, Duration::from_secs(10));
+        eprintln!(
+            "a server's view had the 3 GIDs {:?} after the last was added",
+            added.elapsed()
+        );
+    }
+    assert_eq!(etcd.keys("gids/").len(), 3);
+    assert_eq!(etcd.keys("servers/").len(), 3);
+
+    // A guest on C adding A's GID is refused: etcd says A holds it.
+    let mut intruder = Driver::on_socket(c, 1);
+    intruder.probe();
+    match intruder.create_bind(0, side_a.gid, GID_TYPE_ROCE_V1) {
+        Err(CmdError::Device(errno)) => assert_eq!(errno, libc::EADDRINUSE as u32),
+        other => panic!("binding A's GID on C: {other:?}"),
+    }
+    drop(intruder);
+
+    // Nobody linked yet: a link comes when a QP sends. A and B then carry every RC verb;
+    // C, which sent nothing, stays unlinked (no full mesh).
+    assert_eq!(links_up(a) + links_up(b) + links_up(c), 0);
+    connect(&mut side_a, side_b.qp.qpn, side_b.gid);
+    connect(&mut side_b, side_a.qp.qpn, side_a.gid);
+    rc_verbs_cross(&mut side_a, &mut side_b);
+    assert_eq!((links_up(a), links_up(b), links_up(c)), (1, 1, 0));
+
+    // B dies without a word: its GID and address leave every view when its lease ends.
+    // (A's first guest stays: a guest that goes takes its GIDs out of the directory.)
+    drop(side_b);
+    b.stop_with(Signal::SIGKILL);
     let killed = Instant::now();
-    server_a.wait_for_server_line(&format!("directory: server {addr_b} left"));
+    converge(a, 2, 1, Duration::from_secs(25));
+    converge(c, 2, 1, Duration::from_secs(5));
     let gone_after = killed.elapsed();
-    eprintln!("a killed server left the directory after {gone_after:?}");
-    assert!(gone_after < Duration::from_secs(25), "{gone_after:?}");
-    assert_eq!(etcd.registered(), [format!("/lab/servers/{addr_a}")]);
+    eprintln!("a killed server's GIDs left the directory after {gone_after:?}");
+    assert_eq!(etcd.keys("gids/").len(), 2);
 
-    // A new B registers again and links again.
-    let server_b = server(&etcd, &addr_b);
-    server_b.wait_for_server_line("is up");
-    server_a.wait_for_server_line("is up");
-    wait_until("B registered again", Duration::from_secs(10), || {
-        etcd.registered().len() == 2
-    });
-    // Stopped cleanly, a server leaves at once (its lease is revoked).
-    server_b.stop_with(Signal::SIGTERM);
-    wait_until(
-        "a stopped server's registration revoked",
-        Duration::from_secs(5),
-        || etcd.registered().len() == 1,
-    );
+    // A new B on the same address: its guest takes the GID again, and A reaches it.
+    let b = server(&star, &etcd, &key, 1);
+    let mut side_b = side_on(&b, 0, [10, 2, 0, 1], PINGPONG_SIZES);
+    let mut side_a2 = side_on(a, 1, [10, 1, 0, 2], PINGPONG_SIZES);
+    converge(a, 4, 2, Duration::from_secs(10));
+    connect(&mut side_a2, side_b.qp.qpn, side_b.gid);
+    connect(&mut side_b, side_a2.qp.qpn, side_a2.gid);
+    rc_verbs_cross(&mut side_a2, &mut side_b);
+
+    // A server stopped cleanly leaves at once (its lease is revoked), GIDs and all.
+    drop(side_c);
+    c.stop_with(Signal::SIGTERM);
+    converge(a, 3, 1, Duration::from_secs(5));
+    let _ = std::fs::remove_file(&key);
+    drop(servers);
+    // B's guest's GID is B's again in etcd: the restarted server's own registration.
+    assert!(etcd.keys("gids/").contains(&format!(
+        "/lab/gids/{}",
+        std::net::Ipv6Addr::from(ipv4_gid([10, 2, 0, 1]))
+    )));
 }
 
 #[test]

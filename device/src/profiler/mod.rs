@@ -34,6 +34,12 @@ pub struct DirectorySnapshot {
     pub revision: i64,
     /// The other servers registered there.
     pub servers: Vec<String>,
+    /// GIDs registered there, this server's included.
+    pub gids: usize,
+    /// This server's GIDs registered under its lease.
+    pub registered: usize,
+    /// This server's GIDs another server registered first (IPv6 text): refused here.
+    pub refused: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -171,6 +177,18 @@ impl Snapshot {
                 if d.servers.is_empty() { "" } else { ": " },
                 d.servers.join(", ")
             );
+            let _ = writeln!(
+                out,
+                "directory GIDs: {} in all, {} registered by this server{}{}",
+                d.gids,
+                d.registered,
+                if d.refused.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} refused (held by another server): ", d.refused.len())
+                },
+                d.refused.join(", ")
+            );
         }
         if !any {
             let _ = writeln!(out, "(no QPs)");
@@ -261,6 +279,9 @@ impl Snapshot {
                 "source": d.source,
                 "revision": d.revision,
                 "servers": d.servers,
+                "gids": d.gids,
+                "registered_gids": d.registered,
+                "refused_gids": d.refused,
             })),
         });
         serde_json::to_string_pretty(&value).expect("JSON of plain numbers")
@@ -343,6 +364,9 @@ mod tests {
                 source: "etcd://10.0.0.9:2379/lab/".into(),
                 revision: 42,
                 servers: vec!["10.0.0.2:4791".into()],
+                gids: 3,
+                registered: 1,
+                refused: vec!["fe80::9".into()],
             }),
         }
     }
@@ -385,6 +409,16 @@ mod tests {
         let v: Value = serde_json::from_str(&sample().json()).expect("valid JSON");
         assert_eq!(v["directory"]["revision"], 42);
         assert_eq!(v["directory"]["servers"][0], "10.0.0.2:4791");
+        assert!(
+            table.contains(
+                "directory GIDs: 3 in all, 1 registered by this server, 1 refused (held by \
+                 another server): fe80::9"
+            ),
+            "{table}"
+        );
+        assert_eq!(v["directory"]["gids"], 3);
+        assert_eq!(v["directory"]["registered_gids"], 1);
+        assert_eq!(v["directory"]["refused_gids"][0], "fe80::9");
         let none: Value = serde_json::from_str(&Snapshot::default().json()).expect("JSON");
         assert!(none["directory"].is_null());
     }

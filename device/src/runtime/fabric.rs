@@ -402,14 +402,21 @@ impl Fabric {
                     .collect()
             })
             .unwrap_or_default();
-        let directory = self.directory.get().map(|(source, membership)| {
-            use pvrdma_backend::directory::PeerSource as _;
-            DirectorySnapshot {
+        let directory = self
+            .directory
+            .get()
+            .map(|(source, membership)| DirectorySnapshot {
                 source: source.clone(),
                 revision: membership.revision(),
-                servers: membership.peers().iter().map(|a| a.to_string()).collect(),
-            }
-        });
+                servers: membership.servers().iter().map(|a| a.to_string()).collect(),
+                gids: membership.gid_count(),
+                registered: membership.registered_gids(),
+                refused: membership
+                    .refused_gids()
+                    .into_iter()
+                    .map(|gid| std::net::Ipv6Addr::from(gid).to_string())
+                    .collect(),
+            });
         Snapshot {
             profiling,
             devices,

@@ -247,6 +247,19 @@ impl SocketServer {
         rust_log: &str,
         args: &[&str],
     ) -> Arc<SocketServer> {
+        SocketServer::start_in(None, count, started, rust_log, args)
+    }
+
+    /// [`SocketServer::start_partly`] inside network namespace `netns` (a test's "host"):
+    /// `ip netns exec` execs the server there, so the child is the server. Its sockets are
+    /// files, reached from any namespace.
+    pub fn start_in(
+        netns: Option<&str>,
+        count: usize,
+        started: usize,
+        rust_log: &str,
+        args: &[&str],
+    ) -> Arc<SocketServer> {
         assert!(count >= started && started >= 1);
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let nanos = std::time::SystemTime::now()
@@ -262,7 +275,14 @@ impl SocketServer {
             .map(|i| dir.join(format!("fn{i}.sock")))
             .collect();
         let control = dir.join("control.sock");
-        let mut command = Command::new(server_binary());
+        let mut command = match netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(server_binary());
+                command
+            }
+            None => Command::new(server_binary()),
+        };
         for socket in &sockets[..started] {
             command.arg("--socket").arg(socket);
         }
