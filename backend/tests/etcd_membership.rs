@@ -58,7 +58,8 @@ fn two_servers_claiming_one_gid_at_once_end_with_one_holder_until_it_leaves() {
             let (m, barrier) = (Arc::clone(m), Arc::clone(&barrier));
             thread::spawn(move || {
                 barrier.wait();
-                m.publish_gids(&[contested, own(i as u8 + 1)]);
+                // Its own GID is on its host's RDMA device as well.
+                m.publish_gids(&[contested, own(i as u8 + 1)], &[own(i as u8 + 1)]);
             })
         })
         .collect();
@@ -86,9 +87,12 @@ fn two_servers_claiming_one_gid_at_once_end_with_one_holder_until_it_leaves() {
             "every view names the holder"
         );
     }
-    // Each still holds its own GID, which nobody contested.
+    // Each still holds its own GID, which nobody contested, and says its RDMA device holds it.
     assert_eq!(holder(w, &own(loser as u8)), Some(loser));
     assert_eq!(holder(l, &own(winner as u8)), Some(winner));
+    let rdma =
+        |m: &EtcdMembership, gid: &Gid| m.gid_holders().is_some_and(|h| h.rdma.contains(gid));
+    assert!(rdma(w, &own(loser as u8)) && !rdma(w, &contested));
 
     // The holder leaves (its lease revoked): the other claims the GID within a second or so.
     w.leave();
@@ -99,10 +103,10 @@ fn two_servers_claiming_one_gid_at_once_end_with_one_holder_until_it_leaves() {
     );
     assert_eq!(l.registered_gids(), 2);
 
-    // A GID the guest removes leaves etcd.
-    l.publish_gids(&[own(loser as u8)]);
+    // A GID the guest removes leaves etcd; one the RDMA device no longer holds says so.
+    l.publish_gids(&[own(loser as u8)], &[]);
     wait_until("the removed GID released", Duration::from_secs(5), || {
-        l.registered_gids() == 1 && l.gid_count() == 1
+        l.registered_gids() == 1 && l.gid_count() == 1 && !rdma(l, &own(loser as u8))
     });
     let listing = etcd.client().list(b"/race/gids/").expect("list");
     assert_eq!(listing.kvs.len(), 1);

@@ -40,10 +40,11 @@ const CLAIMS_PER_PASS: usize = 256;
 /// This server's GIDs as etcd has them.
 #[derive(Debug, Default)]
 struct Claims {
-    /// The GIDs the guests hold now (the transport's last word).
-    wanted: HashSet<Gid>,
+    /// The GIDs the guests hold now (the transport's last word), each with whether the
+    /// host RDMA device holds it too.
+    wanted: HashMap<Gid, bool>,
     /// Those registered under this server's lease.
-    claimed: HashSet<Gid>,
+    claimed: HashMap<Gid, bool>,
     /// Those another server holds, and when the claim was last tried.
     refused: HashMap<Gid, Instant>,
 }
@@ -75,16 +76,17 @@ pub struct EtcdMembership {
 impl Directory for EtcdMembership {
     // No `peers`: servers are dialed when a QP sends to one of their GIDs.
 
-    fn publish_gids(&self, gids: &[Gid]) {
+    fn publish_gids(&self, gids: &[Gid], rdma_gids: &[Gid]) {
+        let rdma: HashSet<&Gid> = rdma_gids.iter().collect();
+        let wanted: HashMap<Gid, bool> = gids.iter().map(|g| (*g, rdma.contains(g))).collect();
         let mut claims = lock(&self.shared.claims);
-        if gids.len() != claims.wanted.len() || gids.iter().any(|g| !claims.wanted.contains(g)) {
-            claims.wanted = gids.iter().copied().collect();
+        if claims.wanted != wanted {
+            claims.wanted = wanted;
         }
     }
 
     fn gid_holders(&self) -> Option<GidHolders> {
-        let (version, holders) = lock(&self.shared.view).holders();
-        Some(GidHolders { version, holders })
+        Some(lock(&self.shared.view).holders())
     }
 
     fn address_of(&self, server: u64) -> Option<SocketAddr> {
@@ -254,43 +256,57 @@ fn register(etcd: &Etcd, shared: &Shared, record: &[u8]) {
 }
 
 /// Brings this server's GIDs in etcd in line with its guests': claims up to
-/// [`CLAIMS_PER_PASS`] new ones under `lease` and deletes those no guest holds any more.
-/// Returns whether claims are left for the next pass.
+/// [`CLAIMS_PER_PASS`] new ones under `lease`, rewrites those whose RDMA flag changed, and
+/// deletes those no guest holds any more. Returns whether claims are left for the next
+/// pass.
 fn sync_gids(etcd: &Etcd, shared: &Shared, lease: i64) -> Result<bool, EtcdError> {
-    let (to_claim, to_delete) = {
+    let (to_claim, to_rewrite, to_delete) = {
         let mut claims = lock(&shared.claims);
         let claims = &mut *claims;
-        claims.refused.retain(|gid, _| claims.wanted.contains(gid));
+        claims
+            .refused
+            .retain(|gid, _| claims.wanted.contains_key(gid));
         let now = Instant::now();
-        let to_claim: Vec<Gid> = claims
-            .wanted
-            .iter()
-            .filter(|gid| !claims.claimed.contains(*gid))
-            .filter(|gid| {
-                claims
+        let mut to_claim = Vec::new();
+        let mut to_rewrite = Vec::new();
+        for (gid, rdma) in &claims.wanted {
+            match claims.claimed.get(gid) {
+                Some(registered) if registered != rdma => to_rewrite.push((*gid, *rdma)),
+                Some(_) => {}
+                None if claims
                     .refused
-                    .get(*gid)
-                    .is_none_or(|tried| now.duration_since(*tried) >= RETRY)
-            })
-            .copied()
-            .collect();
+                    .get(gid)
+                    .is_none_or(|tried| now.duration_since(*tried) >= RETRY) =>
+                {
+                    to_claim.push((*gid, *rdma))
+                }
+                None => {}
+            }
+        }
         let to_delete: Vec<Gid> = claims
             .claimed
-            .iter()
-            .filter(|gid| !claims.wanted.contains(*gid))
+            .keys()
+            .filter(|gid| !claims.wanted.contains_key(*gid))
             .copied()
             .collect();
-        (to_claim, to_delete)
+        (to_claim, to_rewrite, to_delete)
     };
     for gid in &to_delete {
         etcd.delete(&shared.keys.gid(gid))?;
         lock(&shared.claims).claimed.remove(gid);
         debug!("directory: GID {} released", Ipv6Addr::from(*gid));
     }
-    let record = view::gid_record(shared.me);
+    for (gid, rdma) in to_rewrite {
+        // The key is this server's, under its lease: a plain put (which fails if the lease
+        // is gone, so nothing of another server's is overwritten).
+        let record = view::gid_record(shared.me, rdma);
+        etcd.put(&shared.keys.gid(&gid), &record, lease)?;
+        lock(&shared.claims).claimed.insert(gid, rdma);
+    }
     let busy = to_claim.len() > CLAIMS_PER_PASS;
-    for gid in to_claim.into_iter().take(CLAIMS_PER_PASS) {
+    for (gid, rdma) in to_claim.into_iter().take(CLAIMS_PER_PASS) {
         let key = shared.keys.gid(&gid);
+        let record = view::gid_record(shared.me, rdma);
         let (mut created, owner) = etcd.put_if_absent(&key, &record, lease)?;
         let holder = owner.as_deref().and_then(view::holder_of);
         if let (Some(owner), Some(holder)) = (&owner, holder)
@@ -309,7 +325,10 @@ fn sync_gids(etcd: &Etcd, shared: &Shared, lease: i64) -> Result<bool, EtcdError
                     Ipv6Addr::from(gid)
                 );
             }
-            claims.claimed.insert(gid);
+            // A record found already ours may carry another flag: rewritten next pass.
+            claims
+                .claimed
+                .insert(gid, if created { rdma } else { !rdma });
         } else if claims.refused.insert(gid, Instant::now()).is_none() {
             warn!(
                 "directory: GID {} is registered by {}; refused here (a GID names one port of \

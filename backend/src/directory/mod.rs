@@ -10,7 +10,7 @@ pub mod etcd;
 pub mod membership;
 mod view;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -25,11 +25,13 @@ pub struct Holder {
 }
 
 /// Which server holds each GID the directory knows, as of `version` (which changes
-/// whenever the map does, so a reader copies it only then).
+/// whenever the maps do, so a reader copies them only then).
 #[derive(Debug, Clone, Default)]
 pub struct GidHolders {
     pub version: u64,
     pub holders: Arc<HashMap<Gid, Holder>>,
+    /// The GIDs whose holder's host RDMA device holds them too (the rdma path reaches them).
+    pub rdma: Arc<HashSet<Gid>>,
 }
 
 /// What the TCP transport asks of a directory.
@@ -39,9 +41,9 @@ pub trait Directory: Send + Sync + std::fmt::Debug {
         Vec::new()
     }
 
-    /// This server's GIDs now (called whenever they may have changed); a directory that
-    /// keeps GIDs registers them.
-    fn publish_gids(&self, _gids: &[Gid]) {}
+    /// This server's GIDs now, and which of them its host RDMA device holds (called
+    /// whenever they may have changed); a directory that keeps GIDs registers them.
+    fn publish_gids(&self, _gids: &[Gid], _rdma_gids: &[Gid]) {}
 
     /// Who holds which GID, if this directory keeps GIDs. A GID it names is routed to
     /// that server alone, whatever any peer announces; others as the peers announce them.

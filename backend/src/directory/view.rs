@@ -3,14 +3,14 @@
 //! listing of the prefix and the watch events after it. Records are JSON written by other
 //! servers: anything that does not parse is ignored (and so routes nowhere), never trusted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use super::Holder;
 use super::etcd::KeyValue;
+use super::{GidHolders, Holder};
 use crate::Gid;
 
 /// The key prefixes of the two kinds of records.
@@ -57,11 +57,20 @@ pub(super) fn server_record(me: Holder, rdma: bool) -> Vec<u8> {
     .into_bytes()
 }
 
-/// The record at the key of a GID this server holds.
-pub(super) fn gid_record(me: Holder) -> Vec<u8> {
-    json!({ "addr": me.addr.to_string(), "id": format!("{:016x}", me.server) })
+/// The record at the key of a GID this server holds; `rdma`: its host RDMA device holds
+/// the GID too.
+pub(super) fn gid_record(me: Holder, rdma: bool) -> Vec<u8> {
+    json!({ "addr": me.addr.to_string(), "id": format!("{:016x}", me.server), "rdma": rdma })
         .to_string()
         .into_bytes()
+}
+
+/// Whether a GID record says the holder's RDMA device holds the GID.
+fn rdma_of(value: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(value)
+        .ok()
+        .and_then(|record| record.get("rdma")?.as_bool())
+        .unwrap_or(false)
 }
 
 /// The holder a server or GID record names, if it is well formed.
@@ -88,10 +97,12 @@ pub(super) struct View {
     me: Holder,
     servers: BTreeMap<Vec<u8>, Holder>,
     gids: HashMap<Gid, Holder>,
-    /// Bumped whenever `gids` changes.
+    /// The GIDs of `gids` whose holder's RDMA device holds them.
+    rdma: HashSet<Gid>,
+    /// Bumped whenever `gids` or `rdma` changes.
     version: u64,
-    /// `gids` as last handed out, while `version` has not moved.
-    snapshot: Option<(u64, Arc<HashMap<Gid, Holder>>)>,
+    /// Both as last handed out, while `version` has not moved.
+    snapshot: Option<GidHolders>,
 }
 
 impl View {
@@ -101,6 +112,7 @@ impl View {
             me,
             servers: BTreeMap::new(),
             gids: HashMap::new(),
+            rdma: HashSet::new(),
             version: 0,
             snapshot: None,
         }
@@ -110,6 +122,7 @@ impl View {
     pub fn reset(&mut self, kvs: &[KeyValue]) {
         self.servers.clear();
         self.gids.clear();
+        self.rdma.clear();
         for kv in kvs {
             self.put(kv);
         }
@@ -125,6 +138,11 @@ impl View {
                 Some(holder) => self.gids.insert(gid, holder),
                 None => self.gids.remove(&gid),
             };
+            if self.gids.contains_key(&gid) && rdma_of(&kv.value) {
+                self.rdma.insert(gid);
+            } else {
+                self.rdma.remove(&gid);
+            }
             self.version += 1;
         } else if kv.key.starts_with(self.keys.servers.as_bytes()) {
             match holder_of(&kv.value) {
@@ -138,6 +156,7 @@ impl View {
     /// A key was deleted (or its lease ended).
     pub fn delete(&mut self, key: &[u8]) -> Change {
         if let Some(gid) = self.keys.gid_of(key) {
+            self.rdma.remove(&gid);
             if self.gids.remove(&gid).is_some() {
                 self.version += 1;
             }
@@ -170,13 +189,17 @@ impl View {
     }
 
     /// Who holds each GID, copied only when it changed since the last call.
-    pub fn holders(&mut self) -> (u64, Arc<HashMap<Gid, Holder>>) {
+    pub fn holders(&mut self) -> GidHolders {
         match &self.snapshot {
-            Some((version, map)) if *version == self.version => (*version, Arc::clone(map)),
+            Some(snapshot) if snapshot.version == self.version => snapshot.clone(),
             _ => {
-                let map = Arc::new(self.gids.clone());
-                self.snapshot = Some((self.version, Arc::clone(&map)));
-                (self.version, map)
+                let snapshot = GidHolders {
+                    version: self.version,
+                    holders: Arc::new(self.gids.clone()),
+                    rdma: Arc::new(self.rdma.clone()),
+                };
+                self.snapshot = Some(snapshot.clone());
+                snapshot
             }
         }
     }
@@ -218,8 +241,8 @@ mod tests {
             kv("/lab/servers/10.0.0.1:4791", &server_record(a, false)),
             kv("/lab/servers/10.0.0.2:4791", &server_record(b, true)),
             kv("/lab/servers/junk", b"{not json"),
-            kv("/lab/gids/fe80::1", &gid_record(b)),
-            kv("/lab/gids/not-a-gid", &gid_record(b)),
+            kv("/lab/gids/fe80::1", &gid_record(b, true)),
+            kv("/lab/gids/not-a-gid", &gid_record(b, false)),
             kv(
                 "/lab/gids/fe80::2",
                 br#"{"addr":"10.0.0.2:4791","id":"zz"}"#,
@@ -229,34 +252,39 @@ mod tests {
         // A GID an earlier run of this server registered (another id, the same address).
         view.put(&kv(
             "/lab/gids/fe80::3",
-            &gid_record(holder(0x1234, "10.0.0.1:4791")),
+            &gid_record(holder(0x1234, "10.0.0.1:4791"), false),
         ));
         let mut three = gid;
         three[15] = 3;
-        assert_eq!(view.holders().1.get(&three), Some(&me));
+        assert_eq!(view.holders().holders.get(&three), Some(&me));
         view.delete(&keys.gid(&three));
         assert_eq!(view.address_of(0xb), Some(b.addr));
-        assert_eq!(view.holders().1.get(&gid).copied(), Some(b));
+        assert_eq!(view.holders().holders.get(&gid).copied(), Some(b));
         assert_eq!(view.gid_count(), 1);
 
-        let (v1, map1) = view.holders();
-        let (v2, map2) = view.holders();
         assert!(
-            v1 == v2 && Arc::ptr_eq(&map1, &map2),
+            view.holders().rdma.contains(&gid),
+            "B's RDMA device holds it"
+        );
+        let (first, second) = (view.holders(), view.holders());
+        let v1 = first.version;
+        assert!(
+            v1 == second.version && Arc::ptr_eq(&first.holders, &second.holders),
             "copied once per change"
         );
         assert_eq!(view.delete(&keys.gid(&gid)), Change::Other);
-        assert_eq!(view.holders().1.get(&gid).copied(), None);
-        assert!(view.holders().0 > v1);
+        assert_eq!(view.holders().holders.get(&gid).copied(), None);
+        assert!(view.holders().version > v1);
+        assert!(!view.holders().rdma.contains(&gid));
         assert_eq!(
             view.delete(b"/lab/servers/10.0.0.2:4791"),
             Change::ServerLeft(b.addr)
         );
         assert_eq!(view.address_of(0xb), None);
         // A record rewritten as garbage no longer routes anywhere.
-        view.put(&kv("/lab/gids/fe80::1", &gid_record(a)));
-        assert_eq!(view.holders().1.get(&gid).copied(), Some(a));
+        view.put(&kv("/lab/gids/fe80::1", &gid_record(a, false)));
+        assert_eq!(view.holders().holders.get(&gid).copied(), Some(a));
         view.put(&kv("/lab/gids/fe80::1", b"[]"));
-        assert_eq!(view.holders().1.get(&gid).copied(), None);
+        assert_eq!(view.holders().holders.get(&gid).copied(), None);
     }
 }

@@ -31,7 +31,7 @@ use log::{info, warn};
 
 use super::out_queue::OutQueue;
 use super::wire::{self, Frame, Op, RequestFrame, ResponseFrame, flags};
-use crate::directory::Holder;
+use crate::directory::GidHolders;
 use crate::{
     AtomicKind, Delivery, Gid, Operation, Outcome, OwnedRequest, RemoteError, Request, RetryPolicy,
     Service, gather,
@@ -290,7 +290,7 @@ pub struct Node {
     deferred_peers: Vec<PeerId>,
     /// Which server holds each GID, when a directory keeps GIDs (etcd): such a GID is
     /// routed to that server alone, whatever a peer announces.
-    holders: Option<Arc<HashMap<Gid, Holder>>>,
+    holders: Option<GidHolders>,
     /// Peers a QP sent to while their link was down, and when it last did: the runtime
     /// dials them.
     wanted: HashMap<PeerId, Instant>,
@@ -319,7 +319,7 @@ impl Node {
 
     /// Routes the GIDs `holders` names to the servers it names (a directory's word, which
     /// overrides what peers announce); `None` routes by announcements alone.
-    pub fn set_gid_holders(&mut self, holders: Option<Arc<HashMap<Gid, Holder>>>) {
+    pub fn set_gid_holders(&mut self, holders: Option<GidHolders>) {
         self.holders = holders;
     }
 
@@ -536,7 +536,13 @@ impl Node {
 
     /// Whether the peer that holds `gid` said its host RDMA device holds it too: the rdma
     /// path can reach it.
+    /// With a directory that names the GID's holder, the directory says (no link needed).
     pub fn rdma_reachable(&self, gid: &Gid) -> bool {
+        if let Some(holders) = &self.holders
+            && let Some(holder) = holders.holders.get(gid)
+        {
+            return holder.server != self.id && holders.rdma.contains(gid);
+        }
         self.peers
             .values()
             .any(|p| p.gids.contains(gid) && p.rdma_gids.contains(gid))
@@ -550,7 +556,7 @@ impl Node {
     /// The peer that holds `gid`: the server the directory names if it names one (`None`
     /// if that is this server), else the peer that announced it and was heard from lately.
     pub fn peer_of(&self, gid: &Gid) -> Option<PeerId> {
-        if let Some(holder) = self.holders.as_ref().and_then(|h| h.get(gid)) {
+        if let Some(holder) = self.holders.as_ref().and_then(|h| h.holders.get(gid)) {
             return (holder.server != self.id).then_some(holder.server);
         }
         self.peers

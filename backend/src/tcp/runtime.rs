@@ -417,7 +417,7 @@ impl Runtime {
             let gids = self.host.local_gids();
             let rdma_gids = self.host.local_rdma_gids();
             let holders = self.directories().into_iter().find_map(|directory| {
-                directory.publish_gids(&gids);
+                directory.publish_gids(&gids, &rdma_gids);
                 directory.gid_holders()
             });
             let mut node = self.shared.node();
@@ -425,7 +425,7 @@ impl Runtime {
                 && holders.version != self.holders_version
             {
                 self.holders_version = holders.version;
-                node.set_gid_holders(Some(holders.holders));
+                node.set_gid_holders(Some(holders));
             }
             node.set_local_gids(gids, now);
             node.set_local_rdma_gids(rdma_gids, now);

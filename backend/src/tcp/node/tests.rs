@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
+use crate::directory::Holder;
 use crate::tcp::execute::Staging;
 use crate::tcp::wire::Decoder;
 use crate::{Destination, GuestMemory, Sgl, Source};
@@ -1010,16 +1011,20 @@ fn a_peers_rdma_gids_are_a_subset_of_its_gids_and_follow_them_across_links() {
     assert!(p.a.rdma_reachable(&[0xe; 16]));
 }
 
-/// What an etcd directory says: A holds GID_A, B holds GID_B.
-fn directory_holders() -> Arc<HashMap<Gid, Holder>> {
+/// What an etcd directory says: A holds GID_A, B holds GID_B, and B's RDMA device holds it.
+fn directory_holders() -> GidHolders {
     let at = |server, port| Holder {
         server,
         addr: std::net::SocketAddr::from(([10, 0, 0, 1], port)),
     };
-    Arc::new(HashMap::from([
-        (GID_A, at(PEER_A, 1)),
-        (GID_B, at(PEER_B, 2)),
-    ]))
+    GidHolders {
+        version: 1,
+        holders: Arc::new(HashMap::from([
+            (GID_A, at(PEER_A, 1)),
+            (GID_B, at(PEER_B, 2)),
+        ])),
+        rdma: Arc::new(std::collections::HashSet::from([GID_B])),
+    }
 }
 
 #[test]
@@ -1032,6 +1037,11 @@ fn a_server_the_directory_names_is_wanted_until_linked_and_its_work_waits_for_th
         "the directory names B's GID: not A's to bind"
     );
     assert!(!p.a.gid_taken(&GID_A), "A's own GID");
+    assert!(
+        p.a.rdma_reachable(&GID_B),
+        "the directory says so, before any link"
+    );
+    assert!(!p.b.rdma_reachable(&GID_B), "B's own GID is not a peer's");
     assert!(p.a.wanted(p.now).is_empty());
     // No link yet: a datagram is kept and an RC send waits; B is wanted, once.
     p.memory.write_slice(b"mad", GuestAddress(0x100)).unwrap();
