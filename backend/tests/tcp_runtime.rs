@@ -428,3 +428,61 @@ fn a_peer_that_never_reads_its_answers_is_held_back_not_buffered() {
     drop(a);
     let _ = reader.join();
 }
+
+/// A loopback address whose SYNs go unanswered: a listener whose accept queue is full (one
+/// connection waits in it and is never accepted), so the kernel drops further SYNs, as a
+/// host that is gone does. Returns the address and what keeps it full.
+fn black_hole() -> (SocketAddr, (std::os::fd::OwnedFd, std::net::TcpStream)) {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, getsockname, listen, socket,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0)).expect("bind");
+    listen(&fd, Backlog::new(0).expect("backlog")).expect("listen");
+    let bound: SockaddrIn = getsockname(fd.as_raw_fd()).expect("getsockname");
+    let addr = SocketAddr::from((bound.ip(), bound.port()));
+    let filler = std::net::TcpStream::connect(addr).expect("the connection filling the queue");
+    (addr, (fd, filler))
+}
+
+/// Dialing a peer that does not answer must not hold the thread that serves every link
+/// (exit-free, the doorbell poller itself): the connection is started and left to finish
+/// or time out while the pump goes on turning.
+#[test]
+fn dialing_a_peer_that_never_answers_does_not_hold_the_pump() {
+    let (hole, _keep) = black_hole();
+    let host = FakeHost::new(0x31);
+    let config = Config {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        peers: vec![hole],
+        ..Config::default()
+    };
+    let (_transport, mut pump) =
+        Transport::start_driven(config, host).expect("start the transport");
+    // Two seconds of turns: four redials of the silent peer.
+    let started = Instant::now();
+    let (mut turns, mut slow) = (0u32, Duration::ZERO);
+    while started.elapsed() < Duration::from_secs(2) {
+        let turn = Instant::now();
+        pump.turn(Duration::from_millis(1));
+        let took = turn.elapsed();
+        if took > Duration::from_millis(150) {
+            slow += took;
+        }
+        turns += 1;
+    }
+    eprintln!("{turns} turns in 2 s; {slow:?} in turns of over 150 ms");
+    // A blocking dial spends 200 ms of every 500 ms redial period in one turn (40%); an
+    // occasional stall of a loaded machine is far below half of that.
+    assert!(
+        slow < Duration::from_millis(400),
+        "{slow:?} of 2 s went to turns over 150 ms: the dial blocks"
+    );
+}

@@ -571,9 +571,9 @@ impl Runtime {
                 continue;
             }
             self.next_dial.insert(target, now + REDIAL);
-            match TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
+            match connect_nonblocking(target) {
                 Ok(stream) => {
-                    debug!("connected to peer {target}");
+                    debug!("connecting to peer {target}");
                     self.open(stream, target, true, Some(target));
                 }
                 Err(e) => debug!("cannot reach peer {target}: {e}"),
@@ -935,6 +935,36 @@ fn proof(key: Option<&[u8]>, their_nonce: &[u8; 16], my_id: u64, my_nonce: &[u8;
 }
 
 /// Compares two MACs without an early exit, so timing tells an attacker nothing.
+/// Starts a TCP connection without waiting for it: the thread that dials also serves every
+/// link (and, exit-free, finds the doorbells), so a peer whose host is gone must not hold it
+/// for a connect timeout. The HELLO waits in the connection's queue until the socket is
+/// writable; a refused connection fails its first read or write, and one that never
+/// completes is closed by the handshake timeout.
+fn connect_nonblocking(addr: SocketAddr) -> io::Result<TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6, connect, socket,
+    };
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    let connected = match addr {
+        SocketAddr::V4(v4) => connect(raw, &SockaddrIn::from(v4)),
+        SocketAddr::V6(v6) => connect(raw, &SockaddrIn6::from(v6)),
+    };
+    match connected {
+        Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => Ok(TcpStream::from(fd)),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
