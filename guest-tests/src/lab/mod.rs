@@ -1,5 +1,6 @@
 //! The lab fixture: start N guests, each with its own PVRDMA device socket on one server
-//! process, joined by a private Ethernet segment; run commands in them; always clean up.
+//! process (or on two, see [`LabConfig::servers`]), joined by a private Ethernet segment; run
+//! commands in them; always clean up.
 //!
 //! ```no_run
 //! # use guest_tests::lab::{Lab, LabConfig};
@@ -11,14 +12,17 @@
 //! ```
 //!
 //! Cleanup is unconditional: dropping a `Lab` (also while a test panics) kills every QEMU, stops
-//! the server, closes the segment and removes the sockets. Children are also tied to the test
-//! thread with PR_SET_PDEATHSIG, so even a killed test process leaves nothing running. Logs
-//! are kept (and their folder printed) when the test fails, or always with PVRDMA_KEEP_RUN=1.
+//! the servers and their etcd, deletes their namespaces, closes the segment and removes the
+//! sockets. Children are also tied to the test thread with PR_SET_PDEATHSIG, so even a killed
+//! test process leaves nothing running (its namespaces are deleted by the next two-server
+//! lab). Logs are kept (and their folder printed) when the test fails, or always with
+//! PVRDMA_KEEP_RUN=1.
 
 mod child;
 mod cpio;
 mod env;
 mod error;
+mod etcd;
 mod guest;
 mod hosts;
 mod hub;
@@ -35,6 +39,7 @@ pub use error::{LabError, Result};
 pub use guest::{DEFAULT_COMMAND_TIMEOUT, Guest, Output};
 pub use server::ServerProcess;
 
+use etcd::EtcdProcess;
 use guest::GuestSpec;
 use hosts::{Hosts, TRANSPORT_PORT};
 use hub::Hub;
@@ -57,6 +62,8 @@ pub struct LabConfig {
     /// on server `i % 2`, each server in a network namespace of its own, the two joined
     /// by the TCP transport over a veth pair).
     pub servers: usize,
+    /// How the two servers of a two-server lab find each other.
+    pub discovery: Discovery,
     /// Host files put into every guest as well: `(host path, path in the guest)`, with the
     /// host file's permission bits (e.g. the server binary, for tests that run it inside a
     /// guest as a host of its own).
@@ -80,11 +87,23 @@ impl LabConfig {
             allow_reboot: false,
             server_args: Vec::new(),
             servers: 1,
+            discovery: Discovery::default(),
             extra_files: Vec::new(),
             external_sockets: Vec::new(),
             launched: None,
         }
     }
+}
+
+/// How the servers of a two-server lab find each other (docs/tcp-transport.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Discovery {
+    /// Each server names the other with `--peer`: the static list.
+    #[default]
+    PeerList,
+    /// Both register in an etcd the lab starts in host 0's namespace (`--directory
+    /// etcd://…` with a prefix of this lab's own), and neither is given a `--peer`.
+    Etcd,
 }
 
 pub struct Lab {
@@ -95,6 +114,9 @@ pub struct Lab {
     boot_timeout: Duration,
     guests: Vec<Guest>,
     servers: Vec<ServerProcess>,
+    /// The servers' directory ([`Discovery::Etcd`]); stopped after the servers, whose
+    /// clean shutdown revokes their leases in it.
+    etcd: Option<EtcdProcess>,
     /// The namespaces the servers run in (labs with two servers); deleted last.
     hosts: Option<Hosts>,
     hub: Option<Hub>,
@@ -129,6 +151,7 @@ impl Lab {
             run_dir,
             guests: Vec::new(),
             servers: Vec::new(),
+            etcd: None,
             hosts: None,
             hub: None,
             boot_time: Duration::ZERO,
@@ -208,7 +231,8 @@ impl Lab {
     }
 
     /// Starts the servers: one with every guest's socket, or one per "host" namespace,
-    /// joined by the TCP transport with a cluster key of this lab.
+    /// joined by the TCP transport with a cluster key of this lab, each naming the other
+    /// with `--peer` or both finding each other in an etcd started here first.
     fn start_servers(&mut self, config: &LabConfig, binary: &Path, names: &[String]) -> Result<()> {
         let socket = |name: &String| self.run_dir.join(format!("{name}.pvrdma.sock"));
         if config.servers <= 1 {
@@ -239,6 +263,25 @@ impl Lab {
             })
             .collect();
         std::fs::write(&key, secret).map_err(LabError::io("writing the cluster key"))?;
+        // Held by the lab from here on: its drop deletes the namespaces after the servers and
+        // etcd are gone, also when starting one of those fails.
+        let hosts = self.hosts.insert(hosts);
+        let find = match config.discovery {
+            Discovery::PeerList => None,
+            Discovery::Etcd => {
+                let etcd = EtcdProcess::start_in(hosts.netns(0), hosts.addr(0), &self.run_dir)?;
+                let endpoint = etcd.endpoint().to_string();
+                self.etcd = Some(etcd);
+                // A prefix of this lab's own (from its run folder's name): the keys say which
+                // lab wrote them, and labs sharing one etcd would not see each other's servers.
+                let lab = self
+                    .run_dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().replace("pvrdma-lab-", ""))
+                    .unwrap_or_default();
+                Some((endpoint, format!("/lab-{lab}/")))
+            }
+        };
         for host in 0..2 {
             let sockets = names
                 .iter()
@@ -250,11 +293,21 @@ impl Lab {
             args.extend([
                 "--listen".to_string(),
                 format!("{}:{TRANSPORT_PORT}", hosts.addr(host)),
-                "--peer".to_string(),
-                format!("{}:{TRANSPORT_PORT}", hosts.addr(1 - host)),
                 "--cluster-key".to_string(),
                 key.display().to_string(),
             ]);
+            match &find {
+                None => args.extend([
+                    "--peer".to_string(),
+                    format!("{}:{TRANSPORT_PORT}", hosts.addr(1 - host)),
+                ]),
+                Some((endpoint, prefix)) => args.extend([
+                    "--directory".to_string(),
+                    format!("etcd://{endpoint}"),
+                    "--directory-prefix".to_string(),
+                    prefix.clone(),
+                ]),
+            }
             let server = ServerProcess::start_in(
                 Some(hosts.netns(host)),
                 binary,
@@ -264,8 +317,14 @@ impl Lab {
             )?;
             self.servers.push(server);
         }
-        self.hosts = Some(hosts);
         Ok(())
+    }
+
+    /// The address server `index` of a two-server lab takes peers at (`ADDR:PORT`, as its
+    /// `--listen`, the directory and the servers' logs name it); `None` with one server.
+    pub fn transport_addr(&self, index: usize) -> Option<String> {
+        let hosts = self.hosts.as_ref()?;
+        (index < 2).then(|| format!("{}:{TRANSPORT_PORT}", hosts.addr(index)))
     }
 
     /// Replaces guest `index` with a fresh QEMU on the same device socket (killing the old
@@ -330,6 +389,7 @@ impl Drop for Lab {
             guest.kill();
         }
         self.servers.clear();
+        drop(self.etcd.take());
         drop(self.hosts.take());
         drop(self.hub.take());
         remove_sockets(&self.run_dir);
