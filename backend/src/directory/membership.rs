@@ -384,9 +384,15 @@ fn watch(etcd: &Etcd, shared: &Shared, prefix: &[u8]) {
                             }
                         };
                         shared.revision.store(revision, Ordering::Relaxed);
-                        if let Change::ServerLeft(addr) = change {
+                        // (This server's own key goes when it leaves: not news.)
+                        if let Change::ServerLeft(addr) = change
+                            && addr != shared.me.addr
+                        {
                             info!("directory: server {addr} left");
                         }
+                    }
+                    if shared.stop.load(Ordering::Relaxed) {
+                        return;
                     }
                 }
                 Err(e) => {
