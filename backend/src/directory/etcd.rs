@@ -9,6 +9,11 @@
 //! base64 on the wire, as the gateway wants; the client takes and returns bytes. Answers are
 //! read with bounded sizes: an etcd is trusted to be etcd, but a wrong address must not make
 //! the server buffer without limit.
+//!
+//! What etcd's own clients offer to reach a secured cluster, as etcdctl's `--cacert`,
+//! `--cert` and `--key`: https endpoints ([`EtcdTls`]).
+
+mod tls;
 
 use std::io::{BufRead, BufReader, Read};
 use std::time::Duration;
@@ -17,6 +22,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 use thiserror::Error;
+
+pub use tls::{EtcdTls, TlsError};
 
 /// Longest answer read for one request (a listing of a large prefix included).
 const MAX_ANSWER: u64 = 64 << 20;
@@ -43,6 +50,10 @@ pub enum EtcdError {
     WatchCancelled(String),
     #[error("the watch's start revision was compacted (etcd keeps from {compact_revision})")]
     Compacted { compact_revision: i64 },
+    #[error("TLS with etcd at {endpoint} failed: {reason}")]
+    Tls { endpoint: String, reason: String },
+    #[error("{endpoint} is https and the client has no TLS settings")]
+    NoTls { endpoint: String },
 }
 
 /// One key and its value, with the revision that last changed it.
@@ -68,11 +79,52 @@ pub enum Event {
     Delete { key: Vec<u8>, mod_revision: i64 },
 }
 
-/// A client of one etcd cluster, trying its endpoints in order.
+/// How a client reaches etcd: [`Etcd::new`] is this without TLS.
 #[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// `http://HOST:PORT`, `https://HOST:PORT`, or `HOST:PORT` (https with `tls`, http
+    /// without), tried in order.
+    pub endpoints: Vec<String>,
+    /// The longest one request may take (a watch runs for as long as it is read).
+    pub timeout: Duration,
+    /// What https endpoints are trusted by, and the certificate shown to them.
+    pub tls: Option<EtcdTls>,
+}
+
+impl EtcdConfig {
+    /// Plain http (or `https://` endpoints, which then fail for want of TLS settings).
+    pub fn new(endpoints: &[String], timeout: Duration) -> EtcdConfig {
+        EtcdConfig {
+            endpoints: endpoints.to_vec(),
+            timeout,
+            tls: None,
+        }
+    }
+}
+
+/// A client of one etcd cluster, trying its endpoints in order.
+#[derive(Clone)]
 pub struct Etcd {
     endpoints: Vec<String>,
-    timeout: Duration,
+    /// For requests: each bounded by the configured timeout.
+    agent: ureq::Agent,
+    /// For watches: no overall timeout, as a watch lasts as long as the server runs.
+    watch_agent: ureq::Agent,
+    /// Whether https endpoints can be reached (TLS settings were given).
+    tls: bool,
+    /// Whether the client shows etcd a certificate.
+    client_cert: bool,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the agents: their TLS settings would list every trusted certificate.
+        f.debug_struct("Etcd")
+            .field("endpoints", &self.endpoints)
+            .field("tls", &self.tls)
+            .field("client_cert", &self.client_cert)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The end of the key range holding every key that starts with `prefix`.
@@ -124,42 +176,137 @@ fn unreachable(endpoint: &str, reason: impl ToString) -> EtcdError {
     }
 }
 
+/// A failure to talk to `endpoint`, TLS ones (certificates, the handshake) named as such.
+/// `certless`: the client reached an https endpoint without a client certificate.
+fn failed(endpoint: &str, error: ureq::Error, certless: bool) -> EtcdError {
+    // What a client without a certificate may hear from etcd refusing it.
+    let refused = |e: &rustls::Error| {
+        use rustls::AlertDescription::{BadCertificate, CertificateRequired};
+        certless
+            && matches!(
+                e,
+                rustls::Error::AlertReceived(BadCertificate | CertificateRequired)
+            )
+    };
+    let hint = "; etcd may require a client certificate";
+    let rustls_error = match &error {
+        ureq::Error::Rustls(e) => Some(e),
+        // rustls' errors met while reading or writing (an alert etcd sends once the
+        // handshake is over, as TLS 1.3 refuses a missing client certificate).
+        ureq::Error::Io(io) => io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()),
+        _ => None,
+    };
+    let tls = match (rustls_error, &error) {
+        (Some(e), _) if refused(e) => Some(format!("{e}{hint}")),
+        (Some(e), _) => Some(e.to_string()),
+        // etcd sends that alert and closes the connection: the client, writing its request
+        // by then, mostly finds the connection gone before it reads the alert.
+        (None, ureq::Error::Io(io))
+            if certless
+                && matches!(
+                    io.kind(),
+                    std::io::ErrorKind::BrokenPipe
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::UnexpectedEof
+                ) =>
+        {
+            Some(format!("etcd closed the connection ({io}){hint}"))
+        }
+        _ => None,
+    };
+    match tls {
+        Some(reason) => EtcdError::Tls {
+            endpoint: endpoint.to_string(),
+            reason,
+        },
+        None => unreachable(endpoint, error),
+    }
+}
+
 fn revision(answer: &Value) -> i64 {
     answer.get("header").map_or(0, |h| number(h, "revision"))
+}
+
+/// An agent of the client: etcd's errors are answers to read, not ureq errors; and no idle
+/// connection is kept, so each request has a connection of its own, as it had when the
+/// client built an agent per request.
+fn agent(timeout: Option<Duration>, tls: ureq::tls::TlsConfig) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(timeout)
+        .http_status_as_error(false)
+        .tls_config(tls)
+        .max_idle_connections(0)
+        .build()
+        .into()
 }
 
 impl Etcd {
     /// A client of the cluster at `endpoints` (`http://HOST:PORT`, or `HOST:PORT`).
     pub fn new(endpoints: &[String], timeout: Duration) -> Etcd {
-        let endpoints = endpoints
+        Etcd::with_config(EtcdConfig::new(endpoints, timeout))
+    }
+
+    /// A client as `config` says (TLS).
+    pub fn with_config(config: EtcdConfig) -> Etcd {
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let endpoints = config
+            .endpoints
             .iter()
             .map(|e| {
                 let e = e.trim_end_matches('/');
                 if e.contains("://") {
                     e.to_string()
                 } else {
-                    format!("http://{e}")
+                    format!("{scheme}://{e}")
                 }
             })
             .collect();
-        Etcd { endpoints, timeout }
+        let tls = config
+            .tls
+            .as_ref()
+            .map_or_else(tls::no_tls, EtcdTls::ureq_config);
+        Etcd {
+            endpoints,
+            agent: agent(Some(config.timeout), tls.clone()),
+            watch_agent: agent(None, tls),
+            tls: config.tls.is_some(),
+            client_cert: config.tls.as_ref().is_some_and(EtcdTls::has_client_cert),
+        }
     }
 
-    fn agent(&self, timeout: Option<Duration>) -> ureq::Agent {
-        ureq::Agent::config_builder()
-            .timeout_global(timeout)
-            .http_status_as_error(false)
-            .build()
-            .into()
+    /// Whether `endpoint` is reached over TLS without a client certificate.
+    fn certless(&self, endpoint: &str) -> bool {
+        endpoint.starts_with("https://") && !self.client_cert
+    }
+
+    /// POSTs `body` to `path` at `endpoint`.
+    fn post(
+        &self,
+        agent: &ureq::Agent,
+        endpoint: &str,
+        path: &str,
+        body: &Value,
+    ) -> Result<ureq::http::Response<ureq::Body>, EtcdError> {
+        if endpoint.starts_with("https://") && !self.tls {
+            return Err(EtcdError::NoTls {
+                endpoint: endpoint.to_string(),
+            });
+        }
+        agent
+            .post(format!("{endpoint}{path}"))
+            .send_json(body)
+            .map_err(|e| failed(endpoint, e, self.certless(endpoint)))
     }
 
     /// POSTs `body` to `path` on the first endpoint that answers; the answer as JSON.
     fn call(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
-        let agent = self.agent(Some(self.timeout));
         let mut last = None;
         for endpoint in &self.endpoints {
-            let url = format!("{endpoint}{path}");
-            match agent.post(&url).send_json(body) {
+            match self.post(&self.agent, endpoint, path, body) {
                 Ok(mut response) => {
                     let status = response.status().as_u16();
                     let mut text = String::new();
@@ -168,10 +315,7 @@ impl Etcd {
                         .as_reader()
                         .take(MAX_ANSWER)
                         .read_to_string(&mut text)
-                        .map_err(|e| EtcdError::Unreachable {
-                            endpoint: endpoint.clone(),
-                            reason: e.to_string(),
-                        })?;
+                        .map_err(|e| failed(endpoint, e.into(), self.certless(endpoint)))?;
                     if status != 200 {
                         return Err(EtcdError::Status {
                             endpoint: endpoint.clone(),
@@ -182,7 +326,7 @@ impl Etcd {
                     return serde_json::from_str(&text)
                         .map_err(|e| EtcdError::Malformed(format!("{path}: {e}")));
                 }
-                Err(e) => last = Some(unreachable(endpoint, e)),
+                Err(e) => last = Some(e),
             }
         }
         Err(last.unwrap_or_else(|| unreachable("(none)", "no endpoint given")))
@@ -294,11 +438,9 @@ impl Etcd {
             "range_end": BASE64.encode(prefix_end(prefix)),
             "start_revision": start_revision.to_string(),
         } });
-        // No overall timeout: a watch lasts as long as the server runs.
-        let agent = self.agent(None);
         let mut last = None;
         for endpoint in &self.endpoints {
-            match agent.post(&format!("{endpoint}/v3/watch")).send_json(&body) {
+            match self.post(&self.watch_agent, endpoint, "/v3/watch", &body) {
                 Ok(response) if response.status().as_u16() == 200 => {
                     let reader = BufReader::new(response.into_body().into_reader());
                     let mut watch = Watch { reader };
@@ -313,7 +455,7 @@ impl Etcd {
                         body: String::new(),
                     })
                 }
-                Err(e) => last = Some(unreachable(endpoint, e)),
+                Err(e) => last = Some(e),
             }
         }
         Err(last.unwrap_or_else(|| unreachable("(none)", "no endpoint given")))
