@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pvrdma_backend::directory::etcd::{Etcd, EtcdConfig, EtcdError, EtcdTls, Event, TlsError};
+use pvrdma_backend::directory::etcd::{
+    Etcd, EtcdConfig, EtcdError, EtcdTls, EtcdUser, Event, TlsError,
+};
 
 /// One etcd process with a data folder of its own; killed and removed on drop.
 struct EtcdServer {
@@ -86,12 +88,22 @@ impl EtcdServer {
         Etcd::new(std::slice::from_ref(&self.endpoint), Duration::from_secs(5))
     }
 
-    /// A client of this etcd with `tls`.
-    fn client_with(&self, tls: Option<EtcdTls>) -> Etcd {
+    /// A client of this etcd with `tls` and `user`.
+    fn client_with(&self, tls: Option<EtcdTls>, user: Option<EtcdUser>) -> Etcd {
         Etcd::with_config(EtcdConfig {
             tls,
+            user,
             ..EtcdConfig::new(std::slice::from_ref(&self.endpoint), Duration::from_secs(5))
         })
+    }
+
+    /// POSTs `body` to the gateway's `path` as etcd's administrator would (no TLS, no
+    /// token: for setting up authentication before it is enabled); the answer.
+    fn admin(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let mut answer = ureq::post(&format!("{}{path}", self.endpoint))
+            .send_json(body)
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        answer.body_mut().read_json().expect("a JSON answer")
     }
 }
 
@@ -387,7 +399,7 @@ fn start_tls_etcd(tag: &str, pki: &Pki) -> EtcdServer {
             "--client-cert-auth".into(),
         ],
     );
-    server.wait_for(&server.client_with(Some(pki.tls("ca", true))));
+    server.wait_for(&server.client_with(Some(pki.tls("ca", true)), None));
     server
 }
 
@@ -396,7 +408,7 @@ fn start_tls_etcd(tag: &str, pki: &Pki) -> EtcdServer {
 fn over_tls_with_a_client_certificate_keys_are_put_listed_and_watched() {
     let pki = Pki::make("pki-kv");
     let server = start_tls_etcd("tls-kv", &pki);
-    let etcd = server.client_with(Some(pki.tls("ca", true)));
+    let etcd = server.client_with(Some(pki.tls("ca", true)), None);
     let first = etcd
         .put(b"pvrdma/gid/a", b"server-1", 0)
         .expect("put over TLS");
@@ -441,12 +453,12 @@ fn over_tls_a_missing_client_certificate_or_ca_is_a_clear_error() {
     };
     // etcd refuses a client without a certificate.
     expect_tls_error(
-        server.client_with(Some(pki.tls("ca", false))),
+        server.client_with(Some(pki.tls("ca", false)), None),
         "may require a client certificate",
     );
     // A client trusting another CA refuses etcd's certificate.
     expect_tls_error(
-        server.client_with(Some(pki.tls("other-ca", true))),
+        server.client_with(Some(pki.tls("other-ca", true)), None),
         "UnknownIssuer",
     );
     // Without TLS settings an https endpoint is refused before connecting.
@@ -467,4 +479,94 @@ fn over_tls_a_missing_client_certificate_or_ca_is_a_clear_error() {
         .expect("the CA")
         .with_client_cert(&pki.read("client.pem"), &pki.read("client.pem"));
     assert!(matches!(no_key, Err(TlsError::Key(_))), "{no_key:?}");
+}
+
+/// etcd with authentication on: a user `root` (role root) whose password is `secret`, and
+/// simple tokens that expire after `token_ttl` seconds unused.
+fn start_auth_etcd(tag: &str, token_ttl: u32) -> EtcdServer {
+    let server = EtcdServer::spawn(tag, "http", &[format!("--auth-token-ttl={token_ttl}")]);
+    server.wait_for(&server.client());
+    server.admin(
+        "/v3/auth/user/add",
+        serde_json::json!({ "name": "root", "password": "secret" }),
+    );
+    server.admin(
+        "/v3/auth/user/grant",
+        serde_json::json!({ "user": "root", "role": "root" }),
+    );
+    server.admin("/v3/auth/enable", serde_json::json!({}));
+    server
+}
+
+#[test]
+#[ignore = "starts etcd; run by scripts/test"]
+fn with_authentication_the_right_user_works_and_others_are_told_why_not() {
+    let server = start_auth_etcd("auth", 300);
+    let root = server.client_with(None, Some(EtcdUser::new("root", "secret")));
+    let lease = root.grant(30).expect("grant as root");
+    let revision = root.put(b"pvrdma/gid/a", b"1", lease).expect("put as root");
+    assert_eq!(root.keep_alive(lease).expect("keep alive as root"), 30);
+    let listing = root.list(b"pvrdma/").expect("list as root");
+    assert_eq!(listing.kvs.len(), 1);
+    let mut watch = root.watch(b"pvrdma/", revision).expect("watch as root");
+    assert!(
+        matches!(&watch.changes().expect("events")[..], [Event::Put(kv)] if kv.key == b"pvrdma/gid/a")
+    );
+
+    let wrong = server.client_with(None, Some(EtcdUser::new("root", "guess")));
+    match wrong.list(b"pvrdma/") {
+        Err(e @ EtcdError::AuthFailed { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("\"root\""), "{text}");
+            assert!(text.contains("invalid user ID or password"), "{text}");
+        }
+        other => panic!("a wrong password: {other:?}"),
+    }
+    assert!(matches!(
+        wrong.watch(b"pvrdma/", 0),
+        Err(EtcdError::AuthFailed { .. })
+    ));
+    let nobody = server.client();
+    match nobody.put(b"pvrdma/gid/b", b"2", 0) {
+        Err(e @ EtcdError::AuthRequired { .. }) => {
+            assert!(e.to_string().contains("no user was given"), "{e}");
+        }
+        other => panic!("no user: {other:?}"),
+    }
+    assert!(matches!(
+        nobody.watch(b"pvrdma/", 0),
+        Err(EtcdError::AuthRequired { .. })
+    ));
+    assert_eq!(
+        root.list(b"pvrdma/").expect("list").kvs.len(),
+        1,
+        "nothing was written"
+    );
+    root.revoke(lease).expect("revoke as root");
+}
+
+#[test]
+#[ignore = "starts etcd; run by scripts/test"]
+fn an_expired_token_is_renewed_and_the_request_retried() {
+    // Tokens live 1 s unused (etcd checks every second): after 3 s idle, the client's
+    // token is gone from etcd, and each call below would fail without a new one.
+    let server = start_auth_etcd("token", 1);
+    let root = server.client_with(None, Some(EtcdUser::new("root", "secret")));
+    root.put(b"pvrdma/gid/a", b"1", 0).expect("put");
+    std::thread::sleep(Duration::from_secs(3));
+    let listing = root.list(b"pvrdma/").expect("list with an expired token");
+    assert_eq!(listing.kvs.len(), 1);
+    std::thread::sleep(Duration::from_secs(3));
+    let mut watch = root
+        .watch(b"pvrdma/", listing.revision + 1)
+        .expect("watch with an expired token");
+    // A clone shares the token: it is renewed once for both.
+    std::thread::sleep(Duration::from_secs(3));
+    let other = root.clone();
+    other
+        .put(b"pvrdma/gid/b", b"2", 0)
+        .expect("put with an expired token");
+    // A running watch outlives its token.
+    let events = watch.changes().expect("events");
+    assert!(matches!(&events[..], [Event::Put(kv)] if kv.key == b"pvrdma/gid/b"));
 }
