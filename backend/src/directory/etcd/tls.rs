@@ -16,13 +16,13 @@ use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig, TlsPr
 /// Why TLS settings cannot be used; each names the input at fault.
 #[derive(Debug, Error)]
 pub enum TlsError {
-    #[error("the CA bundle {0}")]
+    #[error("the CA bundle: {0}")]
     Ca(String),
-    #[error("the system's root certificates {0}")]
+    #[error("the system's root certificates: {0}")]
     SystemRoots(String),
-    #[error("the client certificate {0}")]
+    #[error("the client certificate: {0}")]
     Cert(String),
-    #[error("the client key {0}")]
+    #[error("the client key: {0}")]
     Key(String),
     #[error("the client certificate and key do not go together: {0}")]
     Pair(String),
@@ -49,10 +49,10 @@ impl fmt::Debug for EtcdTls {
 /// The crypto ureq's rustls uses; named in every TLS setting given to ureq, because ureq
 /// without its own provider feature panics when asked to connect with none.
 ///
-/// ring, as ureq's own default: rustls 0.23.48 deprecates it for having no post-quantum key
-/// exchange, which aws-lc-rs has at the cost of a far larger C build; what crosses this
-/// link (servers' addresses, leases) is not a secret worth that today. Revisit when etcd's
-/// clients and the build can take aws-lc-rs.
+/// ring, as ureq's own default: a small C and assembly build, where aws-lc-rs (rustls'
+/// default) is a far larger one. rustls 0.23.48 deprecates ring's provider for having no
+/// post-quantum key exchange (a recorded session could one day be decrypted); moving to
+/// aws-lc-rs is this function and the rustls features in Cargo.toml.
 #[allow(deprecated)]
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -62,21 +62,19 @@ fn provider() -> Arc<CryptoProvider> {
 fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("is not PEM: {e}"))
+        .map_err(|e| format!("not PEM: {e}"))
 }
 
 /// `certs` as roots: refused when none of them is a certificate rustls can use (an empty
 /// store would fail every handshake with a far less helpful message).
 fn roots(certs: Vec<CertificateDer<'static>>) -> Result<Arc<Vec<Certificate<'static>>>, String> {
     if certs.is_empty() {
-        return Err("holds no PEM certificate".into());
+        return Err("no PEM certificate in it".into());
     }
     let mut store = rustls::RootCertStore::empty();
     let (added, ignored) = store.add_parsable_certificates(certs.iter().cloned());
     if added == 0 {
-        return Err(format!(
-            "holds {ignored} certificates and none is one a client can trust"
-        ));
+        return Err(format!("{ignored} certificates, none usable as a root"));
     }
     if ignored > 0 {
         log::warn!(
@@ -124,15 +122,15 @@ impl EtcdTls {
     pub fn with_client_cert(self, cert_pem: &[u8], key_pem: &[u8]) -> Result<EtcdTls, TlsError> {
         let chain = certificates(cert_pem).map_err(TlsError::Cert)?;
         if chain.is_empty() {
-            return Err(TlsError::Cert("holds no PEM certificate".into()));
+            return Err(TlsError::Cert("no PEM certificate in it".into()));
         }
         // Both parsers take the file's first private key of any kind (PKCS#1, PKCS#8, SEC1):
         // rustls' to check it, ureq's for ureq (whose key kinds are not public).
         let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
             rustls::pki_types::pem::Error::NoItemsFound => {
-                TlsError::Key("holds no PEM private key".into())
+                TlsError::Key("no PEM private key in it".into())
             }
-            other => TlsError::Key(format!("is not PEM: {other}")),
+            other => TlsError::Key(format!("not PEM: {other}")),
         })?;
         let key_for_ureq =
             PrivateKey::from_pem(key_pem).map_err(|e| TlsError::Key(e.to_string()))?;
