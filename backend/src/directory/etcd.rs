@@ -107,7 +107,7 @@ fn etcd_message(body: &str) -> String {
     serde_json::from_str::<Value>(body)
         .ok()
         .and_then(|answer| answer.get("error")?.as_str().map(str::to_string))
-        .unwrap_or_else(|| body.to_string())
+        .unwrap_or_else(|| body.trim().to_string())
 }
 
 /// One key and its value, with the revision that last changed it.
