@@ -1,13 +1,16 @@
 //! The cluster directory's etcd client against a real etcd (Debian's etcd-server, which
 //! scripts/test installs), started per test on loopback ports of its own. Ignored by a plain
-//! `cargo test`; scripts/test runs them with `--ignored`.
+//! `cargo test`; scripts/test runs them with `--ignored`. The TLS tests make their
+//! certificates with the openssl command (Debian's openssl, which scripts/test installs).
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pvrdma_backend::directory::etcd::{Etcd, EtcdError, Event};
+use pvrdma_backend::directory::etcd::{
+    Etcd, EtcdConfig, EtcdError, EtcdTls, EtcdUser, Event, TlsError,
+};
 
 /// One etcd process with a data folder of its own; killed and removed on drop.
 struct EtcdServer {
@@ -23,13 +26,27 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A fresh folder of the test's own under the temp folder.
+fn temp_folder(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pvrdma-etcd-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a temp folder");
+    dir
+}
+
 impl EtcdServer {
     fn start(tag: &str) -> EtcdServer {
-        let dir = std::env::temp_dir().join(format!("pvrdma-etcd-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("etcd's folder");
+        let server = EtcdServer::spawn(tag, "http", &[]);
+        server.wait_for(&server.client());
+        server
+    }
+
+    /// etcd serving clients on `scheme` (http or https), with `extra` arguments; not yet
+    /// answering.
+    fn spawn(tag: &str, scheme: &str, extra: &[String]) -> EtcdServer {
+        let dir = temp_folder(tag);
         let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let child = Command::new("etcd")
             .arg("--data-dir")
@@ -39,6 +56,7 @@ impl EtcdServer {
             .args(["--listen-peer-urls", &peer_url])
             .args(["--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("lab={peer_url}")])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("etcd.log")).expect("etcd's log"))
@@ -46,26 +64,46 @@ impl EtcdServer {
             .unwrap_or_else(|e| {
                 panic!("cannot start etcd ({e}): install Debian's etcd-server (scripts/test does)")
             });
-        let server = EtcdServer {
+        EtcdServer {
             child,
             dir,
             endpoint,
-        };
-        let client = server.client();
+        }
+    }
+
+    /// Waits until etcd answers `client`.
+    fn wait_for(&self, client: &Etcd) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while client.list(b"probe/").is_err() {
+        while let Err(e) = client.list(b"probe/") {
             assert!(
                 Instant::now() < deadline,
-                "etcd did not answer within 30 s: {}",
-                std::fs::read_to_string(server.dir.join("etcd.log")).unwrap_or_default()
+                "etcd did not answer within 30 s ({e}): {}",
+                std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        server
     }
 
     fn client(&self) -> Etcd {
         Etcd::new(std::slice::from_ref(&self.endpoint), Duration::from_secs(5))
+    }
+
+    /// A client of this etcd with `tls` and `user`.
+    fn client_with(&self, tls: Option<EtcdTls>, user: Option<EtcdUser>) -> Etcd {
+        Etcd::with_config(EtcdConfig {
+            tls,
+            user,
+            ..EtcdConfig::new(std::slice::from_ref(&self.endpoint), Duration::from_secs(5))
+        })
+    }
+
+    /// POSTs `body` to the gateway's `path` as etcd's administrator would (no TLS, no
+    /// token: for setting up authentication before it is enabled); the answer.
+    fn admin(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let mut answer = ureq::post(&format!("{}{path}", self.endpoint))
+            .send_json(body)
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        answer.body_mut().read_json().expect("a JSON answer")
     }
 }
 
@@ -215,4 +253,320 @@ fn a_dead_endpoint_is_named_and_the_next_one_is_tried() {
     both.put(b"x/k", b"v", 0)
         .expect("put through the live endpoint");
     assert_eq!(both.list(b"x/").expect("list").kvs.len(), 1);
+}
+
+/// Runs openssl in `dir`; panics with its error output when it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run openssl ({e}): install Debian's openssl"));
+    assert!(
+        output.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A certificate authority in `dir`: `NAME.pem` and `NAME.key`.
+fn make_ca(dir: &Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    );
+}
+
+/// A certificate for `name` signed by the CA `ca`, with `extensions` (an openssl
+/// extension file's lines): `NAME.pem` and `NAME.key` in `dir`.
+fn make_cert(dir: &Path, ca: &str, name: &str, extensions: &str) {
+    let ext = format!("{name}.ext");
+    std::fs::write(dir.join(&ext), extensions).expect("the extension file");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    );
+}
+
+/// The certificates of the TLS tests, in a folder of their own: a CA, etcd's certificate
+/// (for 127.0.0.1; etcd's gateway also shows it to etcd as a client), a client's, and a
+/// second CA that signed neither.
+struct Pki(PathBuf);
+
+impl Pki {
+    fn make(tag: &str) -> Pki {
+        let dir = temp_folder(tag);
+        make_ca(&dir, "ca");
+        make_ca(&dir, "other-ca");
+        make_cert(
+            &dir,
+            "ca",
+            "etcd",
+            "subjectAltName = IP:127.0.0.1\nextendedKeyUsage = serverAuth, clientAuth\n",
+        );
+        make_cert(&dir, "ca", "client", "extendedKeyUsage = clientAuth\n");
+        Pki(dir)
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.0.join(file).display().to_string()
+    }
+
+    fn read(&self, file: &str) -> Vec<u8> {
+        std::fs::read(self.0.join(file)).expect("a file of the test's PKI")
+    }
+
+    /// Trusting the CA `ca`, presenting the client certificate when `client`.
+    fn tls(&self, ca: &str, client: bool) -> EtcdTls {
+        let tls = EtcdTls::with_ca(&self.read(&format!("{ca}.pem"))).expect("the CA");
+        match client {
+            true => tls
+                .with_client_cert(&self.read("client.pem"), &self.read("client.key"))
+                .expect("the client certificate"),
+            false => tls,
+        }
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// etcd on https only, asking clients for a certificate its CA signed.
+fn start_tls_etcd(tag: &str, pki: &Pki) -> EtcdServer {
+    let server = EtcdServer::spawn(
+        tag,
+        "https",
+        &[
+            "--cert-file".into(),
+            pki.path("etcd.pem"),
+            "--key-file".into(),
+            pki.path("etcd.key"),
+            "--trusted-ca-file".into(),
+            pki.path("ca.pem"),
+            "--client-cert-auth".into(),
+        ],
+    );
+    server.wait_for(&server.client_with(Some(pki.tls("ca", true)), None));
+    server
+}
+
+#[test]
+#[ignore = "starts etcd; run by scripts/test"]
+fn over_tls_with_a_client_certificate_keys_are_put_listed_and_watched() {
+    let pki = Pki::make("pki-kv");
+    let server = start_tls_etcd("tls-kv", &pki);
+    let etcd = server.client_with(Some(pki.tls("ca", true)), None);
+    let first = etcd
+        .put(b"pvrdma/gid/a", b"server-1", 0)
+        .expect("put over TLS");
+    let listing = etcd.list(b"pvrdma/").expect("list over TLS");
+    assert_eq!(listing.revision, first);
+    assert_eq!(listing.kvs.len(), 1);
+    assert_eq!(listing.kvs[0].value, b"server-1");
+    let mut watch = etcd
+        .watch(b"pvrdma/", listing.revision + 1)
+        .expect("watch over TLS");
+    let writer = {
+        let etcd = etcd.clone();
+        std::thread::spawn(move || etcd.put(b"pvrdma/gid/b", b"server-2", 0))
+    };
+    let events = watch.changes().expect("events over TLS");
+    writer.join().expect("writer").expect("put b");
+    assert!(
+        matches!(&events[..], [Event::Put(kv)] if kv.key == b"pvrdma/gid/b"),
+        "{events:?}"
+    );
+    // The endpoint without a scheme is https when TLS settings are given.
+    let bare = server.endpoint.trim_start_matches("https://").to_string();
+    let bare = Etcd::with_config(EtcdConfig {
+        tls: Some(pki.tls("ca", true)),
+        ..EtcdConfig::new(&[bare], Duration::from_secs(5))
+    });
+    assert_eq!(bare.list(b"pvrdma/").expect("list").kvs.len(), 2);
+}
+
+#[test]
+#[ignore = "starts etcd; run by scripts/test"]
+fn over_tls_a_missing_client_certificate_or_ca_is_a_clear_error() {
+    let pki = Pki::make("pki-refused");
+    let server = start_tls_etcd("tls-refused", &pki);
+    let expect_tls_error = |etcd: Etcd, needle: &str| match etcd.list(b"pvrdma/") {
+        Err(e @ EtcdError::Tls { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains(&server.endpoint), "{text}");
+            assert!(text.contains(needle), "{text} does not say {needle:?}");
+        }
+        other => panic!("expected a TLS error saying {needle:?}, got {other:?}"),
+    };
+    // etcd refuses a client without a certificate.
+    expect_tls_error(
+        server.client_with(Some(pki.tls("ca", false)), None),
+        "may require a client certificate",
+    );
+    // A client trusting another CA refuses etcd's certificate.
+    expect_tls_error(
+        server.client_with(Some(pki.tls("other-ca", true)), None),
+        "UnknownIssuer",
+    );
+    // Without TLS settings an https endpoint is refused before connecting.
+    assert!(matches!(
+        server.client().list(b"pvrdma/"),
+        Err(EtcdError::NoTls { .. })
+    ));
+    // A key that is not the certificate's is refused when the settings are made.
+    let mismatched = EtcdTls::with_ca(&pki.read("ca.pem"))
+        .expect("the CA")
+        .with_client_cert(&pki.read("client.pem"), &pki.read("etcd.key"));
+    assert!(
+        matches!(mismatched, Err(TlsError::Pair(_))),
+        "{mismatched:?}"
+    );
+    // A certificate given as the key holds no key.
+    let no_key = EtcdTls::with_ca(&pki.read("ca.pem"))
+        .expect("the CA")
+        .with_client_cert(&pki.read("client.pem"), &pki.read("client.pem"));
+    assert!(matches!(no_key, Err(TlsError::Key(_))), "{no_key:?}");
+}
+
+/// etcd with authentication on: a user `root` (role root) whose password is `secret`, and
+/// simple tokens that expire after `token_ttl` seconds unused.
+fn start_auth_etcd(tag: &str, token_ttl: u32) -> EtcdServer {
+    let server = EtcdServer::spawn(tag, "http", &[format!("--auth-token-ttl={token_ttl}")]);
+    server.wait_for(&server.client());
+    server.admin(
+        "/v3/auth/user/add",
+        serde_json::json!({ "name": "root", "password": "secret" }),
+    );
+    server.admin(
+        "/v3/auth/user/grant",
+        serde_json::json!({ "user": "root", "role": "root" }),
+    );
+    server.admin("/v3/auth/enable", serde_json::json!({}));
+    server
+}
+
+#[test]
+#[ignore = "starts etcd; run by scripts/test"]
+fn with_authentication_the_right_user_works_and_others_are_told_why_not() {
+    let server = start_auth_etcd("auth", 300);
+    let root = server.client_with(None, Some(EtcdUser::new("root", "secret")));
+    let lease = root.grant(30).expect("grant as root");
+    let revision = root.put(b"pvrdma/gid/a", b"1", lease).expect("put as root");
+    assert_eq!(root.keep_alive(lease).expect("keep alive as root"), 30);
+    let listing = root.list(b"pvrdma/").expect("list as root");
+    assert_eq!(listing.kvs.len(), 1);
+    let mut watch = root.watch(b"pvrdma/", revision).expect("watch as root");
+    assert!(
+        matches!(&watch.changes().expect("events")[..], [Event::Put(kv)] if kv.key == b"pvrdma/gid/a")
+    );
+
+    let wrong = server.client_with(None, Some(EtcdUser::new("root", "guess")));
+    match wrong.list(b"pvrdma/") {
+        Err(e @ EtcdError::AuthFailed { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("\"root\""), "{text}");
+            assert!(text.contains("invalid user ID or password"), "{text}");
+        }
+        other => panic!("a wrong password: {other:?}"),
+    }
+    assert!(matches!(
+        wrong.watch(b"pvrdma/", 0),
+        Err(EtcdError::AuthFailed { .. })
+    ));
+    let nobody = server.client();
+    match nobody.put(b"pvrdma/gid/b", b"2", 0) {
+        Err(e @ EtcdError::AuthRequired { .. }) => {
+            assert!(e.to_string().contains("no user was given"), "{e}");
+        }
+        other => panic!("no user: {other:?}"),
+    }
+    assert!(matches!(
+        nobody.watch(b"pvrdma/", 0),
+        Err(EtcdError::AuthRequired { .. })
+    ));
+    assert_eq!(
+        root.list(b"pvrdma/").expect("list").kvs.len(),
+        1,
+        "nothing was written"
+    );
+    root.revoke(lease).expect("revoke as root");
+}
+
+#[test]
+#[ignore = "starts etcd; run by scripts/test"]
+fn an_expired_token_is_renewed_and_the_request_retried() {
+    // Tokens live 1 s unused (etcd checks every second): after 3 s idle, the client's
+    // token is gone from etcd, and each call below would fail without a new one.
+    let server = start_auth_etcd("token", 1);
+    let root = server.client_with(None, Some(EtcdUser::new("root", "secret")));
+    root.put(b"pvrdma/gid/a", b"1", 0).expect("put");
+    std::thread::sleep(Duration::from_secs(3));
+    let listing = root.list(b"pvrdma/").expect("list with an expired token");
+    assert_eq!(listing.kvs.len(), 1);
+    std::thread::sleep(Duration::from_secs(3));
+    let mut watch = root
+        .watch(b"pvrdma/", listing.revision + 1)
+        .expect("watch with an expired token");
+    // A clone shares the token: it is renewed once for both.
+    std::thread::sleep(Duration::from_secs(3));
+    let other = root.clone();
+    other
+        .put(b"pvrdma/gid/b", b"2", 0)
+        .expect("put with an expired token");
+    // A running watch outlives its token.
+    let events = watch.changes().expect("events");
+    assert!(matches!(&events[..], [Event::Put(kv)] if kv.key == b"pvrdma/gid/b"));
 }

@@ -21,7 +21,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use log::{info, warn};
 use nix::sys::signal::{SigSet, Signal};
 use pvrdma_backend::directory::Holder;
-use pvrdma_backend::directory::etcd::Etcd;
+use pvrdma_backend::directory::etcd::{Etcd, EtcdConfig, EtcdTls, EtcdUser, TlsError};
 use pvrdma_backend::directory::membership::EtcdMembership;
 use pvrdma_backend::tcp::runtime::{Config as TransportConfig, Pump, Transport};
 use thiserror::Error;
@@ -197,8 +197,37 @@ struct Cli {
     /// others' view, GIDs and all, when its lease ends. Without etcd at start the server
     /// says so, serves its own guests and keeps trying. Needs --listen with a specific address; under the sandbox the server dials
     /// peers only on its own --listen port, so the servers of a cluster share one port.
-    #[arg(long, value_name = "etcd://HOST:PORT[,...]", requires = "listen", value_parser = parse_directory)]
+    /// etcds:// (or https://) reaches etcd over TLS (see --directory-cacert); etcd:// (or
+    /// http://) over plain HTTP.
+    #[arg(long, value_name = "etcd[s]://HOST:PORT[,...]", requires = "listen", value_parser = parse_directory)]
     directory: Option<EtcdEndpoints>,
+
+    /// With --directory etcds://: the CA certificates (PEM) that signed etcd's certificate.
+    ///
+    /// Without it the system's root certificates are trusted. Like the other files of the
+    /// directory's options, it is read at start.
+    #[arg(long, value_name = "FILE", requires = "directory")]
+    directory_cacert: Option<PathBuf>,
+
+    /// With --directory etcds://: the certificate (PEM) shown to an etcd that asks clients
+    /// for one (its --client-cert-auth).
+    #[arg(long, value_name = "FILE", requires_all = ["directory", "directory_key"])]
+    directory_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --directory-cert.
+    #[arg(long, value_name = "FILE", requires_all = ["directory", "directory_cert"])]
+    directory_key: Option<PathBuf>,
+
+    /// The etcd user the server authenticates as, for an etcd with authentication enabled.
+    #[arg(long, value_name = "NAME", requires_all = ["directory", "directory_password_file"], value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    directory_user: Option<String>,
+
+    /// A file holding --directory-user's password (a trailing newline is not part of it).
+    ///
+    /// The password is never given on the command line, where other users of the host
+    /// could read it.
+    #[arg(long, value_name = "FILE", requires_all = ["directory", "directory_user"])]
+    directory_password_file: Option<PathBuf>,
 
     /// The etcd key prefix of this cluster's directory.
     #[arg(
@@ -383,6 +412,31 @@ enum StartupError {
     },
     #[error("the cluster key {path} is empty", path = .0.display())]
     EmptyClusterKey(PathBuf),
+    #[error("cannot read {option} {path}", path = .path.display())]
+    DirectoryFile {
+        option: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot use {what} for the etcd directory")]
+    DirectoryTls {
+        what: String,
+        #[source]
+        source: TlsError,
+    },
+    #[error(
+        "--directory etcds:// without --directory-cacert trusts the system's root \
+         certificates, and none can be used"
+    )]
+    NoSystemRoots(#[source] TlsError),
+    #[error("the password file {path} is {problem}", path = .path.display())]
+    DirectoryPassword {
+        path: PathBuf,
+        problem: &'static str,
+    },
+    #[error("{0} is for TLS, and --directory names etcd:// (plain HTTP): write etcds://HOST:PORT")]
+    DirectoryNotTls(&'static str),
     #[error("cannot listen for metrics on {address}")]
     Metrics {
         address: std::net::SocketAddr,
@@ -470,6 +524,122 @@ fn read_cluster_key(cli: &Cli) -> Result<Option<Vec<u8>>, StartupError> {
     Ok(Some(key))
 }
 
+/// What the etcd directory's client needs from files: its TLS settings and its user.
+#[derive(Debug, Default)]
+struct DirectoryAccess {
+    tls: Option<EtcdTls>,
+    user: Option<EtcdUser>,
+}
+
+/// Longest file of the directory's options read: a CA bundle (a distribution's whole
+/// bundle is some 200 KiB), a certificate, a key or a password.
+const MAX_DIRECTORY_FILE: u64 = 4 << 20;
+
+/// The file of `option`, at most [`MAX_DIRECTORY_FILE`] bytes.
+fn read_directory_file(
+    option: &'static str,
+    path: &std::path::Path,
+) -> Result<Vec<u8>, StartupError> {
+    use std::io::Read;
+    let error = |source| StartupError::DirectoryFile {
+        option,
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_DIRECTORY_FILE + 1).read_to_end(&mut bytes))
+        .map_err(error)?;
+    if bytes.len() as u64 > MAX_DIRECTORY_FILE {
+        return Err(error(io::Error::other(format!(
+            "it is larger than {} MiB",
+            MAX_DIRECTORY_FILE >> 20
+        ))));
+    }
+    Ok(bytes)
+}
+
+/// The --directory-* files, read and checked now: the sandbox shuts file access before the
+/// directory's client first connects, and a bad file is better named at start than found
+/// at the first handshake.
+fn read_directory_access(cli: &Cli) -> Result<DirectoryAccess, StartupError> {
+    let Some(directory) = &cli.directory else {
+        return Ok(DirectoryAccess::default());
+    };
+    let tls_options = [
+        ("--directory-cacert", cli.directory_cacert.is_some()),
+        ("--directory-cert", cli.directory_cert.is_some()),
+    ];
+    if !directory.tls
+        && let Some(&(option, _)) = tls_options.iter().find(|(_, given)| *given)
+    {
+        return Err(StartupError::DirectoryNotTls(option));
+    }
+    let tls = if directory.tls {
+        let tls = match &cli.directory_cacert {
+            Some(path) => {
+                let pem = read_directory_file("--directory-cacert", path)?;
+                EtcdTls::with_ca(&pem).map_err(|source| StartupError::DirectoryTls {
+                    what: format!("--directory-cacert {}", path.display()),
+                    source,
+                })?
+            }
+            None => EtcdTls::with_system_roots().map_err(StartupError::NoSystemRoots)?,
+        };
+        match (&cli.directory_cert, &cli.directory_key) {
+            (Some(cert), Some(key)) => {
+                let cert_pem = read_directory_file("--directory-cert", cert)?;
+                let key_pem = read_directory_file("--directory-key", key)?;
+                let what = |source: &TlsError| match source {
+                    TlsError::Key(_) => format!("--directory-key {}", key.display()),
+                    TlsError::Pair(_) => format!(
+                        "--directory-cert {} with --directory-key {}",
+                        cert.display(),
+                        key.display()
+                    ),
+                    _ => format!("--directory-cert {}", cert.display()),
+                };
+                Some(
+                    tls.with_client_cert(&cert_pem, &key_pem)
+                        .map_err(|source| StartupError::DirectoryTls {
+                            what: what(&source),
+                            source,
+                        })?,
+                )
+            }
+            // clap asks for both or neither.
+            _ => Some(tls),
+        }
+    } else {
+        None
+    };
+    let user = match (&cli.directory_user, &cli.directory_password_file) {
+        (Some(name), Some(path)) => {
+            let bytes = read_directory_file("--directory-password-file", path)?;
+            let problem = |problem| StartupError::DirectoryPassword {
+                path: path.clone(),
+                problem,
+            };
+            let text = String::from_utf8(bytes).map_err(|_| problem("not UTF-8 text"))?;
+            // A file written by `echo` ends in a newline that is no part of the password.
+            let password = text.trim_end_matches(['\n', '\r']);
+            if password.is_empty() {
+                return Err(problem("empty"));
+            }
+            if !directory.tls {
+                warn!(
+                    "the etcd directory's password crosses the network in clear text: \
+                     --directory etcds:// reaches etcd over TLS"
+                );
+            }
+            Some(EtcdUser::new(name.clone(), password))
+        }
+        // clap asks for both or neither.
+        _ => None,
+    };
+    Ok(DirectoryAccess { tls, user })
+}
+
 /// Enters the sandbox (unless --sandbox off) around opening the rdma path's device
 /// (`open_rdma`): Landlock first, then the device (libibverbs reads sysfs, loads its
 /// provider and opens `/dev/infiniband/uverbsN`; the device must be opened under the
@@ -500,7 +670,7 @@ fn enter_sandbox<T>(
             .chain(
                 cli.directory
                     .iter()
-                    .flat_map(|d| &d.0)
+                    .flat_map(|d| &d.hosts)
                     .filter_map(|endpoint| {
                         endpoint
                             .rsplit_once(':')
@@ -541,6 +711,7 @@ fn enter_sandbox<T>(
 fn start_transport(
     cli: &Cli,
     cluster_key: Option<Vec<u8>>,
+    directory_access: DirectoryAccess,
     fabric: &Fabric,
 ) -> Result<TransportParts, StartupError> {
     if cli.listen.is_none() && cli.peers.is_empty() && cli.directory.is_none() {
@@ -560,18 +731,27 @@ fn start_transport(
     }
     .map_err(StartupError::Transport)?;
     let mut directory = None;
-    if let (Some(EtcdEndpoints(endpoints)), Some(listening)) =
+    if let (Some(EtcdEndpoints { hosts, tls }), Some(listening)) =
         (&cli.directory, transport.local_addr())
     {
         if listening.ip().is_unspecified() {
             return Err(StartupError::DirectoryAddress(listening));
         }
-        let etcd = Etcd::new(endpoints, Duration::from_secs(5));
+        let scheme = if *tls { "etcds" } else { "etcd" };
         info!(
-            "directory: etcd at {}, prefix {}",
-            endpoints.join(","),
-            cli.directory_prefix
+            "directory: etcd at {scheme}://{}, prefix {}{}",
+            hosts.join(","),
+            cli.directory_prefix,
+            directory_access
+                .user
+                .as_ref()
+                .map_or_else(String::new, |user| format!(", as user {:?}", user.name()))
         );
+        let etcd = Etcd::with_config(EtcdConfig {
+            tls: directory_access.tls,
+            user: directory_access.user,
+            ..EtcdConfig::new(hosts, Duration::from_secs(5))
+        });
         let rdma = !fabric.rdma_gids().is_empty();
         let me = Holder {
             server: transport.id(),
@@ -580,7 +760,7 @@ fn start_transport(
         let membership = Arc::new(EtcdMembership::start(etcd, &cli.directory_prefix, me, rdma));
         transport.set_directory(membership.clone());
         fabric.set_directory(
-            format!("etcd://{}{}", endpoints.join(","), cli.directory_prefix),
+            format!("{scheme}://{}{}", hosts.join(","), cli.directory_prefix),
             membership.clone(),
         );
         directory = Some(membership);
@@ -727,13 +907,27 @@ fn parse_group(text: &str) -> Result<u32, String> {
 
 /// The etcd endpoints of --directory.
 #[derive(Debug, Clone)]
-struct EtcdEndpoints(Vec<String>);
+struct EtcdEndpoints {
+    /// `HOST:PORT` each.
+    hosts: Vec<String>,
+    /// Over TLS (etcds://).
+    tls: bool,
+}
 
-/// --directory: `etcd://HOST:PORT[,HOST:PORT...]`, the endpoints.
+/// --directory: `etcd://HOST:PORT[,HOST:PORT...]`, the endpoints; `etcds://` for TLS.
 fn parse_directory(text: &str) -> Result<EtcdEndpoints, String> {
-    let Some(list) = text.strip_prefix("etcd://") else {
+    let schemes = [
+        ("etcd://", false),
+        ("http://", false),
+        ("etcds://", true),
+        ("https://", true),
+    ];
+    let Some((list, tls)) = schemes
+        .iter()
+        .find_map(|&(scheme, tls)| text.strip_prefix(scheme).map(|list| (list, tls)))
+    else {
         return Err(format!(
-            "{text:?}: the directory is etcd://HOST:PORT[,HOST:PORT...]"
+            "{text:?}: the directory is etcd://HOST:PORT[,HOST:PORT...], or etcds://... for TLS"
         ));
     };
     let endpoints: Vec<String> = list
@@ -753,7 +947,10 @@ fn parse_directory(text: &str) -> Result<EtcdEndpoints, String> {
             return Err(format!("etcd endpoint {endpoint:?} is not HOST:PORT"));
         }
     }
-    Ok(EtcdEndpoints(endpoints))
+    Ok(EtcdEndpoints {
+        hosts: endpoints,
+        tls,
+    })
 }
 
 /// A QP number in decimal, or in hex after `0x`.
@@ -846,6 +1043,7 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
         })
         .transpose()?;
     let cluster_key = read_cluster_key(cli)?;
+    let directory_access = read_directory_access(cli)?;
     // Every socket file is bound and every file read: from here on the server needs no
     // more than serving does (and the rdma path's device, opened inside). No thread exists
     // yet, so all of them inherit the sandbox.
@@ -897,7 +1095,8 @@ fn run(cli: &Cli) -> Result<Signal, StartupError> {
         devices.serve(path, server, guid)?;
     }
     // Kept alive until the signal: dropping it stops the transport's thread.
-    let (_transport, links, directory) = start_transport(cli, cluster_key, &fabric)?;
+    let (_transport, links, directory) =
+        start_transport(cli, cluster_key, directory_access, &fabric)?;
     fabric.set_profiling(cli.profile == Switch::On);
     fabric.set_profile_sampling(cli.profile_every);
     info!(

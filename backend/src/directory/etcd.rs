@@ -9,8 +9,17 @@
 //! base64 on the wire, as the gateway wants; the client takes and returns bytes. Answers are
 //! read with bounded sizes: an etcd is trusted to be etcd, but a wrong address must not make
 //! the server buffer without limit.
+//!
+//! What etcd's own clients offer to reach a secured cluster, as etcdctl's `--cacert`,
+//! `--cert`, `--key`, `--user` and `--password`: https endpoints ([`EtcdTls`]), and a user
+//! ([`EtcdUser`]) whose token (`/v3/auth/authenticate`) goes in the `Authorization` header of
+//! every request. etcd's simple tokens expire after a while unused (5 minutes by default),
+//! so a request refused for its token authenticates again and is retried, once.
+
+mod tls;
 
 use std::io::{BufRead, BufReader, Read};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -18,11 +27,17 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 use thiserror::Error;
 
+pub use tls::{EtcdTls, TlsError};
+
 /// Longest answer read for one request (a listing of a large prefix included).
 const MAX_ANSWER: u64 = 64 << 20;
 
 /// Longest line of a watch stream (one batch of events).
 const MAX_WATCH_LINE: u64 = 16 << 20;
+
+/// Longest auth token taken from etcd (a simple token is some twenty characters, a JWT a
+/// few hundred): it is sent back in a header of every request.
+const MAX_TOKEN: usize = 8 << 10;
 
 /// Why an etcd request failed.
 #[derive(Debug, Error)]
@@ -43,6 +58,56 @@ pub enum EtcdError {
     WatchCancelled(String),
     #[error("the watch's start revision was compacted (etcd keeps from {compact_revision})")]
     Compacted { compact_revision: i64 },
+    #[error("etcd at {endpoint} refused to authenticate the user {user:?}: {reason}")]
+    AuthFailed {
+        endpoint: String,
+        user: String,
+        reason: String,
+    },
+    #[error("etcd at {endpoint} has authentication enabled and no user was given ({reason})")]
+    AuthRequired { endpoint: String, reason: String },
+    #[error("TLS with etcd at {endpoint} failed: {reason}")]
+    Tls { endpoint: String, reason: String },
+    #[error("{endpoint} is https and the client has no TLS settings")]
+    NoTls { endpoint: String },
+}
+
+impl EtcdError {
+    /// Whether etcd refused the request's token as one it no longer knows (expired, or
+    /// issued before etcd's auth store changed): a new token may well be accepted.
+    fn stale_token(&self) -> bool {
+        let said = |text: &str| {
+            text.contains("invalid auth token") || text.contains("revision of auth store is old")
+        };
+        match self {
+            EtcdError::Status { status, body, .. } => *status == 401 || said(body),
+            EtcdError::WatchCancelled(reason) => said(reason),
+            _ => false,
+        }
+    }
+
+    /// etcd's answer to a client without a user when authentication is on.
+    fn needs_user(&self) -> Option<(String, String)> {
+        const EMPTY: &str = "user name is empty";
+        match self {
+            EtcdError::Status { endpoint, body, .. } if body.contains(EMPTY) => {
+                Some((endpoint.clone(), etcd_message(body)))
+            }
+            EtcdError::WatchCancelled(reason) if reason.contains(EMPTY) => {
+                Some(("(watch)".into(), reason.trim_matches('"').to_string()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The message of a JSON error answer of the gateway (`{"error": ..., "code": ...}`), or
+/// the answer itself when it is not one.
+fn etcd_message(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|answer| answer.get("error")?.as_str().map(str::to_string))
+        .unwrap_or_else(|| body.trim().to_string())
 }
 
 /// One key and its value, with the revision that last changed it.
@@ -68,11 +133,102 @@ pub enum Event {
     Delete { key: Vec<u8>, mod_revision: i64 },
 }
 
-/// A client of one etcd cluster, trying its endpoints in order.
+/// A user of etcd's authentication and its password.
+#[derive(Clone)]
+pub struct EtcdUser {
+    name: String,
+    password: String,
+}
+
+impl EtcdUser {
+    pub fn new(name: impl Into<String>, password: impl Into<String>) -> EtcdUser {
+        EtcdUser {
+            name: name.into(),
+            password: password.into(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl std::fmt::Debug for EtcdUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        f.debug_struct("EtcdUser")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a client reaches etcd: [`Etcd::new`] is this with neither TLS nor a user.
 #[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// `http://HOST:PORT`, `https://HOST:PORT`, or `HOST:PORT` (https with `tls`, http
+    /// without), tried in order.
+    pub endpoints: Vec<String>,
+    /// The longest one request may take (a watch runs for as long as it is read).
+    pub timeout: Duration,
+    /// What https endpoints are trusted by, and the certificate shown to them.
+    pub tls: Option<EtcdTls>,
+    /// Who the client authenticates as, for an etcd with authentication enabled.
+    pub user: Option<EtcdUser>,
+}
+
+impl EtcdConfig {
+    /// Plain http (or `https://` endpoints, which then fail for want of TLS settings), no user.
+    pub fn new(endpoints: &[String], timeout: Duration) -> EtcdConfig {
+        EtcdConfig {
+            endpoints: endpoints.to_vec(),
+            timeout,
+            tls: None,
+            user: None,
+        }
+    }
+}
+
+/// The user and its current token, shared by the clones of a client (the membership's
+/// threads), so that one expiry costs one new authentication.
+struct Auth {
+    user: EtcdUser,
+    token: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Neither the password nor the token.
+        f.debug_struct("Auth")
+            .field("user", &self.user.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A client of one etcd cluster, trying its endpoints in order.
+#[derive(Clone)]
 pub struct Etcd {
     endpoints: Vec<String>,
-    timeout: Duration,
+    /// For requests: each bounded by the configured timeout.
+    agent: ureq::Agent,
+    /// For watches: no overall timeout, as a watch lasts as long as the server runs.
+    watch_agent: ureq::Agent,
+    /// Whether https endpoints can be reached (TLS settings were given).
+    tls: bool,
+    /// Whether the client shows etcd a certificate.
+    client_cert: bool,
+    auth: Option<Arc<Auth>>,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the agents: their TLS settings would list every trusted certificate.
+        f.debug_struct("Etcd")
+            .field("endpoints", &self.endpoints)
+            .field("tls", &self.tls)
+            .field("client_cert", &self.client_cert)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The end of the key range holding every key that starts with `prefix`.
@@ -124,42 +280,221 @@ fn unreachable(endpoint: &str, reason: impl ToString) -> EtcdError {
     }
 }
 
+/// A failure to talk to `endpoint`, TLS ones (certificates, the handshake) named as such.
+/// `certless`: the client reached an https endpoint without a client certificate.
+fn failed(endpoint: &str, error: ureq::Error, certless: bool) -> EtcdError {
+    // What a client without a certificate may hear from etcd refusing it.
+    let refused = |e: &rustls::Error| {
+        use rustls::AlertDescription::{BadCertificate, CertificateRequired};
+        certless
+            && matches!(
+                e,
+                rustls::Error::AlertReceived(BadCertificate | CertificateRequired)
+            )
+    };
+    let hint = "; etcd may require a client certificate";
+    let rustls_error = match &error {
+        ureq::Error::Rustls(e) => Some(e),
+        // rustls' errors met while reading or writing (an alert etcd sends once the
+        // handshake is over, as TLS 1.3 refuses a missing client certificate).
+        ureq::Error::Io(io) => io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()),
+        _ => None,
+    };
+    let tls = match (rustls_error, &error) {
+        (Some(e), _) if refused(e) => Some(format!("{e}{hint}")),
+        (Some(e), _) => Some(e.to_string()),
+        // etcd sends that alert and closes the connection: the client, writing its request
+        // by then, mostly finds the connection gone before it reads the alert.
+        (None, ureq::Error::Io(io))
+            if certless
+                && matches!(
+                    io.kind(),
+                    std::io::ErrorKind::BrokenPipe
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::UnexpectedEof
+                ) =>
+        {
+            Some(format!("etcd closed the connection ({io}){hint}"))
+        }
+        _ => None,
+    };
+    match tls {
+        Some(reason) => EtcdError::Tls {
+            endpoint: endpoint.to_string(),
+            reason,
+        },
+        None => unreachable(endpoint, error),
+    }
+}
+
 fn revision(answer: &Value) -> i64 {
     answer.get("header").map_or(0, |h| number(h, "revision"))
+}
+
+/// An agent of the client: etcd's errors are answers to read, not ureq errors; and no idle
+/// connection is kept, so each request has a connection of its own, as it had when the
+/// client built an agent per request.
+fn agent(timeout: Option<Duration>, tls: ureq::tls::TlsConfig) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(timeout)
+        .http_status_as_error(false)
+        .tls_config(tls)
+        .max_idle_connections(0)
+        .build()
+        .into()
 }
 
 impl Etcd {
     /// A client of the cluster at `endpoints` (`http://HOST:PORT`, or `HOST:PORT`).
     pub fn new(endpoints: &[String], timeout: Duration) -> Etcd {
-        let endpoints = endpoints
+        Etcd::with_config(EtcdConfig::new(endpoints, timeout))
+    }
+
+    /// A client as `config` says (TLS, a user).
+    pub fn with_config(config: EtcdConfig) -> Etcd {
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let endpoints = config
+            .endpoints
             .iter()
             .map(|e| {
                 let e = e.trim_end_matches('/');
                 if e.contains("://") {
                     e.to_string()
                 } else {
-                    format!("http://{e}")
+                    format!("{scheme}://{e}")
                 }
             })
             .collect();
-        Etcd { endpoints, timeout }
+        let tls = config
+            .tls
+            .as_ref()
+            .map_or_else(tls::no_tls, EtcdTls::ureq_config);
+        Etcd {
+            endpoints,
+            agent: agent(Some(config.timeout), tls.clone()),
+            watch_agent: agent(None, tls),
+            tls: config.tls.is_some(),
+            client_cert: config.tls.as_ref().is_some_and(EtcdTls::has_client_cert),
+            auth: config.user.map(|user| {
+                Arc::new(Auth {
+                    user,
+                    token: Mutex::new(None),
+                })
+            }),
+        }
     }
 
-    fn agent(&self, timeout: Option<Duration>) -> ureq::Agent {
-        ureq::Agent::config_builder()
-            .timeout_global(timeout)
-            .http_status_as_error(false)
-            .build()
-            .into()
+    /// Whether `endpoint` is reached over TLS without a client certificate.
+    fn certless(&self, endpoint: &str) -> bool {
+        endpoint.starts_with("https://") && !self.client_cert
     }
 
-    /// POSTs `body` to `path` on the first endpoint that answers; the answer as JSON.
+    /// POSTs `body` to `path` at `endpoint`, with `token` if any.
+    fn post(
+        &self,
+        agent: &ureq::Agent,
+        endpoint: &str,
+        path: &str,
+        body: &Value,
+        token: Option<&str>,
+    ) -> Result<ureq::http::Response<ureq::Body>, EtcdError> {
+        if endpoint.starts_with("https://") && !self.tls {
+            return Err(EtcdError::NoTls {
+                endpoint: endpoint.to_string(),
+            });
+        }
+        let mut request = agent.post(format!("{endpoint}{path}"));
+        if let Some(token) = token {
+            request = request.header("Authorization", token);
+        }
+        request
+            .send_json(body)
+            .map_err(|e| failed(endpoint, e, self.certless(endpoint)))
+    }
+
+    /// The token to send (none without a user): the current one, or a new one when there
+    /// is none yet or the current one is `refused`. The lock is held while authenticating,
+    /// so that threads finding one token refused authenticate once between them.
+    fn token(&self, refused: Option<&str>) -> Result<Option<String>, EtcdError> {
+        let Some(auth) = &self.auth else {
+            return Ok(None);
+        };
+        let mut token = auth.token.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(current) = token.as_deref()
+            && Some(current) != refused
+        {
+            return Ok(Some(current.to_string()));
+        }
+        *token = None;
+        let fresh = self.authenticate(&auth.user)?;
+        *token = Some(fresh.clone());
+        Ok(Some(fresh))
+    }
+
+    /// A new token for `user`.
+    fn authenticate(&self, user: &EtcdUser) -> Result<String, EtcdError> {
+        let body = json!({ "name": user.name, "password": user.password });
+        let answer = self
+            .call_with("/v3/auth/authenticate", &body, None)
+            .map_err(|e| match e {
+                EtcdError::Status { endpoint, body, .. } => EtcdError::AuthFailed {
+                    endpoint,
+                    user: user.name.clone(),
+                    reason: etcd_message(&body),
+                },
+                other => other,
+            })?;
+        match answer.get("token").and_then(Value::as_str) {
+            // Sent back as a header value: visible ASCII only.
+            Some(token)
+                if !token.is_empty()
+                    && token.len() <= MAX_TOKEN
+                    && token.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                Ok(token.to_string())
+            }
+            _ => Err(EtcdError::Malformed(
+                "/v3/auth/authenticate gave no usable token".into(),
+            )),
+        }
+    }
+
+    /// `attempt` with the current token; with a new one, once, if etcd refused it as stale.
+    /// Without a user, an etcd that wants one is named as such.
+    fn authorized<T>(
+        &self,
+        mut attempt: impl FnMut(Option<&str>) -> Result<T, EtcdError>,
+    ) -> Result<T, EtcdError> {
+        let token = self.token(None)?;
+        let result = match attempt(token.as_deref()) {
+            Err(e) if token.is_some() && e.stale_token() => {
+                log::info!("etcd refused the auth token ({e}); authenticating again");
+                let token = self.token(token.as_deref())?;
+                attempt(token.as_deref())
+            }
+            other => other,
+        };
+        result.map_err(|e| match (&self.auth, e.needs_user()) {
+            (None, Some((endpoint, reason))) => EtcdError::AuthRequired { endpoint, reason },
+            _ => e,
+        })
+    }
+
+    /// POSTs `body` to `path` on the first endpoint that answers (authenticated when the
+    /// client has a user); the answer as JSON.
     fn call(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
-        let agent = self.agent(Some(self.timeout));
+        self.authorized(|token| self.call_with(path, body, token))
+    }
+
+    /// [`Etcd::call`] with `token`, once.
+    fn call_with(&self, path: &str, body: &Value, token: Option<&str>) -> Result<Value, EtcdError> {
         let mut last = None;
         for endpoint in &self.endpoints {
-            let url = format!("{endpoint}{path}");
-            match agent.post(&url).send_json(body) {
+            match self.post(&self.agent, endpoint, path, body, token) {
                 Ok(mut response) => {
                     let status = response.status().as_u16();
                     let mut text = String::new();
@@ -168,10 +503,7 @@ impl Etcd {
                         .as_reader()
                         .take(MAX_ANSWER)
                         .read_to_string(&mut text)
-                        .map_err(|e| EtcdError::Unreachable {
-                            endpoint: endpoint.clone(),
-                            reason: e.to_string(),
-                        })?;
+                        .map_err(|e| failed(endpoint, e.into(), self.certless(endpoint)))?;
                     if status != 200 {
                         return Err(EtcdError::Status {
                             endpoint: endpoint.clone(),
@@ -182,7 +514,7 @@ impl Etcd {
                     return serde_json::from_str(&text)
                         .map_err(|e| EtcdError::Malformed(format!("{path}: {e}")));
                 }
-                Err(e) => last = Some(unreachable(endpoint, e)),
+                Err(e) => last = Some(e),
             }
         }
         Err(last.unwrap_or_else(|| unreachable("(none)", "no endpoint given")))
@@ -319,11 +651,16 @@ impl Etcd {
             "range_end": BASE64.encode(prefix_end(prefix)),
             "start_revision": start_revision.to_string(),
         } });
-        // No overall timeout: a watch lasts as long as the server runs.
-        let agent = self.agent(None);
+        // etcd checks the token when the watch is created (a refused one cancels it in the
+        // first message); a running watch outlives its token.
+        self.authorized(|token| self.watch_with(&body, token))
+    }
+
+    /// [`Etcd::watch`] with `token`, once.
+    fn watch_with(&self, body: &Value, token: Option<&str>) -> Result<Watch, EtcdError> {
         let mut last = None;
         for endpoint in &self.endpoints {
-            match agent.post(&format!("{endpoint}/v3/watch")).send_json(&body) {
+            match self.post(&self.watch_agent, endpoint, "/v3/watch", body, token) {
                 Ok(response) if response.status().as_u16() == 200 => {
                     let reader = BufReader::new(response.into_body().into_reader());
                     let mut watch = Watch { reader };
@@ -338,7 +675,7 @@ impl Etcd {
                         body: String::new(),
                     })
                 }
-                Err(e) => last = Some(unreachable(endpoint, e)),
+                Err(e) => last = Some(e),
             }
         }
         Err(last.unwrap_or_else(|| unreachable("(none)", "no endpoint given")))
