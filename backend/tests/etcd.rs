@@ -55,6 +55,26 @@ fn a_key_is_created_once_and_the_second_claimant_learns_the_owner() {
         (false, Some(b"server-1".to_vec()))
     );
     assert_eq!(etcd.list(gid).expect("list").kvs[0].value, b"server-1");
+
+    // Many at once: all created in one revision when none exists; nothing written when
+    // one does.
+    let entry = |k: &str, v: &str| (k.as_bytes().to_vec(), v.as_bytes().to_vec());
+    let fresh = [
+        entry("pvrdma/gid/fe80::2", "s1"),
+        entry("pvrdma/gid/fe80::3", "s1"),
+    ];
+    assert!(etcd.put_all_if_absent(&fresh, 0).expect("claim both"));
+    let listing = etcd.list(b"pvrdma/gid/").expect("list");
+    assert_eq!(listing.kvs.len(), 3);
+    assert_eq!(listing.kvs[1].mod_revision, listing.kvs[2].mod_revision);
+    let mixed = [
+        entry("pvrdma/gid/fe80::4", "s2"),
+        entry("pvrdma/gid/fe80::3", "s2"),
+    ];
+    assert!(!etcd.put_all_if_absent(&mixed, 0).expect("claim again"));
+    let listing = etcd.list(b"pvrdma/gid/").expect("list");
+    assert_eq!(listing.kvs.len(), 3, "fe80::4 was not written");
+    assert_eq!(listing.kvs[2].value, b"s1");
 }
 
 #[test]

@@ -558,6 +558,35 @@ impl Etcd {
         Ok(revision(&answer))
     }
 
+    /// Creates every key of `entries` under `lease` if none of them exists, in one
+    /// transaction (one proposal of etcd's log, one revision for its watchers); whether it
+    /// did. Nothing is written if any key exists: the caller then claims them one by one.
+    pub fn put_all_if_absent(
+        &self,
+        entries: &[(Vec<u8>, Vec<u8>)],
+        lease: i64,
+    ) -> Result<bool, EtcdError> {
+        let keys: Vec<String> = entries.iter().map(|(k, _)| BASE64.encode(k)).collect();
+        let compare: Vec<Value> = keys
+            .iter()
+            .map(|key| json!({ "key": key, "target": "CREATE", "create_revision": "0" }))
+            .collect();
+        let success: Vec<Value> = keys
+            .iter()
+            .zip(entries)
+            .map(|(key, (_, value))| {
+                json!({ "request_put": {
+                    "key": key, "value": BASE64.encode(value), "lease": lease.to_string(),
+                } })
+            })
+            .collect();
+        let answer = self.call(
+            "/v3/kv/txn",
+            &json!({ "compare": compare, "success": success }),
+        )?;
+        Ok(answer.get("succeeded").and_then(Value::as_bool) == Some(true))
+    }
+
     /// Creates `key` only if it does not exist; `Ok(true)` if this call created it,
     /// `Ok(false)` if someone holds it (whose value is `owner`).
     pub fn put_if_absent(

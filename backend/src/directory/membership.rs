@@ -34,8 +34,15 @@ pub const LEASE_TTL: i64 = 10;
 const RETRY: Duration = Duration::from_secs(1);
 
 /// GID claims made in one go before the lease's renewal is looked at again: a server
-/// registering thousands of GIDs must not let its lease lapse meanwhile.
+/// registering thousands of GIDs must not let its lease lapse meanwhile. A pass also ends
+/// when the renewal is due, however few claims it made: on a loaded etcd one request can
+/// take longer than the lease's TTL divided by this.
 const CLAIMS_PER_PASS: usize = 256;
+
+/// GIDs claimed in one transaction when none of them is held yet (the usual case: a guest
+/// adding its GIDs, a server registering again). etcd allows 128 operations per
+/// transaction by default; each GID takes a compare and a put.
+const CLAIMS_PER_TXN: usize = 64;
 
 /// This server's GIDs as etcd has them.
 #[derive(Debug, Default)]
@@ -225,7 +232,7 @@ fn register(etcd: &Etcd, shared: &Shared, record: &[u8]) {
         let period = Duration::from_secs((LEASE_TTL / 3).max(1) as u64);
         let mut renewed = Instant::now();
         while !shared.stop.load(Ordering::Relaxed) {
-            let busy = match sync_gids(etcd, shared, lease) {
+            let busy = match sync_gids(etcd, shared, lease, renewed + period) {
                 Ok(busy) => busy,
                 Err(e) => {
                     // A lost lease shows at the next renewal; anything else is retried.
@@ -257,9 +264,14 @@ fn register(etcd: &Etcd, shared: &Shared, record: &[u8]) {
 
 /// Brings this server's GIDs in etcd in line with its guests': claims up to
 /// [`CLAIMS_PER_PASS`] new ones under `lease`, rewrites those whose RDMA flag changed, and
-/// deletes those no guest holds any more. Returns whether claims are left for the next
-/// pass.
-fn sync_gids(etcd: &Etcd, shared: &Shared, lease: i64) -> Result<bool, EtcdError> {
+/// deletes those no guest holds any more, stopping when the lease's renewal is due
+/// (`renew_by`). Returns whether work is left for the next pass.
+fn sync_gids(
+    etcd: &Etcd,
+    shared: &Shared,
+    lease: i64,
+    renew_by: Instant,
+) -> Result<bool, EtcdError> {
     let (to_claim, to_rewrite, to_delete) = {
         let mut claims = lock(&shared.claims);
         let claims = &mut *claims;
@@ -291,12 +303,19 @@ fn sync_gids(etcd: &Etcd, shared: &Shared, lease: i64) -> Result<bool, EtcdError
             .collect();
         (to_claim, to_rewrite, to_delete)
     };
+    let due = || Instant::now() >= renew_by;
     for gid in &to_delete {
+        if due() {
+            return Ok(true);
+        }
         etcd.delete(&shared.keys.gid(gid))?;
         lock(&shared.claims).claimed.remove(gid);
         debug!("directory: GID {} released", Ipv6Addr::from(*gid));
     }
     for (gid, rdma) in to_rewrite {
+        if due() {
+            return Ok(true);
+        }
         // The key is this server's, under its lease: a plain put (which fails if the lease
         // is gone, so nothing of another server's is overwritten).
         let record = view::gid_record(shared.me, rdma);
@@ -304,41 +323,79 @@ fn sync_gids(etcd: &Etcd, shared: &Shared, lease: i64) -> Result<bool, EtcdError
         lock(&shared.claims).claimed.insert(gid, rdma);
     }
     let busy = to_claim.len() > CLAIMS_PER_PASS;
-    for (gid, rdma) in to_claim.into_iter().take(CLAIMS_PER_PASS) {
-        let key = shared.keys.gid(&gid);
-        let record = view::gid_record(shared.me, rdma);
-        let (mut created, owner) = etcd.put_if_absent(&key, &record, lease)?;
-        let holder = owner.as_deref().and_then(view::holder_of);
-        if let (Some(owner), Some(holder)) = (&owner, holder)
-            && holder.addr == shared.me.addr
-            && holder.server != shared.me.server
-        {
-            // An earlier run of this server (killed, its lease not ended yet): the GID is
-            // this server's guests' again, moved to the new lease if still unchanged.
-            created = etcd.put_if_value(&key, owner, &record, lease)?;
+    let to_claim: Vec<(Gid, bool)> = to_claim.into_iter().take(CLAIMS_PER_PASS).collect();
+    for batch in to_claim.chunks(CLAIMS_PER_TXN) {
+        if due() {
+            return Ok(true);
         }
-        let mut claims = lock(&shared.claims);
-        if created || holder.is_some_and(|h| h.server == shared.me.server) {
-            if claims.refused.remove(&gid).is_some() {
-                info!(
-                    "directory: GID {} is free again and registered here",
-                    Ipv6Addr::from(gid)
-                );
-            }
-            // A record found already ours may carry another flag: rewritten next pass.
-            claims
-                .claimed
-                .insert(gid, if created { rdma } else { !rdma });
-        } else if claims.refused.insert(gid, Instant::now()).is_none() {
-            warn!(
-                "directory: GID {} is registered by {}; refused here (a GID names one port of \
-                 the cluster): other servers reach that one for it",
-                Ipv6Addr::from(gid),
-                holder.map_or_else(|| "another server".to_string(), |h| h.addr.to_string()),
-            );
+        if batch.len() > 1 && claim_together(etcd, shared, lease, batch)? {
+            continue;
+        }
+        for &(gid, rdma) in batch {
+            claim(etcd, shared, lease, gid, rdma)?;
         }
     }
     Ok(busy)
+}
+
+/// Claims every GID of `batch` in one transaction, if none is held; whether it did.
+fn claim_together(
+    etcd: &Etcd,
+    shared: &Shared,
+    lease: i64,
+    batch: &[(Gid, bool)],
+) -> Result<bool, EtcdError> {
+    let entries: Vec<(Vec<u8>, Vec<u8>)> = batch
+        .iter()
+        .map(|(gid, rdma)| (shared.keys.gid(gid), view::gid_record(shared.me, *rdma)))
+        .collect();
+    if !etcd.put_all_if_absent(&entries, lease)? {
+        return Ok(false);
+    }
+    let mut claims = lock(&shared.claims);
+    for &(gid, rdma) in batch {
+        claims.refused.remove(&gid);
+        claims.claimed.insert(gid, rdma);
+    }
+    Ok(true)
+}
+
+/// Claims `gid` alone: created if absent, taken over from an earlier run of this server,
+/// or refused (and logged once) if another server holds it.
+fn claim(etcd: &Etcd, shared: &Shared, lease: i64, gid: Gid, rdma: bool) -> Result<(), EtcdError> {
+    let key = shared.keys.gid(&gid);
+    let record = view::gid_record(shared.me, rdma);
+    let (mut created, owner) = etcd.put_if_absent(&key, &record, lease)?;
+    let holder = owner.as_deref().and_then(view::holder_of);
+    if let (Some(owner), Some(holder)) = (&owner, holder)
+        && holder.addr == shared.me.addr
+        && holder.server != shared.me.server
+    {
+        // An earlier run of this server (killed, its lease not ended yet): the GID is
+        // this server's guests' again, moved to the new lease if still unchanged.
+        created = etcd.put_if_value(&key, owner, &record, lease)?;
+    }
+    let mut claims = lock(&shared.claims);
+    if created || holder.is_some_and(|h| h.server == shared.me.server) {
+        if claims.refused.remove(&gid).is_some() {
+            info!(
+                "directory: GID {} is free again and registered here",
+                Ipv6Addr::from(gid)
+            );
+        }
+        // A record found already ours may carry another flag: rewritten next pass.
+        claims
+            .claimed
+            .insert(gid, if created { rdma } else { !rdma });
+    } else if claims.refused.insert(gid, Instant::now()).is_none() {
+        warn!(
+            "directory: GID {} is registered by {}; refused here (a GID names one port of \
+             the cluster): other servers reach that one for it",
+            Ipv6Addr::from(gid),
+            holder.map_or_else(|| "another server".to_string(), |h| h.addr.to_string()),
+        );
+    }
+    Ok(())
 }
 
 /// The watch thread: lists the directory, then follows changes from the listing's
