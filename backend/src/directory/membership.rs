@@ -34,7 +34,9 @@ pub const LEASE_TTL: i64 = 10;
 const RETRY: Duration = Duration::from_secs(1);
 
 /// GID claims made in one go before the lease's renewal is looked at again: a server
-/// registering thousands of GIDs must not let its lease lapse meanwhile.
+/// registering thousands of GIDs must not let its lease lapse meanwhile. A pass also ends
+/// when the renewal is due, however few claims it made: on a loaded etcd one claim can take
+/// longer than the lease's TTL divided by this.
 const CLAIMS_PER_PASS: usize = 256;
 
 /// This server's GIDs as etcd has them.
@@ -223,7 +225,7 @@ fn register(etcd: &Etcd, shared: &Shared, record: &[u8]) {
         let period = Duration::from_secs((LEASE_TTL / 3).max(1) as u64);
         let mut renewed = Instant::now();
         while !shared.stop.load(Ordering::Relaxed) {
-            let busy = match sync_gids(etcd, shared, lease) {
+            let busy = match sync_gids(etcd, shared, lease, renewed + period) {
                 Ok(busy) => busy,
                 Err(e) => {
                     // A lost lease shows at the next renewal; anything else is retried.
@@ -254,9 +256,15 @@ fn register(etcd: &Etcd, shared: &Shared, record: &[u8]) {
 }
 
 /// Brings this server's GIDs in etcd in line with its guests': claims up to
-/// [`CLAIMS_PER_PASS`] new ones under `lease` and deletes those no guest holds any more.
-/// Returns whether claims are left for the next pass.
-fn sync_gids(etcd: &Etcd, shared: &Shared, lease: i64) -> Result<bool, EtcdError> {
+/// [`CLAIMS_PER_PASS`] new ones under `lease` and deletes those no guest holds any more,
+/// stopping when the lease's renewal is due (`renew_by`). Returns whether work is left for
+/// the next pass.
+fn sync_gids(
+    etcd: &Etcd,
+    shared: &Shared,
+    lease: i64,
+    renew_by: Instant,
+) -> Result<bool, EtcdError> {
     let (to_claim, to_delete) = {
         let mut claims = lock(&shared.claims);
         let claims = &mut *claims;
@@ -283,6 +291,9 @@ fn sync_gids(etcd: &Etcd, shared: &Shared, lease: i64) -> Result<bool, EtcdError
         (to_claim, to_delete)
     };
     for gid in &to_delete {
+        if Instant::now() >= renew_by {
+            return Ok(true);
+        }
         etcd.delete(&shared.keys.gid(gid))?;
         lock(&shared.claims).claimed.remove(gid);
         debug!("directory: GID {} released", Ipv6Addr::from(*gid));
@@ -290,6 +301,9 @@ fn sync_gids(etcd: &Etcd, shared: &Shared, lease: i64) -> Result<bool, EtcdError
     let record = view::gid_record(shared.me);
     let busy = to_claim.len() > CLAIMS_PER_PASS;
     for gid in to_claim.into_iter().take(CLAIMS_PER_PASS) {
+        if Instant::now() >= renew_by {
+            return Ok(true);
+        }
         let key = shared.keys.gid(&gid);
         let (mut created, owner) = etcd.put_if_absent(&key, &record, lease)?;
         let holder = owner.as_deref().and_then(view::holder_of);
