@@ -58,6 +58,8 @@ impl EtcdServer {
                 .next()
                 .unwrap_or("etcd")
                 .trim()
+                // "etcd Version: 3.4.23" → "etcd 3.4.23"
+                .replace("Version: ", "")
                 .to_string(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(MISSING.into()),
             Err(e) => return Err(format!("cannot run etcd --version: {e}")),

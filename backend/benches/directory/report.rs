@@ -228,10 +228,12 @@ impl Results {
             self.elapsed.as_secs_f64()
         );
         let row = |t: &mut String, label: &str, a: &str, b: &str| {
-            let _ = writeln!(t, "  {label:<58} {a:>14} {b:>14}");
+            let line = format!("  {label:<58} {a:>14} {b:>14}");
+            let _ = writeln!(t, "{}", line.trim_end());
         };
         let head = |t: &mut String, label: &str, a: &str, b: &str| {
-            let _ = writeln!(t, "\n{label:<60} {a:>14} {b:>14}");
+            let line = format!("{label:<60} {a:>14} {b:>14}");
+            let _ = writeln!(t, "\n{}", line.trim_end());
         };
 
         head(
@@ -295,7 +297,7 @@ impl Results {
         row(
             &mut t,
             &format!(
-                "one server leaves: revoke call / its {} GIDs gone everywhere",
+                "one server leaves: revoke / its {} GIDs gone everywhere",
                 count(m as f64)
             ),
             &ms(self.leave_revoke),
