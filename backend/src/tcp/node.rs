@@ -323,6 +323,11 @@ impl Node {
         self.holders = holders;
     }
 
+    /// The version of the directory's holders this node routes by (0: none yet).
+    pub fn holders_version(&self) -> u64 {
+        self.holders.as_ref().map_or(0, |h| h.version)
+    }
+
     /// The peers a QP has sent to while their link was down, within [`WANTED_FOR`]: the
     /// runtime dials them (the directory knows where they listen).
     pub fn wanted(&mut self, now: Instant) -> Vec<PeerId> {

@@ -95,6 +95,29 @@ impl Shared {
         self.streams().remove(&peer);
         self.node().link_down(peer, now);
     }
+
+    /// The directory in use, if any.
+    fn directory(&self) -> Option<Arc<dyn crate::directory::Directory>> {
+        self.directory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Hands `node` the directory's holders if they changed since it last got them;
+    /// whether they did. The transport's thread does this every [`GID_REFRESH`]; a device
+    /// that finds no route, or binds a GID, asks at once, so a GID registered a moment ago
+    /// is not taken for unknown.
+    fn refresh_holders(&self, node: &mut Node) -> bool {
+        let Some(holders) = self.directory().and_then(|d| d.gid_holders()) else {
+            return false;
+        };
+        if holders.version == node.holders_version() {
+            return false;
+        }
+        node.set_gid_holders(Some(holders));
+        true
+    }
 }
 
 impl Transport {
@@ -134,7 +157,7 @@ impl Transport {
             wake: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
                 .map_err(io::Error::from)?,
             streams: Mutex::new(HashMap::new()),
-            directory: Mutex::new(None),
+            directory: Mutex::new(config.directory.clone()),
         });
         let staging = Staging::new()?;
         let now = Instant::now();
@@ -151,7 +174,6 @@ impl Transport {
             targets: Vec::new(),
             // Read on the first turn.
             targets_read: now - REDIAL,
-            holders_version: 0,
             last_gids: now - GID_REFRESH,
             last_tick: now,
             fds: Vec::new(),
@@ -288,7 +310,12 @@ pub struct RemoteNetwork {
 impl Network for RemoteNetwork {
     fn deliver(&mut self, request: &Request<'_>) -> Delivery {
         let mut node = self.shared.node();
-        let delivery = node.deliver(request, Instant::now());
+        let mut delivery = node.deliver(request, Instant::now());
+        if delivery == Delivery::Done(Err(RemoteError::Unreachable))
+            && self.shared.refresh_holders(&mut node)
+        {
+            delivery = node.deliver(request, Instant::now());
+        }
         let Some(peer) = node.peer_of(&request.destination.gid) else {
             return delivery;
         };
@@ -323,7 +350,9 @@ impl Network for RemoteNetwork {
     }
 
     fn gid_taken(&self, gid: &Gid) -> bool {
-        self.shared.node().gid_taken(gid)
+        let mut node = self.shared.node();
+        self.shared.refresh_holders(&mut node);
+        node.gid_taken(gid)
     }
 
     fn forget_qp(&self, gid: &Gid, qpn: u32) {
@@ -374,8 +403,6 @@ struct Runtime {
     /// The addresses to dial: the configured peers and the directory's.
     targets: Vec<SocketAddr>,
     targets_read: Instant,
-    /// The version of the directory's GID holders the node routes by.
-    holders_version: u64,
     last_gids: Instant,
     last_tick: Instant,
     /// The poll set of the last wait, reused.
@@ -422,9 +449,8 @@ impl Runtime {
             });
             let mut node = self.shared.node();
             if let Some(holders) = holders
-                && holders.version != self.holders_version
+                && holders.version != node.holders_version()
             {
-                self.holders_version = holders.version;
                 node.set_gid_holders(Some(holders));
             }
             node.set_local_gids(gids, now);
@@ -523,15 +549,9 @@ impl Runtime {
         listener_ready
     }
 
-    /// The directories in use: the configured one and the one set at run time.
+    /// The directories in use (the configured one, or the one set at run time).
     fn directories(&self) -> Vec<Arc<dyn crate::directory::Directory>> {
-        let late = self
-            .shared
-            .directory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        self.config.directory.iter().cloned().chain(late).collect()
+        self.shared.directory().into_iter().collect()
     }
 
     fn dial(&mut self) {
