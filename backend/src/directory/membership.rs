@@ -383,10 +383,13 @@ fn claim(etcd: &Etcd, shared: &Shared, lease: i64, gid: Gid, rdma: bool) -> Resu
                 Ipv6Addr::from(gid)
             );
         }
-        // A record found already ours may carry another flag: rewritten next pass.
-        claims
-            .claimed
-            .insert(gid, if created { rdma } else { !rdma });
+        // A record found already ours keeps the flag it has; a stale one is rewritten next
+        // pass.
+        let registered = match &owner {
+            Some(value) if !created => view::rdma_of(value),
+            _ => rdma,
+        };
+        claims.claimed.insert(gid, registered);
     } else if claims.refused.insert(gid, Instant::now()).is_none() {
         warn!(
             "directory: GID {} is registered by {}; refused here (a GID names one port of \

@@ -66,7 +66,7 @@ pub(super) fn gid_record(me: Holder, rdma: bool) -> Vec<u8> {
 }
 
 /// Whether a GID record says the holder's RDMA device holds the GID.
-fn rdma_of(value: &[u8]) -> bool {
+pub(super) fn rdma_of(value: &[u8]) -> bool {
     serde_json::from_slice::<Value>(value)
         .ok()
         .and_then(|record| record.get("rdma")?.as_bool())

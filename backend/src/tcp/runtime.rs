@@ -104,19 +104,25 @@ impl Shared {
             .clone()
     }
 
-    /// Hands `node` the directory's holders if they changed since it last got them;
-    /// whether they did. The transport's thread does this every [`GID_REFRESH`]; a device
-    /// that finds no route, or binds a GID, asks at once, so a GID registered a moment ago
-    /// is not taken for unknown.
-    fn refresh_holders(&self, node: &mut Node) -> bool {
-        let Some(holders) = self.directory().and_then(|d| d.gid_holders()) else {
-            return false;
-        };
-        if holders.version == node.holders_version() {
-            return false;
-        }
-        node.set_gid_holders(Some(holders));
-        true
+    /// The node, with the directory's holders handed to it first if they changed since
+    /// it last got them (and whether they did). The transport's thread does this every
+    /// [`GID_REFRESH`]; a device that finds no route, or binds a GID, asks at once, so a
+    /// GID registered a moment ago is not taken for unknown. The holders are read (and
+    /// copied, if they changed) before the node is locked: other devices need that lock.
+    fn node_with_fresh_holders(&self, known: u64) -> (MutexGuard<'_, Node>, bool) {
+        let fresh = self
+            .directory()
+            .and_then(|d| d.gid_holders())
+            .filter(|holders| holders.version != known);
+        let mut node = self.node();
+        let changed = fresh.is_some_and(|holders| {
+            let newer = holders.version != node.holders_version();
+            if newer {
+                node.set_gid_holders(Some(holders));
+            }
+            newer
+        });
+        (node, changed)
     }
 }
 
@@ -311,10 +317,14 @@ impl Network for RemoteNetwork {
     fn deliver(&mut self, request: &Request<'_>) -> Delivery {
         let mut node = self.shared.node();
         let mut delivery = node.deliver(request, Instant::now());
-        if delivery == Delivery::Done(Err(RemoteError::Unreachable))
-            && self.shared.refresh_holders(&mut node)
-        {
-            delivery = node.deliver(request, Instant::now());
+        if delivery == Delivery::Done(Err(RemoteError::Unreachable)) {
+            let known = node.holders_version();
+            drop(node);
+            let changed;
+            (node, changed) = self.shared.node_with_fresh_holders(known);
+            if changed {
+                delivery = node.deliver(request, Instant::now());
+            }
         }
         let Some(peer) = node.peer_of(&request.destination.gid) else {
             return delivery;
@@ -350,9 +360,8 @@ impl Network for RemoteNetwork {
     }
 
     fn gid_taken(&self, gid: &Gid) -> bool {
-        let mut node = self.shared.node();
-        self.shared.refresh_holders(&mut node);
-        node.gid_taken(gid)
+        let known = self.shared.node().holders_version();
+        self.shared.node_with_fresh_holders(known).0.gid_taken(gid)
     }
 
     fn forget_qp(&self, gid: &Gid, qpn: u32) {
